@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build keeps set-up small; override TORCH_SPEC for CUDA machines (e.g. TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.offrl-installed
+
+.PHONY: setup demo test test-slow lint typecheck clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q "torch>=2.2"
+	$(PY) -m pip install -q -e ".[dev,classic]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m offrl.demo --out runs/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check offrl tests benchmarks experiments datasets
+	$(VENV)/bin/ruff format --check offrl tests benchmarks experiments datasets
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: $(STAMP)
+	# exit 5 means no test was marked slow: not a failure
+	$(PY) -m pytest -q -p no:cacheprovider -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

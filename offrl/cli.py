@@ -1,0 +1,148 @@
+"""The ``offrl`` command line. Each subcommand is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from offrl.errors import OfflineRLError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from offrl.data.format import validate
+
+    problems = validate(args.file)
+    if problems:
+        for line in problems:
+            print(line)
+        return 1
+    print(f"{args.file}: OK (dataset format v1)")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from offrl.data.inspect import format_summary, plot_returns, summarize
+
+    summary = summarize(args.file)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(format_summary(summary))
+    if args.plot:
+        plot_returns(summary, args.plot)
+        if not args.json:
+            print(f"return histogram written to {args.plot}")
+    return 0
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from offrl.data.recorder import record
+    from offrl.policies import resolve_policy
+
+    if (args.episodes is None) == (args.steps is None):
+        raise OfflineRLError("record: give exactly one of --episodes N or --steps N")
+    import gymnasium as gym
+
+    probe = gym.make(args.env)
+    policy = resolve_policy(args.policy, probe.observation_space, probe.action_space, seed=args.seed)
+    probe.close()
+    path = record(
+        args.env,
+        policy,
+        episodes=args.episodes,
+        steps=args.steps,
+        seed=args.seed,
+        out=args.out,
+        num_envs=args.num_envs,
+        compression=args.compression,
+        obs_dtype=args.obs_dtype,
+        progress=not args.quiet,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from offrl.data import convert
+
+    if (args.from_ is None) == (args.to is None):
+        raise OfflineRLError("convert: give exactly one of --from FORMAT (import) or --to FORMAT (export)")
+    if args.from_ == "d4rl":
+        report = convert.import_d4rl(
+            args.src,
+            args.out,
+            env_id=args.env,
+            compression=args.compression,
+        )
+        print(report.describe())
+    elif args.to == "d4rl":
+        convert.export_d4rl(args.src, args.out)
+        print(f"wrote {args.out} (D4RL layout)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from offrl import __version__
+
+    parser = argparse.ArgumentParser(prog="offrl", description="Offline reinforcement learning from logged episodes.")
+    parser.add_argument("--version", action="version", version=f"offrl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("record", help="record episodes of a policy in a gymnasium environment")
+    p.add_argument("--env", required=True, help="gymnasium environment id, e.g. CartPole-v1")
+    p.add_argument(
+        "--policy",
+        default="random",
+        help="'random', 'scripted:NAME' (a built-in controller) or the path of a policy artefact",
+    )
+    p.add_argument("--episodes", type=int, help="number of whole episodes to record")
+    p.add_argument("--steps", type=int, help="number of transitions; the last episode is cut with a timeout")
+    p.add_argument("--seed", type=int, default=0, help="seed of environment resets and of the policy")
+    p.add_argument("--num-envs", type=int, default=1, help="parallel sub-environments (gymnasium vector env)")
+    p.add_argument("--out", required=True, help="destination HDF5 file (written atomically)")
+    p.add_argument("--compression", choices=["lzf", "gzip"], help="compress arrays (transparent to readers)")
+    p.add_argument("--obs-dtype", help="down-cast stored observations, e.g. float32 for MuJoCo's float64")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_record)
+
+    p = sub.add_parser("validate", help="check a dataset file against format v1")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("info", help="summarise a dataset: episodes, returns, flags, ranges, metadata")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="draw the episode-return histogram")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="import or export other dataset layouts")
+    p.add_argument("src")
+    p.add_argument("--from", dest="from_", choices=["d4rl"], help="import SRC from this layout into format v1")
+    p.add_argument("--to", choices=["d4rl"], help="export format-v1 SRC into this layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--env", help="gymnasium env id to record in the imported file (spaces are then taken from it)")
+    p.add_argument("--compression", choices=["lzf", "gzip"])
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except OfflineRLError as exc:
+        print(f"offrl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"offrl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
