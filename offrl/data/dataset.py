@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -69,6 +70,19 @@ class TransitionDataset:
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
+
+    def with_tensors(self, **tensors: Tensor) -> TransitionDataset:
+        """A shallow copy with some per-transition tensors replaced (e.g. normalised observations)."""
+        allowed = {"observations", "next_observations", "actions", "rewards", "terminals"}
+        unknown = set(tensors) - allowed
+        if unknown:
+            raise ValueError(f"cannot replace {sorted(unknown)}; replaceable: {sorted(allowed)}")
+        out = copy.copy(self)
+        for name, value in tensors.items():
+            if value.shape[0] != len(self):
+                raise ValueError(f"'{name}' has {value.shape[0]} rows, dataset has {len(self)}")
+            setattr(out, name, value)
+        return out
 
     @property
     def num_episodes(self) -> int:

@@ -124,12 +124,10 @@ def _read_open(path: str, f: h5py.File) -> RawDataset:
     version = f.attrs.get(ATTR_VERSION)
     if version is None:
         raise DatasetError(path, f"root attribute '{ATTR_VERSION}' is missing: not an offrl dataset")
-    try:
-        version_int = int(version)
-        if version_int != version:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise DatasetError(path, f"'{ATTR_VERSION}' is {version!r}, expected an integer") from None
+    # strictly an integer scalar: 1.0, "1" or True are refused, not coerced
+    if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
+        raise DatasetError(path, f"'{ATTR_VERSION}' is {version!r}, expected an integer")
+    version_int = int(version)
     if version_int < 1 or version_int > FORMAT_VERSION:
         raise DatasetError(
             path,
@@ -150,6 +148,11 @@ def _read_open(path: str, f: h5py.File) -> RawDataset:
             problems.append(f"required key '{key}' is missing")
         elif not isinstance(f[key], h5py.Dataset):
             problems.append(f"'{key}' is a group, expected an array")
+    for key in (ACTION_LOG_PROBS, EPISODE_POLICY_IDS):
+        if key in f and not isinstance(f[key], h5py.Dataset):
+            problems.append(f"'{key}' is a group, expected an array")
+    if INFOS in f and not isinstance(f[INFOS], h5py.Group):
+        problems.append(f"'{INFOS}' is an array, expected a group of per-transition arrays")
     if problems:
         raise DatasetError(path, problems)
 
@@ -163,7 +166,12 @@ def _read_open(path: str, f: h5py.File) -> RawDataset:
                 infos[name] = np.asarray(item[()])
 
     def opt_float(attr: str) -> float | None:
-        return float(f.attrs[attr]) if attr in f.attrs else None
+        if attr not in f.attrs:
+            return None
+        try:
+            return float(f.attrs[attr])
+        except (TypeError, ValueError):
+            raise DatasetError(path, f"root attribute '{attr}' is {f.attrs[attr]!r}, expected a number") from None
 
     metadata: dict[str, Any] = {}
     if ATTR_METADATA in f.attrs:

@@ -58,9 +58,9 @@ def resolve_policy(
 
         return make_scripted(spec.split(":", 1)[1], observation_space, action_space, seed=seed)
     if os.path.exists(spec):
-        from offrl.policy_artifact import load_policy  # type: ignore[import-not-found]
+        from offrl.policies.artifact import load_policy
 
-        return load_policy(spec)  # type: ignore[no-any-return]
+        return load_policy(spec, seed=seed)
     raise OfflineRLError(
         f"--policy {spec!r}: expected 'random', 'scripted:NAME' or the path of an existing policy artefact"
     )

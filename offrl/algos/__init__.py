@@ -1,0 +1,1 @@
+"""Offline algorithms: one per file, each with its config dataclass beside it."""

@@ -1,0 +1,164 @@
+"""What every offline algorithm shares: spaces, preprocessing, its own RNG, optimiser plumbing,
+state (de)serialisation and export of its acting policy. Algorithms only update; the trainer loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from offrl.data.dataset import TransitionDataset
+from offrl.errors import CheckpointError, ConfigError
+from offrl.policies.artifact import TorchPolicy
+from offrl.preprocess import ActionScaler, ObsNormalizer
+from offrl.types import Batch
+
+
+def flat_obs_dim(space: gym.Space) -> int:
+    if not isinstance(space, gym.spaces.Box):
+        raise ConfigError(f"observations must be a Box space, got {space}")
+    return int(np.prod(space.shape))
+
+
+class OfflineAlgorithm:
+    """Base of every algorithm.
+
+    Subclasses build their networks into ``self.nets`` (a ModuleDict: its state is the model),
+    their optimisers into ``self.optimizers``, implement :meth:`update` and :meth:`policy`.
+    Batches given to :meth:`update` are in *learning units*: observations normalised, continuous
+    actions in [−1, 1], discrete actions 0-based; :meth:`prepare_dataset` converts a dataset once.
+    """
+
+    name: ClassVar[str]
+    discrete: ClassVar[bool]
+    Config: ClassVar[type]
+
+    def __init__(
+        self,
+        config: Any,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        *,
+        normalizer: ObsNormalizer | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        is_discrete = isinstance(action_space, gym.spaces.Discrete)
+        if is_discrete != self.discrete:
+            kind = "discrete" if is_discrete else "continuous"
+            raise ConfigError(f"algorithm '{self.name}' has no {kind} variant for action space {action_space}")
+        self.config = config
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.device = torch.device(device)
+        self.obs_dim = flat_obs_dim(observation_space)
+        self.act_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(
+            np.prod(action_space.shape)  # type: ignore[arg-type]
+        )
+        self.seed = seed
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        # Parameter initialisation draws from torch's global RNG; seed it so that the same seed
+        # builds the same networks, whatever ran before in this process.
+        torch.manual_seed(seed)
+        self.nets = nn.ModuleDict()
+        self.nets["normalizer"] = normalizer if normalizer is not None else ObsNormalizer(self.obs_dim)
+        if not is_discrete:
+            self.nets["action_scaler"] = ActionScaler.from_space(action_space)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.num_updates = 0
+
+    # -- to implement ----------------------------------------------------------------------------
+    def update(self, batch: Batch) -> dict[str, Tensor]:
+        """One gradient step on a batch in learning units; returns detached scalar tensors (no host sync)."""
+        raise NotImplementedError
+
+    def policy(self) -> TorchPolicy:
+        """The acting policy, sharing this algorithm's live networks."""
+        raise NotImplementedError
+
+    def target_networks(self) -> Iterable[nn.Module]:
+        """Networks that must never receive gradients (for the contract tests)."""
+        return ()
+
+    # -- shared ----------------------------------------------------------------------------------
+    @property
+    def normalizer(self) -> ObsNormalizer:
+        return self.nets["normalizer"]  # type: ignore[return-value]
+
+    @property
+    def action_scaler(self) -> ActionScaler | None:
+        return self.nets["action_scaler"] if "action_scaler" in self.nets else None  # type: ignore[return-value]
+
+    def _policy(self, kind: str, net: nn.Module, hidden: Iterable[int], activation: str = "relu") -> TorchPolicy:
+        arch = {"obs_dim": self.obs_dim, "act_dim": self.act_dim, "hidden": list(hidden), "activation": activation}
+        return TorchPolicy(
+            kind, net, arch, self.normalizer, self.action_scaler, self.observation_space, self.action_space, seed=self.seed
+        )
+
+    def act(self, obs: np.ndarray, *, deterministic: bool = True) -> np.ndarray:
+        return self.policy().act(obs, deterministic=deterministic)
+
+    def prepare_dataset(self, dataset: TransitionDataset) -> TransitionDataset:
+        """A view of ``dataset`` in learning units (normalised observations, scaled actions), made once."""
+        with torch.no_grad():
+            norm = self.normalizer.to(dataset.device)
+            obs = norm(dataset.observations.float().reshape(len(dataset), -1))
+            next_obs = norm(dataset.next_observations.float().reshape(len(dataset), -1))
+            actions = dataset.actions
+            scaler = self.action_scaler
+            if scaler is not None:
+                actions = scaler.to(dataset.device).to_unit(actions).clamp(-1.0, 1.0)
+        return dataset.with_tensors(observations=obs, next_observations=next_obs, actions=actions)
+
+    def to(self, device: str | torch.device) -> OfflineAlgorithm:
+        self.device = torch.device(device)
+        self.nets.to(self.device)
+        return self
+
+    def train_mode(self, mode: bool = True) -> None:
+        self.nets.train(mode)
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything learning needs to continue exactly: networks, optimisers, RNG, counters."""
+        return {
+            "nets": self.nets.state_dict(),
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            "generator": self.generator.get_state(),
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        try:
+            self.nets.load_state_dict(state["nets"])
+            missing = set(self.optimizers) ^ set(state["optimizers"])
+            if missing:
+                raise CheckpointError(f"optimiser names differ: {sorted(missing)}")
+            for k, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][k])
+            self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
+            self.num_updates = int(state["num_updates"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"state does not fit algorithm '{self.name}' ({exc})") from None
+
+
+def adam(params: Iterable[nn.Parameter], lr: float, **kwargs: Any) -> torch.optim.Adam:
+    """Adam with the fastest implementation available for these tensors (foreach on CPU, fused on CUDA)."""
+    params = list(params)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.Adam(params, lr=lr, fused=fused or None, foreach=None if fused else True, **kwargs)
+
+
+def step(optimizer: torch.optim.Optimizer, loss: Tensor, params: Iterable[nn.Parameter] | None = None,
+         max_grad_norm: float | None = None) -> None:
+    """zero_grad → backward → optional clip → step, in one call."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None and params is not None:
+        nn.utils.clip_grad_norm_(list(params), max_grad_norm, foreach=True)
+    optimizer.step()

@@ -1,0 +1,181 @@
+"""Configs are data: frozen dataclasses whose field help texts are the CLI help, read from and
+written to TOML, and overridden with ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from offrl.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+C = TypeVar("C")
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by ``offrl train --help-algo`` and in the docs)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_help(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a TOML or command-line value to a field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if isinstance(value, str):
+            for arg in args:
+                if str(arg) == value:
+                    return arg
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+    if origin in (tuple, list) or tp in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else str
+        return tuple(_coerce(v, item, where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], source: str = "config") -> C:
+    """Build ``cls`` from a mapping; unknown keys are an error that lists the valid ones."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(names)}")
+    hints = _resolved_types(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{source}: '{k}'") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def replace(cfg: C, overrides: Mapping[str, Any], source: str = "--set") -> C:
+    """A copy of ``cfg`` with string or typed overrides applied (unknown keys → ConfigError)."""
+    merged = {**to_dict(cfg), **dict(overrides)}
+    return from_dict(type(cfg), merged, source)
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """``["a=1", "b.c=x"]`` → ``{"a": "1", "b.c": "x"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+# -- TOML ---------------------------------------------------------------------------------------
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            return {"nan": "nan", "inf": "inf", "-inf": "-inf"}[repr(v)]
+        return repr(v)
+    if isinstance(v, str):
+        escaped = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {v!r} ({type(v).__name__}) to TOML")
+
+
+def dumps_toml(data: Mapping[str, Any]) -> str:
+    """TOML for a mapping of scalars, lists and one level of tables.
+
+    TOML has no null: ``None`` is written as the string ``"none"``, which :func:`from_dict` reads
+    back as ``None`` for optional fields.
+    """
+    lines: list[str] = []
+    tables = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    for k, v in data.items():
+        if not isinstance(v, Mapping):
+            lines.append(f"{k} = {_toml_value('none' if v is None else v)}")
+    for name, table in tables.items():
+        lines.append("")
+        lines.append(f"[{name}]")
+        for k, v in table.items():
+            if isinstance(v, Mapping):
+                raise ConfigError(f"nested table '{name}.{k}' is not supported")
+            lines.append(f"{k} = {_toml_value('none' if v is None else v)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,185 @@
+"""Shared network pieces: MLP builder, vectorised ensembles, policy heads, target updates.
+
+Everything numeric that more than one algorithm needs lives here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
+
+
+def mlp(
+    in_dim: int,
+    out_dim: int,
+    hidden: Sequence[int],
+    activation: str = "relu",
+    output_activation: str | None = None,
+) -> nn.Sequential:
+    """``in_dim → hidden… → out_dim`` with ``activation`` between layers."""
+    act = ACTIVATIONS[activation]
+    layers: list[nn.Module] = []
+    dims = [in_dim, *hidden]
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), act()]
+    layers.append(nn.Linear(dims[-1], out_dim))
+    if output_activation is not None:
+        layers.append(ACTIVATIONS[output_activation]())
+    return nn.Sequential(*layers)
+
+
+class EnsembleLinear(nn.Module):
+    """``E`` independent linear layers applied as one batched matmul.
+
+    Input ``(E, B, in)`` → output ``(E, B, out)``. Each member is initialised like ``nn.Linear``.
+    """
+
+    def __init__(self, members: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.members, self.in_dim, self.out_dim = members, in_dim, out_dim
+        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(members, 1, out_dim))
+        bound = 1.0 / math.sqrt(in_dim)
+        # nn.Linear's default init (kaiming_uniform with a=sqrt(5)) reduces to U(-1/sqrt(in), 1/sqrt(in))
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleMLP(nn.Module):
+    """``E`` MLPs with identical shapes evaluated together (no Python loop over members).
+
+    ``forward`` takes ``(B, in)`` (shared by all members) or ``(E, B, in)`` and returns ``(E, B, out)``.
+    """
+
+    def __init__(self, members: int, in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "relu"):
+        super().__init__()
+        self.members = members
+        dims = [in_dim, *hidden, out_dim]
+        self.layers = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.members, -1, -1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.activation(x)
+        return x
+
+
+class QEnsemble(nn.Module):
+    """``E`` critics Q(s, a) → ``(E, B)``, evaluated as one batched network."""
+
+    def __init__(self, members: int, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu"):
+        super().__init__()
+        self.net = EnsembleMLP(members, obs_dim + act_dim, 1, hidden, activation)
+
+    def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
+        # obs (B, obs_dim) or (E, B, obs_dim); actions likewise → (E, B)
+        if obs.dim() != actions.dim():
+            if obs.dim() == 2:
+                obs = obs.unsqueeze(0).expand(actions.shape[0], -1, -1)
+            else:
+                actions = actions.unsqueeze(0).expand(obs.shape[0], -1, -1)
+        return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+def tanh_log_det_jacobian(pre_tanh: Tensor) -> Tensor:
+    """log |d tanh(u)/du| = log(1 - tanh(u)^2), computed stably as 2·(log 2 − u − softplus(−2u))."""
+    return 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+
+
+def gaussian_log_prob(u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+    """Sum over the last axis of the diagonal Gaussian log-density."""
+    z = (u - mean) * torch.exp(-log_std)
+    return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """A Gaussian in pre-tanh space squashed into (−1, 1): samples already lie in the bounds.
+
+    ``sample`` returns actions with exact log-probabilities (tanh Jacobian included);
+    ``mode`` is tanh of the mean.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu"):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp(obs_dim, 2 * act_dim, hidden, activation)
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Reparameterised sample and its log-probability: ``(…, act_dim)``, ``(…)``."""
+        mean, log_std = self(obs)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        u = mean + noise * log_std.exp()
+        log_prob = gaussian_log_prob(u, mean, log_std) - tanh_log_det_jacobian(u).sum(-1)
+        return torch.tanh(u), log_prob
+
+    def mode(self, obs: Tensor) -> Tensor:
+        return torch.tanh(self(obs)[0])
+
+    def log_prob(self, obs: Tensor, actions: Tensor, eps: float = 1e-6) -> Tensor:
+        """Log-density of given actions in (−1, 1) (clamped by ``eps`` away from ±1)."""
+        mean, log_std = self(obs)
+        a = actions.clamp(-1.0 + eps, 1.0 - eps)
+        u = torch.atanh(a)
+        return gaussian_log_prob(u, mean, log_std) - tanh_log_det_jacobian(u).sum(-1)
+
+
+class DeterministicActor(nn.Module):
+    """obs → tanh-squashed action in (−1, 1)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu"):
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, hidden, activation, output_activation="tanh")
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.net(obs)  # type: ignore[no-any-return]
+
+
+class DiscreteHead(nn.Module):
+    """obs → one score per action: logits for a categorical policy, or Q-values."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: Sequence[int], activation: str = "relu"):
+        super().__init__()
+        self.net = mlp(obs_dim, n_actions, hidden, activation)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.net(obs)  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """Polyak averaging ``target ← (1 − τ)·target + τ·source`` as one fused foreach op."""
+    tgt = [p for p in target.parameters()]
+    src = [p for p in source.parameters()]
+    torch._foreach_lerp_(tgt, src, tau)
+
+
+@torch.no_grad()
+def hard_update(target: nn.Module, source: nn.Module) -> None:
+    target.load_state_dict(source.state_dict())
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Mark a (target) network as not trainable, so no gradient can reach it."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

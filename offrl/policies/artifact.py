@@ -1,0 +1,213 @@
+"""Trained policies as self-contained artefacts: weights as safetensors, everything else as JSON.
+
+A policy artefact is a folder with ``policy.json`` (kind, architecture, spaces, offrl version) and
+``policy.safetensors`` (network weights, observation normaliser, action scaling). Loading needs
+only :mod:`offrl.nets`, never the training code, and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from offrl import nets
+from offrl.errors import CheckpointError
+from offrl.preprocess import ActionScaler, ObsNormalizer
+from offrl.spaces import space_from_dict, space_to_dict
+from offrl.utils import atomic_path, atomic_write_json
+
+ARTIFACT_VERSION = 1
+POLICY_JSON = "policy.json"
+POLICY_WEIGHTS = "policy.safetensors"
+
+
+def _build_deterministic(a: dict[str, Any]) -> nn.Module:
+    return nets.DeterministicActor(a["obs_dim"], a["act_dim"], a["hidden"], a.get("activation", "relu"))
+
+
+def _build_tanh_gaussian(a: dict[str, Any]) -> nn.Module:
+    return nets.TanhGaussianActor(a["obs_dim"], a["act_dim"], a["hidden"], a.get("activation", "relu"))
+
+
+def _build_discrete(a: dict[str, Any]) -> nn.Module:
+    return nets.DiscreteHead(a["obs_dim"], a["act_dim"], a["hidden"], a.get("activation", "relu"))
+
+
+# kind → (builder from the architecture dict, acts stochastically when asked)
+POLICY_KINDS: dict[str, tuple[Callable[[dict[str, Any]], nn.Module], bool]] = {
+    "deterministic": (_build_deterministic, False),  # obs → tanh action
+    "tanh_gaussian": (_build_tanh_gaussian, True),  # obs → squashed Gaussian
+    "categorical": (_build_discrete, True),  # obs → logits
+    "q_greedy": (_build_discrete, False),  # obs → Q-values, argmax
+}
+
+
+class TorchPolicy:
+    """A network plus everything needed to act in the environment's own units.
+
+    ``act`` normalises observations, runs the network, maps actions from [−1, 1] back into the
+    Box bounds (or shifts Discrete indices by the space's start) and returns numpy.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        net: nn.Module,
+        arch: dict[str, Any],
+        normalizer: ObsNormalizer,
+        scaler: ActionScaler | None,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        if kind not in POLICY_KINDS:
+            raise CheckpointError(f"unknown policy kind {kind!r}; known: {', '.join(POLICY_KINDS)}")
+        self.kind, self.net, self.arch = kind, net, dict(arch)
+        self.normalizer, self.scaler = normalizer, scaler
+        self.observation_space, self.action_space = observation_space, action_space
+        self.is_stochastic = POLICY_KINDS[kind][1]
+        self.device = next(net.parameters()).device
+        self.generator = torch.Generator(self.device)
+        self.seed(seed)
+
+    def __repr__(self) -> str:
+        return f"TorchPolicy({self.kind}, hidden={self.arch.get('hidden')})"
+
+    def seed(self, seed: int | None) -> None:
+        """Seed the sampling of stochastic actions (None: from the OS)."""
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+
+    def _obs(self, obs: np.ndarray | Tensor) -> Tensor:
+        x = torch.as_tensor(obs, device=self.device).float()
+        return self.normalizer(x.reshape(x.shape[0], -1))
+
+    def _to_env(self, actions: Tensor) -> np.ndarray:
+        if isinstance(self.action_space, gym.spaces.Discrete):
+            return (actions.long() + int(self.action_space.start)).cpu().numpy()
+        assert self.scaler is not None and isinstance(self.action_space, gym.spaces.Box)
+        out = self.scaler.from_unit(actions).cpu().numpy().astype(self.action_space.dtype)
+        return out.reshape(out.shape[0], *self.action_space.shape)
+
+    @torch.no_grad()
+    def act_tensor(self, obs: Tensor, *, deterministic: bool = True) -> Tensor:
+        """Actions in learning units ([−1, 1] or 0-based indices) for raw observations on the device."""
+        x = self.normalizer(obs.reshape(obs.shape[0], -1).float())
+        if self.kind == "deterministic":
+            return self.net(x)  # type: ignore[no-any-return]
+        if self.kind == "tanh_gaussian":
+            actor: nets.TanhGaussianActor = self.net  # type: ignore[assignment]
+            return actor.mode(x) if deterministic else actor.sample(x, self.generator)[0]
+        scores = self.net(x)
+        if self.kind == "q_greedy" or deterministic:
+            return scores.argmax(-1)
+        return torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator).squeeze(-1)
+
+    def act(self, obs: np.ndarray, *, deterministic: bool = True) -> np.ndarray:
+        obs_t = torch.as_tensor(np.asarray(obs), device=self.device)
+        return self._to_env(self.act_tensor(obs_t, deterministic=deterministic))
+
+    @torch.no_grad()
+    def log_prob(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Log-probability (density for Box actions, in the environment's units) of given actions."""
+        if not self.is_stochastic:
+            raise CheckpointError(f"a {self.kind} policy is deterministic and has no log-probabilities")
+        x = self._obs(obs)
+        if self.kind == "tanh_gaussian":
+            assert self.scaler is not None
+            a = torch.as_tensor(np.asarray(actions), device=self.device).float().reshape(x.shape[0], -1)
+            actor: nets.TanhGaussianActor = self.net  # type: ignore[assignment]
+            lp = actor.log_prob(x, self.scaler.to_unit(a)) - self.scaler.log_abs_det()
+        else:
+            idx = torch.as_tensor(np.asarray(actions), device=self.device).long().reshape(-1)
+            idx = idx - int(getattr(self.action_space, "start", 0))
+            lp = torch.log_softmax(self.net(x), -1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        return lp.cpu().numpy().astype(np.float32)
+
+    # -- artefact ----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        out.update({f"normalizer.{k}": v for k, v in self.normalizer.state_dict().items()})
+        if self.scaler is not None:
+            out.update({f"scaler.{k}": v for k, v in self.scaler.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def describe(self) -> dict[str, Any]:
+        from offrl import __version__
+
+        return {
+            "artifact_version": ARTIFACT_VERSION,
+            "kind": self.kind,
+            "arch": self.arch,
+            "observation_space": space_to_dict(self.observation_space),
+            "action_space": space_to_dict(self.action_space),
+            "offrl_version": __version__,
+        }
+
+    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+        """Write the artefact folder; each file is replaced atomically."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / POLICY_WEIGHTS) as tmp:
+            save_file(self.tensors(), str(tmp))
+        atomic_write_json(folder / POLICY_JSON, {**self.describe(), **(extra or {})})
+        return folder
+
+
+def _find_artifact(path: Path) -> Path:
+    """Accept the artefact folder itself, or a run folder holding one under ``policy/``."""
+    for candidate in (path, path / "policy"):
+        if (candidate / POLICY_JSON).is_file():
+            return candidate
+    raise CheckpointError(f"{path}: no policy artefact ('{POLICY_JSON}' not found there or in its 'policy/' folder)")
+
+
+def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", seed: int | None = None) -> TorchPolicy:
+    """Rebuild a policy from its artefact folder (or a run folder) without the training code."""
+    folder = _find_artifact(Path(path))
+    try:
+        meta = json.loads((folder / POLICY_JSON).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder / POLICY_JSON}: invalid JSON ({exc})") from None
+    if int(meta.get("artifact_version", 0)) > ARTIFACT_VERSION:
+        raise CheckpointError(
+            f"{folder}: artefact version {meta.get('artifact_version')} is newer than this offrl reads ({ARTIFACT_VERSION})"
+        )
+    kind = meta.get("kind")
+    if kind not in POLICY_KINDS:
+        raise CheckpointError(f"{folder / POLICY_JSON}: unknown policy kind {kind!r}")
+    arch = meta["arch"]
+    obs_space = space_from_dict(meta["observation_space"])
+    act_space = space_from_dict(meta["action_space"])
+    try:
+        tensors = load_file(str(folder / POLICY_WEIGHTS), device=str(device))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{folder / POLICY_WEIGHTS}: unreadable weights ({exc})") from None
+    net = POLICY_KINDS[kind][0](arch).to(device)
+
+    def part(prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        net.load_state_dict(part("net."))
+        normalizer = ObsNormalizer(arch["obs_dim"]).to(device)
+        normalizer.load_state_dict(part("normalizer."))
+        scaler = None
+        if "scaler.low" in tensors:
+            scaler = ActionScaler(tensors["scaler.low"], tensors["scaler.high"]).to(device)
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: weights do not match the described architecture ({exc})") from None
+    net.eval()
+    return TorchPolicy(kind, net, arch, normalizer, scaler, obs_space, act_space, seed=seed)
