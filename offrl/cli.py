@@ -85,10 +85,89 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from offrl import config as cfgmod
+    from offrl import train
+
+    overrides = cfgmod.parse_sets(args.set or [])
+    if args.epochs is not None:
+        overrides["train.epochs"] = str(args.epochs)
+    if args.steps is not None:
+        overrides["train.steps"] = str(args.steps)
+    if args.resume:
+        result = train.resume(args.resume, epochs=args.epochs)
+    else:
+        if not (args.algo and args.dataset and args.out):
+            raise OfflineRLError("train: --algo, --dataset and --out are required (or --resume RUN_DIR)")
+        from offrl.data.format import read_raw
+        from offrl.datasets_registry import resolve_dataset
+
+        dataset = resolve_dataset(args.dataset)
+        cfg = train.resolve_config(
+            args.algo,
+            dataset,
+            action_space=read_raw(dataset).action_space,
+            seed=args.seed,
+            device=args.device,
+            config_file=args.config,
+            overrides=overrides,
+        )
+        trainer = train.Trainer(cfg, args.out)
+        print(trainer.describe_schedule())
+        result = trainer.run()
+    print(
+        f"run finished: {result.passes} passes, {result.steps} gradient steps, {result.steps_per_second:.0f} steps/s"
+    )
+    if result.final_eval:
+        ev = result.final_eval
+        line = (
+            f"final evaluation: return {ev['mean']:.1f} ± {ev['std']:.1f} over {len(ev['returns'])} episodes"
+        )
+        if ev.get("normalized_mean") is not None:
+            line += f", normalised score {ev['normalized_mean']:.1f}"
+        print(line)
+    print(f"policy artefact: {result.run_dir / 'policy'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from offrl.evaluation import evaluate
+    from offrl.policies.artifact import POLICY_JSON, _find_artifact, load_policy
+
+    folder = _find_artifact(Path(args.policy))
+    meta = json.loads((folder / POLICY_JSON).read_text())
+    env_id = args.env or meta.get("env_id")
+    if not env_id:
+        raise OfflineRLError(f"{args.policy}: the policy records no environment; give --env ENV_ID")
+    same_env = env_id == meta.get("env_id")
+    result = evaluate(
+        load_policy(folder, seed=args.seed),
+        env_id,
+        episodes=args.episodes,
+        seed=args.seed,
+        num_envs=args.num_envs,
+        deterministic=not args.stochastic,
+        ref_min_return=meta.get("ref_min_return") if same_env else None,
+        ref_max_return=meta.get("ref_max_return") if same_env else None,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        line = f"{env_id}: return {result.mean:.2f} ± {result.std:.2f} (min {result.min:.2f}, max {result.max:.2f}) over {len(result.returns)} episodes"
+        if result.normalized_mean is not None:
+            line += f"; normalised score {result.normalized_mean:.1f}"
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from offrl import __version__
 
-    parser = argparse.ArgumentParser(prog="offrl", description="Offline reinforcement learning from logged episodes.")
+    parser = argparse.ArgumentParser(
+        prog="offrl", description="Offline reinforcement learning from logged episodes."
+    )
     parser.add_argument("--version", action="version", version=f"offrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -121,12 +200,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="import or export other dataset layouts")
     p.add_argument("src")
-    p.add_argument("--from", dest="from_", choices=["d4rl"], help="import SRC from this layout into format v1")
+    p.add_argument(
+        "--from", dest="from_", choices=["d4rl"], help="import SRC from this layout into format v1"
+    )
     p.add_argument("--to", choices=["d4rl"], help="export format-v1 SRC into this layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--env", help="gymnasium env id to record in the imported file (spaces are then taken from it)")
+    p.add_argument(
+        "--env", help="gymnasium env id to record in the imported file (spaces are then taken from it)"
+    )
     p.add_argument("--compression", choices=["lzf", "gzip"])
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="train an offline algorithm in full passes over a dataset")
+    p.add_argument("--algo", help="algorithm name (bc, cql); the dataset's action space picks the variant")
+    p.add_argument("--dataset", help="dataset file (format v1) or a named dataset")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--epochs", type=int, help="full passes over the dataset")
+    p.add_argument("--steps", type=int, help="gradient steps, rounded up to whole passes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--config", help="TOML config file (see `offrl train --algo NAME --print-config`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "evaluate", help="evaluate a trained policy (run directory or artefact) in its environment"
+    )
+    p.add_argument("policy", metavar="RUN_DIR|POLICY")
+    p.add_argument("--env", help="environment id (default: the one the training dataset names)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-envs", type=int, default=1)
+    p.add_argument(
+        "--stochastic", action="store_true", help="sample actions instead of acting deterministically"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

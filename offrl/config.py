@@ -5,11 +5,11 @@ written to TOML, and overridden with ``--set key=value``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from offrl.errors import ConfigError
@@ -42,9 +42,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -103,7 +103,9 @@ def from_dict(cls: type[C], data: Mapping[str, Any], source: str = "config") -> 
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(names)}")
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(names)}"
+        )
     hints = _resolved_types(cls)
     kwargs = {k: _coerce(v, hints[k], f"{source}: '{k}'") for k, v in data.items()}
     return cls(**kwargs)
@@ -135,7 +137,7 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
 
 
 # -- TOML ---------------------------------------------------------------------------------------
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

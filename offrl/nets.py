@@ -5,6 +5,7 @@ Everything numeric that more than one algorithm needs lives here, once.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -26,7 +27,7 @@ def mlp(
     act = ACTIVATIONS[activation]
     layers: list[nn.Module] = []
     dims = [in_dim, *hidden]
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), act()]
     layers.append(nn.Linear(dims[-1], out_dim))
     if output_activation is not None:
@@ -60,11 +61,13 @@ class EnsembleMLP(nn.Module):
     ``forward`` takes ``(B, in)`` (shared by all members) or ``(E, B, in)`` and returns ``(E, B, out)``.
     """
 
-    def __init__(self, members: int, in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "relu"):
+    def __init__(
+        self, members: int, in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "relu"
+    ):
         super().__init__()
         self.members = members
         dims = [in_dim, *hidden, out_dim]
-        self.layers = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in itertools.pairwise(dims))
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,7 +83,9 @@ class EnsembleMLP(nn.Module):
 class QEnsemble(nn.Module):
     """``E`` critics Q(s, a) → ``(E, B)``, evaluated as one batched network."""
 
-    def __init__(self, members: int, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu"):
+    def __init__(
+        self, members: int, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu"
+    ):
         super().__init__()
         self.net = EnsembleMLP(members, obs_dim + act_dim, 1, hidden, activation)
 
@@ -151,7 +156,7 @@ class DeterministicActor(nn.Module):
         self.net = mlp(obs_dim, act_dim, hidden, activation, output_activation="tanh")
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs)  # type: ignore[no-any-return]
+        return self.net(obs)
 
 
 class DiscreteHead(nn.Module):
@@ -162,14 +167,14 @@ class DiscreteHead(nn.Module):
         self.net = mlp(obs_dim, n_actions, hidden, activation)
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs)  # type: ignore[no-any-return]
+        return self.net(obs)
 
 
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging ``target ← (1 − τ)·target + τ·source`` as one fused foreach op."""
-    tgt = [p for p in target.parameters()]
-    src = [p for p in source.parameters()]
+    tgt: list[Tensor] = list(target.parameters())
+    src: list[Tensor] = list(source.parameters())
     torch._foreach_lerp_(tgt, src, tau)
 
 

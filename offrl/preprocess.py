@@ -53,7 +53,9 @@ class ActionScaler(nn.Module):
                 f"action space {space} is unbounded: squashed policies need finite bounds "
                 "(re-record with a bounded action space, or wrap the environment with RescaleAction)"
             )
-        return cls(torch.as_tensor(np.asarray(space.low, dtype=np.float64)), torch.as_tensor(np.asarray(space.high)))
+        return cls(
+            torch.as_tensor(np.asarray(space.low, dtype=np.float64)), torch.as_tensor(np.asarray(space.high))
+        )
 
     def to_unit(self, actions: Tensor) -> Tensor:
         return 2.0 * (actions - self.low) / (self.high - self.low) - 1.0

@@ -80,7 +80,7 @@ def space_from_dict(d: dict[str, Any]) -> gym.Space:
         dtype = np.dtype(d["dtype"])
         low = _decode_bound(d["low"], shape, dtype)
         high = _decode_bound(d["high"], shape, dtype)
-        return gym.spaces.Box(low=low, high=high, shape=shape, dtype=dtype.type)  # type: ignore[arg-type]
+        return gym.spaces.Box(low=low, high=high, shape=shape, dtype=dtype.type)
     if kind == "Discrete":
         return gym.spaces.Discrete(int(d["n"]), start=int(d.get("start", 0)))
     raise OfflineRLError(f"unknown space type {kind!r} (format v1 knows Box and Discrete)")

@@ -51,14 +51,20 @@ class OfflineAlgorithm:
         is_discrete = isinstance(action_space, gym.spaces.Discrete)
         if is_discrete != self.discrete:
             kind = "discrete" if is_discrete else "continuous"
-            raise ConfigError(f"algorithm '{self.name}' has no {kind} variant for action space {action_space}")
+            raise ConfigError(
+                f"algorithm '{self.name}' has no {kind} variant for action space {action_space}"
+            )
         self.config = config
         self.observation_space = observation_space
         self.action_space = action_space
         self.device = torch.device(device)
         self.obs_dim = flat_obs_dim(observation_space)
-        self.act_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(
-            np.prod(action_space.shape)  # type: ignore[arg-type]
+        self.act_dim = (
+            int(action_space.n)
+            if isinstance(action_space, gym.spaces.Discrete)
+            else int(
+                np.prod(action_space.shape)  # type: ignore[arg-type]
+            )
         )
         self.seed = seed
         self.generator = torch.Generator(self.device).manual_seed(seed)
@@ -92,12 +98,27 @@ class OfflineAlgorithm:
 
     @property
     def action_scaler(self) -> ActionScaler | None:
-        return self.nets["action_scaler"] if "action_scaler" in self.nets else None  # type: ignore[return-value]
+        scaler = self.nets["action_scaler"] if "action_scaler" in self.nets else None  # noqa: SIM401
+        return scaler  # type: ignore[return-value]
 
-    def _policy(self, kind: str, net: nn.Module, hidden: Iterable[int], activation: str = "relu") -> TorchPolicy:
-        arch = {"obs_dim": self.obs_dim, "act_dim": self.act_dim, "hidden": list(hidden), "activation": activation}
+    def _policy(
+        self, kind: str, net: nn.Module, hidden: Iterable[int], activation: str = "relu"
+    ) -> TorchPolicy:
+        arch = {
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "hidden": list(hidden),
+            "activation": activation,
+        }
         return TorchPolicy(
-            kind, net, arch, self.normalizer, self.action_scaler, self.observation_space, self.action_space, seed=self.seed
+            kind,
+            net,
+            arch,
+            self.normalizer,
+            self.action_scaler,
+            self.observation_space,
+            self.action_space,
+            seed=self.seed,
         )
 
     def act(self, obs: np.ndarray, *, deterministic: bool = True) -> np.ndarray:
@@ -141,7 +162,7 @@ class OfflineAlgorithm:
                 raise CheckpointError(f"optimiser names differ: {sorted(missing)}")
             for k, opt in self.optimizers.items():
                 opt.load_state_dict(state["optimizers"][k])
-            self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
+            self.generator.set_state(state["generator"].cpu())  # generator states are CPU byte tensors
             self.num_updates = int(state["num_updates"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"state does not fit algorithm '{self.name}' ({exc})") from None
@@ -154,8 +175,12 @@ def adam(params: Iterable[nn.Parameter], lr: float, **kwargs: Any) -> torch.opti
     return torch.optim.Adam(params, lr=lr, fused=fused or None, foreach=None if fused else True, **kwargs)
 
 
-def step(optimizer: torch.optim.Optimizer, loss: Tensor, params: Iterable[nn.Parameter] | None = None,
-         max_grad_norm: float | None = None) -> None:
+def step(
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    params: Iterable[nn.Parameter] | None = None,
+    max_grad_norm: float | None = None,
+) -> None:
     """zero_grad → backward → optional clip → step, in one call."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -46,7 +46,9 @@ def variants() -> list[tuple[str, str, type[OfflineAlgorithm]]]:
     return [(n, v, cls) for n in sorted(_REGISTRY) for v, cls in sorted(_REGISTRY[n].items())]
 
 
-def algorithm_class(name: str, action_space: gym.Space | None = None, *, discrete: bool | None = None) -> type[OfflineAlgorithm]:
+def algorithm_class(
+    name: str, action_space: gym.Space | None = None, *, discrete: bool | None = None
+) -> type[OfflineAlgorithm]:
     """The class for ``name`` and an action space; a clear error if it has no matching variant."""
     _load()
     if name not in _REGISTRY:
@@ -56,7 +58,9 @@ def algorithm_class(name: str, action_space: gym.Space | None = None, *, discret
     variant = "discrete" if discrete else "continuous"
     if variant not in _REGISTRY[name]:
         have = ", ".join(_REGISTRY[name])
-        raise ConfigError(f"algorithm {name!r} has no {variant} variant (it has: {have}); the dataset's action space is {action_space}")
+        raise ConfigError(
+            f"algorithm {name!r} has no {variant} variant (it has: {have}); the dataset's action space is {action_space}"
+        )
     return _REGISTRY[name][variant]
 
 

@@ -114,10 +114,15 @@ def _flat_column(src: str, key: str, a: np.ndarray, n: int) -> np.ndarray:
 
 def _flag_column(src: str, key: str, a: np.ndarray, n: int) -> np.ndarray:
     a = _flat_column(src, key, a, n)
-    if a.dtype != np.bool_:
-        if not (np.issubdtype(a.dtype, np.number) and np.isin(a, (0, 1)).all()):
-            bad = np.flatnonzero(~np.isin(a, (0, 1))) if np.issubdtype(a.dtype, np.number) else np.arange(n)
-            raise DatasetError(src, f"'{key}' has values other than 0/1 (first at row {bad[0]})")
+    if a.dtype == np.bool_:
+        return a
+    if not np.issubdtype(a.dtype, np.number):
+        raise DatasetError(src, f"'{key}' has dtype {a.dtype}, expected bool or 0/1 numbers")
+    bad = np.flatnonzero(~np.isin(a, (0, 1)))
+    if bad.size:
+        raise DatasetError(
+            src, f"'{key}' has values other than 0/1 in {bad.size} rows (first at row {bad[0]})"
+        )
     return a.astype(bool)
 
 
@@ -135,7 +140,7 @@ def _make_env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
 def _box_with_dtype(space: gym.spaces.Box, dtype: np.dtype) -> gym.spaces.Box:
     with np.errstate(over="ignore"):  # finite float64 bounds beyond float32's range become inf
         low, high = space.low.astype(dtype), space.high.astype(dtype)
-    return gym.spaces.Box(low, high, shape=space.shape, dtype=dtype.type)  # type: ignore[arg-type]
+    return gym.spaces.Box(low, high, shape=space.shape, dtype=dtype.type)
 
 
 def _infer_observation_space(src: str, obs: np.ndarray) -> gym.spaces.Box:
@@ -149,7 +154,7 @@ def _infer_observation_space(src: str, obs: np.ndarray) -> gym.spaces.Box:
         raise DatasetError(
             src, f"'{fmt.OBSERVATIONS}' has dtype {dtype}; only numeric observations can be imported"
         )
-    return gym.spaces.Box(low, high, shape=obs.shape[1:], dtype=dtype.type)  # type: ignore[arg-type]
+    return gym.spaces.Box(low, high, shape=obs.shape[1:], dtype=dtype.type)
 
 
 def _infer_action_space(actions: np.ndarray) -> gym.Space:
@@ -164,7 +169,7 @@ def _infer_action_space(actions: np.ndarray) -> gym.Space:
     unit = (lo >= -1) & (hi <= 1)
     low = np.where(unit, -1, lo).astype(dtype)
     high = np.where(unit, 1, hi).astype(dtype)
-    return gym.spaces.Box(low, high, shape=actions.shape[1:], dtype=dtype.type)  # type: ignore[arg-type]
+    return gym.spaces.Box(low, high, shape=actions.shape[1:], dtype=dtype.type)
 
 
 def _fit_spaces(

@@ -17,9 +17,7 @@ from offrl.types import Batch
 
 
 def _to_tensor(a: np.ndarray, device: torch.device) -> Tensor:
-    if a.dtype == np.float64 or a.dtype == np.float16:
-        a = a.astype(np.float32)
-    elif a.dtype == np.bool_:
+    if a.dtype in (np.float64, np.float16, np.bool_):
         a = a.astype(np.float32)
     elif np.issubdtype(a.dtype, np.signedinteger) and a.dtype != np.int64:
         a = a.astype(np.int64)
@@ -57,7 +55,9 @@ class TransitionDataset:
         self.timeouts = _to_tensor(raw.timeouts.astype(bool), self.device).bool()  # (N,)
         self.episode_ends = torch.from_numpy(raw.episode_ends.astype(np.int64))  # (E,) on CPU
         self.action_log_probs = (
-            None if raw.action_log_probs is None else _to_tensor(raw.action_log_probs.astype(np.float32), self.device)
+            None
+            if raw.action_log_probs is None
+            else _to_tensor(raw.action_log_probs.astype(np.float32), self.device)
         )
 
     @classmethod

@@ -171,7 +171,9 @@ def _read_open(path: str, f: h5py.File) -> RawDataset:
         try:
             return float(f.attrs[attr])
         except (TypeError, ValueError):
-            raise DatasetError(path, f"root attribute '{attr}' is {f.attrs[attr]!r}, expected a number") from None
+            raise DatasetError(
+                path, f"root attribute '{attr}' is {f.attrs[attr]!r}, expected a number"
+            ) from None
 
     metadata: dict[str, Any] = {}
     if ATTR_METADATA in f.attrs:
@@ -179,12 +181,16 @@ def _read_open(path: str, f: h5py.File) -> RawDataset:
             metadata = json.loads(_attr_str(f.attrs[ATTR_METADATA]))
         except json.JSONDecodeError as exc:
             raise DatasetError(path, f"root attribute '{ATTR_METADATA}' is not valid JSON ({exc})") from None
+        if not isinstance(metadata, dict):
+            raise DatasetError(path, f"root attribute '{ATTR_METADATA}' is not a JSON object")
     policies: list[Any] = []
     if ATTR_POLICIES in f.attrs:
         try:
-            policies = list(json.loads(_attr_str(f.attrs[ATTR_POLICIES])))
-        except (json.JSONDecodeError, TypeError) as exc:
+            policies = json.loads(_attr_str(f.attrs[ATTR_POLICIES]))
+        except json.JSONDecodeError as exc:
             raise DatasetError(path, f"root attribute '{ATTR_POLICIES}' is not a JSON list ({exc})") from None
+        if not isinstance(policies, list):  # list() would silently split a string or a dict's keys
+            raise DatasetError(path, f"root attribute '{ATTR_POLICIES}' is not a JSON list")
 
     return RawDataset(
         path=path,
@@ -223,10 +229,10 @@ def _check_flag_array(name: str, a: np.ndarray, n: int, problems: list[str]) -> 
     if a.shape != (n,):
         problems.append(f"'{name}' has shape {a.shape}, expected ({n},)")
         return False
-    if a.dtype != np.bool_:
-        if not np.issubdtype(a.dtype, np.integer) or not np.isin(a, (0, 1)).all():
-            problems.append(f"'{name}' has dtype {a.dtype} with values other than 0/1, expected bool")
-            return False
+    integer_01 = np.issubdtype(a.dtype, np.integer) and np.isin(a, (0, 1)).all()
+    if a.dtype != np.bool_ and not integer_01:
+        problems.append(f"'{name}' has dtype {a.dtype} with values other than 0/1, expected bool")
+        return False
     return True
 
 
@@ -267,7 +273,9 @@ def check(raw: RawDataset) -> list[str]:
         for key in (OBSERVATIONS, NEXT_OBSERVATIONS):
             a = getattr(raw, key)
             if a.shape[1:] != obs_space.shape:
-                problems.append(f"'{key}' rows have shape {a.shape[1:]}, observation space says {obs_space.shape}")
+                problems.append(
+                    f"'{key}' rows have shape {a.shape[1:]}, observation space says {obs_space.shape}"
+                )
             if a.dtype != obs_space.dtype:
                 problems.append(f"'{key}' has dtype {a.dtype}, observation space says {obs_space.dtype}")
 
@@ -275,17 +283,23 @@ def check(raw: RawDataset) -> list[str]:
     acts = raw.actions
     if isinstance(act_space, gym.spaces.Discrete):
         if acts.shape != (n,):
-            problems.append(f"'{ACTIONS}' has shape {acts.shape}, expected ({n},) for a Discrete action space")
+            problems.append(
+                f"'{ACTIONS}' has shape {acts.shape}, expected ({n},) for a Discrete action space"
+            )
         elif not np.issubdtype(acts.dtype, np.integer):
-            problems.append(f"'{ACTIONS}' has dtype {acts.dtype}, expected an integer type for a Discrete space")
+            problems.append(
+                f"'{ACTIONS}' has dtype {acts.dtype}, expected an integer type for a Discrete space"
+            )
         else:
-            lo, hi = int(act_space.start), int(act_space.start + act_space.n - 1)
-            bad = (acts < lo) | (acts > hi)
+            first, last_act = int(act_space.start), int(act_space.start + act_space.n - 1)
+            bad = (acts < first) | (acts > last_act)
             if bad.any():
-                problems.append(f"'{ACTIONS}' outside the discrete range {lo}..{hi} in {_rows(bad)}")
+                problems.append(f"'{ACTIONS}' outside the discrete range {first}..{last_act} in {_rows(bad)}")
     elif isinstance(act_space, gym.spaces.Box):
         if acts.shape[1:] != act_space.shape:
-            problems.append(f"'{ACTIONS}' rows have shape {acts.shape[1:]}, action space says {act_space.shape}")
+            problems.append(
+                f"'{ACTIONS}' rows have shape {acts.shape[1:]}, action space says {act_space.shape}"
+            )
         elif acts.dtype != act_space.dtype:
             problems.append(f"'{ACTIONS}' has dtype {acts.dtype}, action space says {act_space.dtype}")
         else:
@@ -294,9 +308,9 @@ def check(raw: RawDataset) -> list[str]:
             low = np.asarray(act_space.low, dtype=np.float64).reshape(-1)
             high = np.asarray(act_space.high, dtype=np.float64).reshape(-1)
             with np.errstate(invalid="ignore"):
-                bad = ((flat < low) | (flat > high)).any(axis=1)
-            if bad.any():
-                problems.append(f"'{ACTIONS}' outside the action-space bounds in {_rows(bad)}")
+                out_of_box = np.asarray(((flat < low) | (flat > high)).any(axis=1))
+            if out_of_box.any():
+                problems.append(f"'{ACTIONS}' outside the action-space bounds in {_rows(out_of_box)}")
     else:
         problems.append(f"action space {act_space} is neither Box nor Discrete")
 
@@ -356,7 +370,9 @@ def check(raw: RawDataset) -> list[str]:
             )
         inner = flagged & ~last
         if inner.any():
-            problems.append(f"terminal/timeout flags inside an episode (not on its last row) in {_rows(inner)}")
+            problems.append(
+                f"terminal/timeout flags inside an episode (not on its last row) in {_rows(inner)}"
+            )
 
     # next_observations[i] must equal observations[i+1] inside an episode
     if raw.observations.shape == raw.next_observations.shape and n > 1:
@@ -364,7 +380,8 @@ def check(raw: RawDataset) -> list[str]:
         inside[ends[:-1] - 1] = False
         a = raw.next_observations[:-1].reshape(n - 1, -1)
         b = raw.observations[1:].reshape(n - 1, -1)
-        mismatch = inside & (a != b).any(axis=1)
+        # NaN on both sides is the same observation (the finite check reports it), not a mismatch
+        mismatch = inside & ((a != b) & ~((a != a) & (b != b))).any(axis=1)
         if mismatch.any():
             problems.append(
                 f"'{NEXT_OBSERVATIONS}' differs from the next row's '{OBSERVATIONS}' inside an episode in "
@@ -374,16 +391,21 @@ def check(raw: RawDataset) -> list[str]:
     if raw.episode_policy_ids is not None:
         ids = raw.episode_policy_ids
         if ids.shape != ends.shape:
-            problems.append(f"'{EPISODE_POLICY_IDS}' has shape {ids.shape}, expected {ends.shape} (one per episode)")
+            problems.append(
+                f"'{EPISODE_POLICY_IDS}' has shape {ids.shape}, expected {ends.shape} (one per episode)"
+            )
         elif raw.policies and ((ids < 0) | (ids >= len(raw.policies))).any():
-            problems.append(f"'{EPISODE_POLICY_IDS}' refers to policies outside the {len(raw.policies)} listed")
+            problems.append(
+                f"'{EPISODE_POLICY_IDS}' refers to policies outside the {len(raw.policies)} listed"
+            )
 
     lo, hi = raw.ref_min_return, raw.ref_max_return
     if (lo is None) != (hi is None):
         problems.append(f"only one of '{ATTR_REF_MIN}' and '{ATTR_REF_MAX}' is set")
-    elif lo is not None and hi is not None:
-        if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
-            problems.append(f"reference returns must be finite with '{ATTR_REF_MIN}' < '{ATTR_REF_MAX}', got {lo}, {hi}")
+    elif lo is not None and hi is not None and (not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi):
+        problems.append(
+            f"reference returns must be finite with '{ATTR_REF_MIN}' < '{ATTR_REF_MAX}', got {lo}, {hi}"
+        )
     return problems
 
 

@@ -64,7 +64,7 @@ class DatasetWriter:
             observation_space = gym.spaces.Box(
                 observation_space.low.astype(obs_dtype),
                 observation_space.high.astype(obs_dtype),
-                dtype=np.dtype(obs_dtype).type,  # type: ignore[arg-type]
+                dtype=np.dtype(obs_dtype).type,
             )
         self.observation_space = observation_space
         self.action_space = action_space
@@ -164,7 +164,11 @@ class DatasetWriter:
         if isinstance(self.action_space, gym.spaces.Discrete):
             act = np.asarray(actions).astype(np.int64, copy=False).reshape(t)
         else:
-            act = np.asarray(actions).astype(self.action_space.dtype, copy=False).reshape(t, *self.action_space.shape)
+            act = (
+                np.asarray(actions)
+                .astype(self.action_space.dtype, copy=False)
+                .reshape(t, *self.action_space.shape)
+            )
         arrays = {
             fmt.OBSERVATIONS: obs,
             fmt.ACTIONS: act,
@@ -173,7 +177,9 @@ class DatasetWriter:
         }
         for name, a in arrays.items():
             if a.shape[0] != t:
-                raise OfflineRLError(f"{self.path}: episode '{name}' has {a.shape[0]} rows, 'rewards' has {t}")
+                raise OfflineRLError(
+                    f"{self.path}: episode '{name}' has {a.shape[0]} rows, 'rewards' has {t}"
+                )
         if obs.shape[1:] != self.observation_space.shape:
             raise OfflineRLError(
                 f"{self.path}: observations have shape {obs.shape[1:]}, space says {self.observation_space.shape}"
@@ -187,7 +193,9 @@ class DatasetWriter:
         if self._info_keys is None:
             self._info_keys = keys
         elif keys != self._info_keys:
-            raise OfflineRLError(f"{self.path}: info keys {sorted(keys)} differ from earlier {sorted(self._info_keys)}")
+            raise OfflineRLError(
+                f"{self.path}: info keys {sorted(keys)} differ from earlier {sorted(self._info_keys)}"
+            )
 
         terminals = np.zeros(t, dtype=bool)
         timeouts = np.zeros(t, dtype=bool)

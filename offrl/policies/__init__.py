@@ -20,7 +20,9 @@ class RandomPolicy:
     def __init__(self, action_space: gym.Space, seed: int | None = None) -> None:
         if isinstance(action_space, gym.spaces.Box):
             if not action_space.is_bounded("both"):
-                raise OfflineRLError(f"a uniform random policy needs a bounded action space, got {action_space}")
+                raise OfflineRLError(
+                    f"a uniform random policy needs a bounded action space, got {action_space}"
+                )
             self._low = action_space.low.astype(np.float64)
             self._high = action_space.high.astype(np.float64)
             self._log_prob = -float(np.sum(np.log(self._high - self._low)))
@@ -38,7 +40,8 @@ class RandomPolicy:
         n = obs.shape[0]
         space = self.action_space
         if isinstance(space, gym.spaces.Discrete):
-            return (self.rng.integers(0, int(space.n), size=n) + int(space.start)).astype(np.int64)
+            actions = np.asarray(self.rng.integers(0, int(space.n), size=n)) + int(space.start)
+            return actions.astype(np.int64)
         assert isinstance(space, gym.spaces.Box)
         u = self.rng.uniform(self._low, self._high, size=(n, *space.shape))
         return u.astype(space.dtype)

@@ -106,7 +106,7 @@ class TorchPolicy:
         """Actions in learning units ([−1, 1] or 0-based indices) for raw observations on the device."""
         x = self.normalizer(obs.reshape(obs.shape[0], -1).float())
         if self.kind == "deterministic":
-            return self.net(x)  # type: ignore[no-any-return]
+            return self.net(x)
         if self.kind == "tanh_gaussian":
             actor: nets.TanhGaussianActor = self.net  # type: ignore[assignment]
             return actor.mode(x) if deterministic else actor.sample(x, self.generator)[0]
@@ -171,10 +171,14 @@ def _find_artifact(path: Path) -> Path:
     for candidate in (path, path / "policy"):
         if (candidate / POLICY_JSON).is_file():
             return candidate
-    raise CheckpointError(f"{path}: no policy artefact ('{POLICY_JSON}' not found there or in its 'policy/' folder)")
+    raise CheckpointError(
+        f"{path}: no policy artefact ('{POLICY_JSON}' not found there or in its 'policy/' folder)"
+    )
 
 
-def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", seed: int | None = None) -> TorchPolicy:
+def load_policy(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu", seed: int | None = None
+) -> TorchPolicy:
     """Rebuild a policy from its artefact folder (or a run folder) without the training code."""
     folder = _find_artifact(Path(path))
     try:

@@ -1,0 +1,143 @@
+"""Roll a policy out in gymnasium vector environments and summarise the returns.
+
+Episode ``j`` is always reset with a seed derived from ``(seed, j)`` and its return is reported at
+index ``j``, so for a deterministic policy the result does not depend on ``num_envs``. Each sub-env
+runs a fixed quota of episodes (episodes ``i, i + n, i + 2n, …``): stopping at the first ``episodes``
+finishes would over-represent short episodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from offrl.errors import OfflineRLError
+from offrl.types import Policy
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-episode returns and lengths (in episode order) and their summary; ``std`` is the population std."""
+
+    returns: list[float]
+    lengths: list[int]
+    seed: int
+    env_id: str
+    mean: float
+    std: float
+    min: float
+    max: float
+    normalized_mean: float | None  # 100·(R - ref_min)/(ref_max - ref_min), averaged over episodes
+    normalized_std: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalized_score(returns: Any, ref_min: float, ref_max: float) -> np.ndarray:
+    """D4RL-style score: 0 at the reference minimum (e.g. random), 100 at the reference maximum (expert)."""
+    if not np.isfinite(ref_min) or not np.isfinite(ref_max) or ref_max == ref_min:
+        raise OfflineRLError(f"reference returns must be finite and differ, got min={ref_min} max={ref_max}")
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The reset seed of episode ``episode``: independent streams per episode from one root seed."""
+    return int(np.random.SeedSequence(seed, spawn_key=(episode,)).generate_state(1)[0])
+
+
+def _neutral_action(space: gym.Space) -> Any:
+    """An always-valid action for sub-envs that have finished their quota (their steps are discarded)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return np.int64(space.start)
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(np.zeros(space.shape), space.low, space.high).astype(space.dtype)
+    raise OfflineRLError(f"evaluation supports Discrete and Box action spaces, got {space}")
+
+
+def evaluate(
+    policy: Policy,
+    env_id: str,
+    episodes: int = 10,
+    seed: int = 0,
+    *,
+    num_envs: int = 1,
+    deterministic: bool = True,
+    ref_min_return: float | None = None,
+    ref_max_return: float | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    max_episode_steps: int | None = None,
+) -> EvalResult:
+    """Run ``episodes`` full episodes of ``policy`` in ``env_id`` and return their undiscounted returns.
+
+    The policy sees a batch of the observations of the sub-envs that still have episodes to run.
+    Discrete actions are cast to int64; continuous ones are passed through unchanged.
+    """
+    if episodes < 1 or num_envs < 1:
+        raise OfflineRLError(f"evaluate: episodes and num_envs must be ≥ 1, got {episodes} and {num_envs}")
+    if (ref_min_return is None) != (ref_max_return is None):
+        raise OfflineRLError("evaluate: give both ref_min_return and ref_max_return, or neither")
+    n = min(num_envs, episodes)
+    make_kwargs = dict(env_kwargs or {})
+    if max_episode_steps is not None:
+        make_kwargs["max_episode_steps"] = max_episode_steps
+
+    # Manual resets (autoreset disabled) so every episode starts from its own seed; gymnasium's default
+    # next-step autoreset would also hand the policy one extra, meaningless step per episode.
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(env_id, **make_kwargs) for _ in range(n)],
+        autoreset_mode=gym.vector.AutoresetMode.DISABLED,
+    )
+    returns = np.zeros(episodes, dtype=np.float64)
+    lengths = np.zeros(episodes, dtype=np.int64)
+    current = np.arange(n)  # episode index each sub-env is running; ≥ episodes once its quota is done
+    discrete = isinstance(envs.single_action_space, gym.spaces.Discrete)
+    neutral = _neutral_action(envs.single_action_space)
+    try:
+        obs, _ = envs.reset(seed=[episode_seed(seed, int(j)) for j in current])
+        while True:
+            active = current < episodes
+            if not active.any():
+                break
+            chosen = np.asarray(policy.act(obs[active], deterministic=deterministic))
+            if chosen.shape[:1] != (int(active.sum()),):
+                raise OfflineRLError(
+                    f"evaluate: the policy returned actions of shape {chosen.shape} for {int(active.sum())} observations"
+                )
+            if discrete:
+                chosen = chosen.astype(np.int64).reshape(-1)
+            actions = np.empty((n, *chosen.shape[1:]), dtype=chosen.dtype)
+            actions[:] = neutral
+            actions[active] = chosen
+            obs, rewards, terminated, truncated, _ = envs.step(actions)
+            returns[current[active]] += rewards[active]
+            lengths[current[active]] += 1
+            done = terminated | truncated
+            if done.any():
+                # Finished sub-envs move on to their next episode; idle ones are reset too, because the
+                # vector API steps every sub-env and refuses to step one that has ended.
+                current = np.where(done & active, current + n, current)
+                seeds = [episode_seed(seed, int(j)) if j < episodes else None for j in current]
+                obs, _ = envs.reset(seed=seeds, options={"reset_mask": done})
+    finally:
+        envs.close()
+
+    normalized_mean = normalized_std = None
+    if ref_min_return is not None and ref_max_return is not None:
+        scores = normalized_score(returns, ref_min_return, ref_max_return)
+        normalized_mean, normalized_std = float(scores.mean()), float(scores.std())
+    return EvalResult(
+        returns=[float(r) for r in returns],
+        lengths=[int(x) for x in lengths],
+        seed=seed,
+        env_id=env_id,
+        mean=float(returns.mean()),
+        std=float(returns.std()),
+        min=float(returns.min()),
+        max=float(returns.max()),
+        normalized_mean=normalized_mean,
+        normalized_std=normalized_std,
+    )
