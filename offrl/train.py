@@ -55,7 +55,7 @@ class TrainConfig:
     drop_last: bool = option(False, "skip each pass's final partial batch (the skipped count is reported)")
     eval_every: int = option(1, "evaluate in the environment every k passes (0: never, a purely offline run)")
     eval_episodes: int = option(10, "episodes per evaluation")
-    eval_envs: int = option(1, "parallel environments used by evaluation")
+    eval_envs: int = option(5, "parallel environments used by evaluation (results do not depend on it)")
     eval_seed: int = option(10_000, "seed of evaluation episodes (separate from the training seed)")
     checkpoint_every: int = option(
         1, "checkpoint and export the policy every k passes (and always at the end)"
@@ -345,6 +345,7 @@ class Trainer:
         acc = _MetricAccumulator(self.device)
         last_log_t, last_log_step = time.perf_counter(), self.step
         last_saved_pass = start_pass
+        pause_total = 0.0
         try:
             for p in range(start_pass, self.total_passes):
                 self.algo.train_mode(True)
@@ -359,11 +360,15 @@ class Trainer:
                     last_log_t, last_log_step = self._flush(acc, bar, last_log_t, last_log_step)
                 passes_done = p + 1
                 is_last = passes_done == self.total_passes
+                t_pause = time.perf_counter()
                 if cfg.train.eval_every and (passes_done % cfg.train.eval_every == 0 or is_last):
                     final_eval = self._evaluate(passes_done)
                 if passes_done % cfg.train.checkpoint_every == 0 or is_last:
                     self._save(passes_done)
                     last_saved_pass = passes_done
+                paused = time.perf_counter() - t_pause
+                last_log_t += paused  # steps/s counts training time only
+                pause_total += paused
         except TrainingDiverged as exc:
             bar.close()
             self.logger.close()
@@ -373,7 +378,7 @@ class Trainer:
                 f"{exc}; the run is left at its last checkpoint (pass {last_saved_pass}) in {self.run_dir}"
             ) from None
         bar.close()
-        elapsed = time.perf_counter() - t_start
+        elapsed = time.perf_counter() - t_start - pause_total
         sps = (self.step - steps_at_start) / elapsed if elapsed > 0 else 0.0
         if final_eval is not None:
             atomic_write_json(self.run_dir / "eval.json", final_eval)

@@ -29,7 +29,7 @@ def pendulum(name: str = "pendulum", seed: int | None = 0):
 
 
 def test_registry_lists_every_controller() -> None:
-    assert set(SCRIPTED) == {"cartpole", "pendulum"}
+    assert set(SCRIPTED) == {"cartpole", "pendulum", "cartpole_anti"}
     assert all(isinstance(v, str) and v for v in SCRIPTED.values())
 
 

@@ -77,6 +77,7 @@ class OfflineAlgorithm:
             self.nets["action_scaler"] = ActionScaler.from_space(action_space)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.num_updates = 0
+        self._acting_policy: TorchPolicy | None = None
 
     # -- to implement ----------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, Tensor]:
@@ -122,7 +123,11 @@ class OfflineAlgorithm:
         )
 
     def act(self, obs: np.ndarray, *, deterministic: bool = True) -> np.ndarray:
-        return self.policy().act(obs, deterministic=deterministic)
+        # One acting policy per algorithm: it shares the live networks and keeps its own sampling
+        # generator, so stochastic acting neither repeats draws nor disturbs the training RNG.
+        if self._acting_policy is None:
+            self._acting_policy = self.policy()
+        return self._acting_policy.act(obs, deterministic=deterministic)
 
     def prepare_dataset(self, dataset: TransitionDataset) -> TransitionDataset:
         """A view of ``dataset`` in learning units (normalised observations, scaled actions), made once."""

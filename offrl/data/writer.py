@@ -217,6 +217,32 @@ class DatasetWriter:
             self._episode_ends.append(self._rows)
             self._episode_policy_ids.append(pid)
 
+    def add_raw(self, raw: fmt.RawDataset) -> None:
+        """Append every episode of an in-memory dataset (e.g. another file), keeping its policy ids."""
+        arrays = {
+            fmt.OBSERVATIONS: raw.observations.astype(self.observation_space.dtype, copy=False),
+            fmt.ACTIONS: raw.actions,
+            fmt.REWARDS: raw.rewards.astype(np.float32, copy=False),
+            fmt.NEXT_OBSERVATIONS: raw.next_observations.astype(self.observation_space.dtype, copy=False),
+            fmt.TERMINALS: raw.terminals.astype(bool, copy=False),
+            fmt.TIMEOUTS: raw.timeouts.astype(bool, copy=False),
+        }
+        has_lp = raw.action_log_probs is not None
+        if self._has_log_probs is None:
+            self._has_log_probs = has_lp
+        elif self._has_log_probs != has_lp:
+            raise OfflineRLError(f"{self.path}: every episode or none must carry action_log_probs")
+        if raw.action_log_probs is not None:
+            arrays[fmt.ACTION_LOG_PROBS] = raw.action_log_probs.astype(np.float32, copy=False)
+        for key, value in raw.infos.items():
+            arrays[f"{fmt.INFOS}/{key}"] = value
+        lengths = np.diff(np.concatenate([[0], raw.episode_ends])).tolist()
+        if raw.episode_policy_ids is not None and raw.policies:
+            ids = [self.policy_id(raw.policies[int(i)]) for i in raw.episode_policy_ids]
+        else:
+            ids = [self.policy_id("unknown")] * len(lengths)
+        self._write_rows(arrays, lengths, ids)
+
     def close(self) -> Path:
         """Write the episode index and attributes, then atomically move the file into place."""
         if self._closed:
@@ -280,22 +306,5 @@ def write_raw(raw: fmt.RawDataset, path: str | os.PathLike[str], *, compression:
         compression=compression,
     )
     with w:
-        arrays = {
-            fmt.OBSERVATIONS: raw.observations,
-            fmt.ACTIONS: raw.actions,
-            fmt.REWARDS: raw.rewards.astype(np.float32, copy=False),
-            fmt.NEXT_OBSERVATIONS: raw.next_observations,
-            fmt.TERMINALS: raw.terminals.astype(bool, copy=False),
-            fmt.TIMEOUTS: raw.timeouts.astype(bool, copy=False),
-        }
-        if raw.action_log_probs is not None:
-            arrays[fmt.ACTION_LOG_PROBS] = raw.action_log_probs.astype(np.float32, copy=False)
-        for key, value in raw.infos.items():
-            arrays[f"{fmt.INFOS}/{key}"] = value
-        lengths = np.diff(np.concatenate([[0], raw.episode_ends])).tolist()
-        if raw.episode_policy_ids is not None and raw.policies:
-            ids = [w.policy_id(raw.policies[int(i)]) for i in raw.episode_policy_ids]
-        else:
-            ids = [w.policy_id("unknown")] * len(lengths)
-        w._write_rows(arrays, lengths, ids)
+        w.add_raw(raw)
     return Path(path)

@@ -28,6 +28,7 @@ from offrl.types import Policy
 SCRIPTED: dict[str, str] = {
     "cartpole": "CartPole-v1: linear state feedback on (x, ẋ, θ, θ̇); balances for the full 500 steps",
     "pendulum": "Pendulum-v1: energy-pumping swing-up, linear stabiliser near upright; torque within bounds",
+    "cartpole_anti": "CartPole-v1: the opposite of 'cartpole' (pushes the pole over): a confidently bad policy",
 }
 
 # Gains found by a small grid search over seeded episodes (positive position gains are right: to move
@@ -54,6 +55,10 @@ def _cartpole(obs: np.ndarray, space: gym.spaces.Discrete) -> np.ndarray:
     return push_right.astype(np.int64) + int(space.start)
 
 
+def _cartpole_anti(obs: np.ndarray, space: gym.spaces.Discrete) -> np.ndarray:
+    return 1 - (_cartpole(obs, space) - int(space.start)) + int(space.start)
+
+
 def _pendulum(obs: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
     obs = np.asarray(obs, dtype=np.float64)
     cos, sin, vel = obs[:, 0], obs[:, 1], obs[:, 2]
@@ -78,6 +83,7 @@ class _Controller:
 _CONTROLLERS: dict[str, _Controller] = {
     "cartpole": _Controller(_cartpole, (4,), True, (), "CartPole-v1"),
     "pendulum": _Controller(_pendulum, (3,), False, (1,), "Pendulum-v1"),
+    "cartpole_anti": _Controller(_cartpole_anti, (4,), True, (), "CartPole-v1"),
 }
 
 
