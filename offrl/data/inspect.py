@@ -147,8 +147,8 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "returns": _stats(returns),
         "return_histogram": _histogram(returns),
         "lengths": _stats(lengths),
-        "terminals": int(terminals.sum()),
-        "timeouts": int(timeouts.sum()),
+        "num_terminals": int(terminals.sum()),
+        "num_timeouts": int(timeouts.sum()),
         "observations": {
             "shape": list(raw.observations.shape[1:]),
             "dtype": raw.observations.dtype.name,
@@ -171,8 +171,9 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _num(x: float | None) -> str:
     if x is None:
         return "-"
-    if x == 0 or 1e-3 <= abs(x) < 1e6:
-        return f"{x:.4g}" if abs(x) < 1 else f"{x:.2f}"
+    # fixed decimals keep columns comparable; scientific only where they would hide the value
+    if x == 0 or 1e-3 <= abs(x) < 1e7:
+        return f"{x:.3f}"
     return f"{x:.3e}"
 
 
@@ -224,7 +225,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ["env", str(s["env_id"] or "-")],
         ["episodes", f"{s['num_episodes']:,}"],
         ["transitions", f"{s['num_transitions']:,}"],
-        ["episode ends", f"{s['terminals']:,} terminal, {s['timeouts']:,} timeout"],
+        ["episode ends", f"{s['num_terminals']:,} terminal, {s['num_timeouts']:,} timeout"],
         ["observations", _space_str(s["observation_space"])],
         ["actions", _space_str(s["action_space"])],
         ["log-probs", "yes" if s["action_log_probs"] else "no"],
@@ -272,6 +273,7 @@ def plot_returns(summary: dict[str, Any], out_png: str | os.PathLike[str]) -> No
     # a bare Figure with an Agg canvas: no pyplot state, no display needed
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     hist = summary["return_histogram"]
     edges = np.asarray(hist["bin_edges"], dtype=np.float64)
@@ -287,6 +289,7 @@ def plot_returns(summary: dict[str, Any], out_png: str | os.PathLike[str]) -> No
         ax.axvline(ref["max_return"], color="tab:green", linestyle=":", label="reference max")
     ax.set_xlabel("episode return")
     ax.set_ylabel("episodes")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{summary.get('env_id') or 'unknown env'} — {summary.get('name', '')}")
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
