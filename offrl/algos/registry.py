@@ -11,7 +11,17 @@ from offrl.algos.base import OfflineAlgorithm
 from offrl.errors import ConfigError
 
 # Modules that register algorithms when imported. One algorithm (variant) per file.
-_MODULES = ("offrl.algos.bc", "offrl.algos.cql", "offrl.algos.cql_discrete")
+_MODULES = (
+    "offrl.algos.bc",
+    "offrl.algos.cql",
+    "offrl.algos.cql_discrete",
+    "offrl.algos.td3bc",
+    "offrl.algos.iql",
+    "offrl.algos.iql_discrete",
+    "offrl.algos.awac",
+    "offrl.algos.bcq",
+    "offrl.algos.bcq_discrete",
+)
 
 _REGISTRY: dict[str, dict[str, type[OfflineAlgorithm]]] = {}
 _loaded = False

@@ -42,7 +42,9 @@ def _build_discrete(a: dict[str, Any]) -> nn.Module:
     return nets.DiscreteHead(a["obs_dim"], a["act_dim"], a["hidden"], a.get("activation", "relu"))
 
 
-# kind → (builder from the architecture dict, acts stochastically when asked)
+# kind → (builder from the architecture dict, acts stochastically when asked). A module with an
+# ``act_unit(x, deterministic=..., generator=...)`` method chooses its own actions (composite policies);
+# its classes live outside the training code (offrl.nets or offrl.policies) so artefacts load without it.
 POLICY_KINDS: dict[str, tuple[Callable[[dict[str, Any]], nn.Module], bool]] = {
     "deterministic": (_build_deterministic, False),  # obs → tanh action
     "tanh_gaussian": (_build_tanh_gaussian, True),  # obs → squashed Gaussian
@@ -110,6 +112,8 @@ class TorchPolicy:
         if self.kind == "tanh_gaussian":
             actor: nets.TanhGaussianActor = self.net  # type: ignore[assignment]
             return actor.mode(x) if deterministic else actor.sample(x, self.generator)[0]
+        if hasattr(self.net, "act_unit"):  # composite policies (e.g. BCQ) decide for themselves
+            return self.net.act_unit(x, deterministic=deterministic, generator=self.generator)  # type: ignore[operator,no-any-return]
         scores = self.net(x)
         if self.kind == "q_greedy" or deterministic:
             return scores.argmax(-1)
