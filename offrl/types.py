@@ -29,7 +29,9 @@ class Batch:
         return int(self.rewards.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.obs, self.actions, self.rewards, self.next_obs, self.terminals)))
+        return Batch(
+            *(t.to(device) for t in (self.obs, self.actions, self.rewards, self.next_obs, self.terminals))
+        )
 
 
 @runtime_checkable

@@ -1,1 +1,340 @@
-"""Placeholder: being written."""
+"""Conservative Q-Learning for continuous actions (Kumar et al. 2020, "CQL(H)"), built on SAC.
+
+The critics learn soft TD targets plus a conservative penalty that pushes Q down on actions the
+current policy and a uniform proposal would pick and up on the dataset's actions:
+
+    penalty_e = mean_s [ T · logsumexp_m ((Q_e(s, a_m) − log μ(a_m|s)) / T) − Q_e(s, a_data) ]
+
+with ``a_m`` N uniform actions in [−1, 1]^A, N policy actions at s and N policy actions at s′
+(all evaluated at s), ``μ`` their proposal densities (importance weighting). Defaults follow the
+locomotion settings of CORL and OfflineRL-Kit (see ``CQLConfig``); like both, the logsumexp is not
+corrected by log(3N), which shifts the penalty by a constant and matters only for the Lagrange gap.
+
+One update, in order: critic step (TD + penalty), [α' step], actor step against the updated
+critics, α step, Polyak update of the target critics. Costs are kept down by: one actor pass for
+the N draws at s and s′ (the network runs once per state; the TD target reuses the first s′ draw),
+one ensemble call for the data actions and all 3N proposals, the TD loss summed over critics (as
+CORL), and an actor loss that sees the critic weights as detached constants
+(``torch.func.functional_call``), so its backward builds no critic weight gradients and the term
+can be checked to move the actor only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gymnasium as gym
+import torch
+from torch import Tensor, nn
+
+from offrl import nets
+from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.registry import register
+from offrl.config import option
+from offrl.errors import ConfigError
+from offrl.policies.artifact import TorchPolicy
+from offrl.preprocess import ObsNormalizer
+from offrl.types import Batch
+
+ALPHA_PRIME_MAX = 1e6
+
+
+@dataclass(frozen=True)
+class CQLConfig:
+    """Defaults reproduce CQL on D4RL locomotion as run by CORL (Tarasov et al. 2022) and OfflineRL-Kit."""
+
+    actor_hidden: tuple[int, ...] = option((256, 256, 256), "actor MLP hidden sizes (CORL: 3×256)")
+    critic_hidden: tuple[int, ...] = option((256, 256, 256), "critic MLP hidden sizes (CORL: 3×256)")
+    n_critics: int = option(2, "critics in the Q-ensemble; targets and the actor use their minimum")
+    critic_lr: float = option(3e-4, "critic Adam learning rate")
+    actor_lr: float = option(1e-4, "actor Adam learning rate (OfflineRL-Kit 1e-4, CORL 3e-5)")
+    alpha_lr: float = option(3e-4, "entropy temperature Adam learning rate")
+    batch_size: int = option(256, "transitions per gradient step")
+    gamma: float = option(0.99, "discount factor")
+    tau: float = option(5e-3, "Polyak rate of the target critics")
+    auto_alpha: bool = option(True, "tune the entropy temperature α towards the target entropy")
+    init_alpha: float = option(1.0, "initial entropy temperature α (CORL: log α = 0)")
+    target_entropy: float | None = option(None, "target policy entropy for α tuning; none: −|A|")
+    cql_alpha: float = option(5.0, "conservative penalty weight (OfflineRL-Kit 5, CORL 10)")
+    n_actions: int = option(10, "sampled actions per proposal (uniform, π(s), π(s′)) in the penalty")
+    cql_temperature: float = option(1.0, "temperature of the penalty's logsumexp")
+    backup_entropy: bool = option(False, "subtract α·log π(a′|s′) in the TD target (CORL: off)")
+    max_q_backup: bool = option(False, "TD target takes the max over n_actions policy samples at s′")
+    lagrange: bool = option(
+        False, "learn the penalty weight α' so the penalty gap approaches target_action_gap"
+    )
+    target_action_gap: float = option(10.0, "Lagrange target of the penalty gap (logsumexp − Q(s, a_data))")
+    alpha_prime_lr: float = option(3e-4, "Adam learning rate of log α' (Lagrange variant)")
+    bc_steps: int = option(0, "warm-up updates whose actor loss is the behaviour-cloning log-likelihood")
+    normalize_obs: bool = option(True, "normalise observations by dataset mean/std")
+    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+
+
+# -- losses (pure) -------------------------------------------------------------------------------
+def importance_logsumexp(q_sampled: Tensor, log_density: Tensor, temperature: float) -> Tensor:
+    """T·logsumexp over sampled actions of (Q − log density)/T: (E,B,M), (B,M) -> (E,B)."""
+    return temperature * torch.logsumexp((q_sampled - log_density) / temperature, dim=-1)
+
+
+def cql_penalty(q_data: Tensor, q_sampled: Tensor, log_density: Tensor, temperature: float) -> Tensor:
+    """Conservative gap per critic: (E,B), (E,B,M), (B,M) -> (E,)."""
+    return (importance_logsumexp(q_sampled, log_density, temperature) - q_data).mean(-1)
+
+
+def td_target(rewards: Tensor, terminals: Tensor, next_v: Tensor, gamma: float) -> Tensor:
+    """r + γ(1 − terminal)·V(s′): (B,), (B,), (B,) -> (B,)."""
+    return rewards + gamma * (1.0 - terminals) * next_v
+
+
+def td_loss(q: Tensor, target: Tensor) -> Tensor:
+    """Mean squared TD error per critic: (E,B), (B,) -> (E,)."""
+    return (q - target).pow(2).mean(-1)
+
+
+def actor_loss(q_pi: Tensor, log_prob: Tensor, alpha: Tensor) -> Tensor:
+    """SAC actor loss against the critics' minimum: (E,B), (B,), () -> ()."""
+    return (alpha * log_prob - q_pi.min(0).values).mean()
+
+
+def alpha_loss(log_alpha: Tensor, log_prob: Tensor, target_entropy: float) -> Tensor:
+    """Temperature loss; its gradient raises α while entropy is below target: (), (B,) -> ()."""
+    return -(log_alpha * (log_prob + target_entropy).detach()).mean()
+
+
+def alpha_prime_loss(alpha_prime: Tensor, penalty: Tensor, cql_alpha: float, target_gap: float) -> Tensor:
+    """Lagrange dual loss: α' grows while the penalty gap exceeds the target: (), (E,) -> ()."""
+    return -(alpha_prime * cql_alpha * (penalty.detach() - target_gap)).sum()
+
+
+def sample_n(
+    actor: nets.TanhGaussianActor, obs: Tensor, n: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """N draws per row with their log-probabilities: (B, obs_dim) -> (B, N, A), (B, N).
+
+    The draws of ``actor.sample`` on rows repeated N times, but the network runs once per row.
+    """
+    mean, log_std = (t.unsqueeze(1) for t in actor(obs))  # (B, 1, A)
+    noise = torch.randn((obs.shape[0], n, mean.shape[-1]), generator=generator, device=obs.device)
+    u = mean + noise * log_std.exp()
+    log_prob = nets.gaussian_log_prob(u, mean, log_std) - nets.tanh_log_det_jacobian(u).sum(-1)
+    return torch.tanh(u), log_prob
+
+
+class Scalar(nn.Module):
+    """One learnable (or fixed) scalar, so that it is saved with the networks."""
+
+    def __init__(self, value: float, learn: bool = True) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(value)), requires_grad=learn)
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
+@register
+class CQL(OfflineAlgorithm):
+    """Continuous CQL(H) with SAC actor, automatic entropy tuning and optional Lagrange weight."""
+
+    name: ClassVar[str] = "cql"
+    discrete: ClassVar[bool] = False
+    Config: ClassVar[type] = CQLConfig
+    config: CQLConfig
+
+    def __init__(
+        self,
+        config: CQLConfig,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        *,
+        normalizer: ObsNormalizer | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
+        )
+        cfg = config
+        checks = {
+            "n_critics": cfg.n_critics >= 1,
+            "n_actions": cfg.n_actions >= 1,
+            "init_alpha": cfg.init_alpha > 0,
+            "cql_temperature": cfg.cql_temperature > 0,
+            "cql_alpha": cfg.cql_alpha >= 0,
+            "bc_steps": cfg.bc_steps >= 0,
+        }
+        bad = [f"{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"cql: invalid {', '.join(bad)}")
+        self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
+        self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
+        self.nets["critic_target"] = nets.freeze(
+            nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
+        )
+        nets.hard_update(self.nets["critic_target"], self.nets["critic"])
+        self.nets["log_alpha"] = Scalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
+        if cfg.lagrange:
+            self.nets["log_alpha_prime"] = Scalar(0.0)
+        self.nets.to(self.device)
+        self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
+
+        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
+        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
+        if cfg.auto_alpha:
+            self.optimizers["alpha"] = adam(self.nets["log_alpha"].parameters(), cfg.alpha_lr)
+        if cfg.lagrange:
+            self.optimizers["alpha_prime"] = adam(
+                self.nets["log_alpha_prime"].parameters(), cfg.alpha_prime_lr
+            )
+
+    # -- accessors ---------------------------------------------------------------------------------
+    @property
+    def actor(self) -> nets.TanhGaussianActor:
+        return self.nets["actor"]  # type: ignore[return-value]
+
+    @property
+    def critic(self) -> nets.QEnsemble:
+        return self.nets["critic"]  # type: ignore[return-value]
+
+    @property
+    def critic_target(self) -> nets.QEnsemble:
+        return self.nets["critic_target"]  # type: ignore[return-value]
+
+    def target_networks(self) -> list[nn.Module]:
+        return [self.critic_target]
+
+    def policy(self) -> TorchPolicy:
+        return self._policy("tanh_gaussian", self.actor, self.config.actor_hidden)
+
+    def _alpha_prime(self) -> Tensor:
+        return self.nets["log_alpha_prime"]().exp().clamp(0.0, ALPHA_PRIME_MAX)
+
+    # -- sampling ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def penalty_actions(self, obs: Tensor, next_obs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The penalty's proposal actions and their log-densities, without gradient.
+
+        Returns ``actions`` (B, 3N, A) = [uniform | π(·|s) | π(·|s′)] along axis 1, their
+        ``log_density`` (B, 3N), and the π(·|s′) draws again as ``next_actions`` (B, N, A),
+        ``next_log_prob`` (B, N): the TD target reuses them (one draw from the current policy
+        serves both, saving an actor pass).
+        """
+        n, batch = self.config.n_actions, obs.shape[0]
+        uniform = (
+            torch.rand((batch, n, self.act_dim), generator=self.generator, device=obs.device) * 2.0 - 1.0
+        )
+        pi, log_pi = sample_n(
+            self.actor, torch.cat([obs, next_obs]), n, self.generator
+        )  # (2B, N, A), (2B, N)
+        log_uniform = torch.full((batch, n), -self.act_dim * math.log(2.0), device=obs.device)
+        actions = torch.cat([uniform, pi[:batch], pi[batch:]], dim=1)
+        log_density = torch.cat([log_uniform, log_pi[:batch], log_pi[batch:]], dim=1)
+        return actions, log_density, pi[batch:], log_pi[batch:]
+
+    def critic_values(self, obs: Tensor, data_actions: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """Q at the data actions and at sampled actions, as one ensemble call at s.
+
+        (B, obs_dim), (B, A), (B, M, A) -> q_data (E, B), q_sampled (E, B, M).
+        """
+        batch, m = actions.shape[0], actions.shape[1] + 1
+        all_actions = torch.cat([data_actions.unsqueeze(1), actions], dim=1).reshape(batch * m, -1)
+        all_obs = obs.unsqueeze(1).expand(-1, m, -1).reshape(batch * m, -1)
+        q = self.critic(all_obs, all_actions).view(-1, batch, m)
+        return q[..., 0], q[..., 1:]
+
+    @torch.no_grad()
+    def soft_target(self, batch: Batch, next_actions: Tensor, next_log_prob: Tensor) -> Tensor:
+        """TD target from the target critics' minimum at π(·|s′) draws (B, N, A), (B, N) -> (B,).
+
+        Uses the first draw, or with ``max_q_backup`` the draw with the largest minimum.
+        """
+        cfg = self.config
+        next_obs = batch.next_obs.flatten(1)
+        if cfg.max_q_backup:
+            n = next_actions.shape[1]
+            rep_obs = next_obs.unsqueeze(1).expand(-1, n, -1).reshape(-1, next_obs.shape[1])
+            q_next = self.critic_target(rep_obs, next_actions.reshape(-1, self.act_dim))  # (E, B·N)
+            next_v, best = q_next.min(0).values.view(-1, n).max(-1)
+            next_lp = next_log_prob.gather(1, best.unsqueeze(1)).squeeze(1)
+        else:
+            next_v = self.critic_target(next_obs, next_actions[:, 0]).min(0).values
+            next_lp = next_log_prob[:, 0]
+        if cfg.backup_entropy:
+            next_v = next_v - self.nets["log_alpha"]().exp() * next_lp
+        return td_target(batch.rewards, batch.terminals, next_v, cfg.gamma)
+
+    # -- losses ------------------------------------------------------------------------------------
+    def _critic_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        cfg = self.config
+        obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
+        actions, log_density, next_actions, next_log_prob = self.penalty_actions(obs, next_obs)
+        target = self.soft_target(batch, next_actions, next_log_prob)
+        q_data, q_sampled = self.critic_values(obs, batch.actions, actions)
+        td = td_loss(q_data, target).sum()  # summed over critics, as CORL
+        penalty = cql_penalty(q_data, q_sampled, log_density, cfg.cql_temperature)  # (E,)
+        terms: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor] = {}
+        if cfg.lagrange:
+            alpha_prime = self._alpha_prime()
+            conservative = (alpha_prime.detach() * cfg.cql_alpha * (penalty - cfg.target_action_gap)).sum()
+            terms["alpha_prime"] = alpha_prime_loss(
+                alpha_prime, penalty, cfg.cql_alpha, cfg.target_action_gap
+            )
+            metrics["alpha_prime"] = alpha_prime.detach()
+            metrics["alpha_prime_loss"] = terms["alpha_prime"].detach()
+        else:
+            conservative = cfg.cql_alpha * penalty.sum()
+        terms["critic"] = td + conservative
+        q_data_mean = q_data.detach().mean()
+        metrics.update(
+            critic_loss=terms["critic"].detach(),
+            td_loss=td.detach(),
+            cql_penalty=penalty.detach().mean(),
+            q_data_mean=q_data_mean,
+            # mean of the logsumexp term, recovered from the penalty without recomputing it
+            q_sampled_logsumexp_mean=penalty.detach().mean() + q_data_mean,
+        )
+        return terms, metrics
+
+    def _actor_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        cfg = self.config
+        obs = batch.obs.flatten(1)
+        pi, log_pi = self.actor.sample(obs, self.generator)
+        log_alpha = self.nets["log_alpha"]()
+        alpha = log_alpha.detach().exp()
+        if self.num_updates < cfg.bc_steps:
+            loss = (alpha * log_pi - self.actor.log_prob(obs, batch.actions)).mean()
+        else:
+            # critic weights enter as constants: the actor loss can only move the actor
+            frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
+            q_pi = torch.func.functional_call(self.critic, frozen, (obs, pi))
+            loss = actor_loss(q_pi, log_pi, alpha)
+        terms = {"actor": loss}
+        if cfg.auto_alpha:
+            terms["alpha"] = alpha_loss(log_alpha, log_pi, self.target_entropy)
+        metrics = {"actor_loss": loss.detach(), "alpha": alpha, "entropy": -log_pi.detach().mean()}
+        if cfg.auto_alpha:
+            metrics["alpha_loss"] = terms["alpha"].detach()
+        return terms, metrics
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        """Every loss term, graphs attached, nothing stepped; each key names the optimiser it drives."""
+        critic_terms, _ = self._critic_terms(batch)
+        actor_terms, _ = self._actor_terms(batch)
+        return {**critic_terms, **actor_terms}
+
+    # -- update --------------------------------------------------------------------------------------
+    def update(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.config
+        terms, metrics = self._critic_terms(batch)
+        step(self.optimizers["critic"], terms["critic"], self.critic.parameters(), cfg.max_grad_norm)
+        if cfg.lagrange:
+            step(self.optimizers["alpha_prime"], terms["alpha_prime"])
+        terms, actor_metrics = self._actor_terms(batch)
+        step(self.optimizers["actor"], terms["actor"], self.actor.parameters(), cfg.max_grad_norm)
+        if cfg.auto_alpha:
+            step(self.optimizers["alpha"], terms["alpha"])
+        nets.soft_update(self.critic_target, self.critic, cfg.tau)
+        self.num_updates += 1
+        return {**metrics, **actor_metrics}

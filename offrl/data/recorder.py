@@ -197,9 +197,19 @@ def record(
             total=steps, unit="step", desc=f"record {env_id or 'env'}", disable=progress_disabled(progress)
         )
         with writer, bar:
-            _run(venv, policy, writer, bar, quotas, cut_at_quota=steps is not None, seed=seed,
-                 deterministic=deterministic, log_prob_fn=log_prob_fn if with_log_probs else None,
-                 discrete=discrete, description=description)  # fmt: skip
+            _run(
+                venv,
+                policy,
+                writer,
+                bar,
+                quotas,
+                cut_at_quota=steps is not None,
+                seed=seed,
+                deterministic=deterministic,
+                log_prob_fn=log_prob_fn if with_log_probs else None,
+                discrete=discrete,
+                description=description,
+            )
     finally:
         if owns_envs:
             venv.close()
@@ -249,7 +259,8 @@ def _run(
             ep.obs.append(obs[i])
             ep.actions.append(actions[i])
             ep.rewards.append(float(rewards[i]))
-            ep.next_obs.append(final_obs[i] if final_obs is not None and ended[i] else next_obs[i])
+            # the sub-env hands over its own array; copy it so a later step cannot alter it
+            ep.next_obs.append(np.array(final_obs[i]) if final_obs is not None and ended[i] else next_obs[i])
             if log_probs is not None:
                 ep.log_probs.append(float(log_probs[i]))
             rows[i] += 1
@@ -266,9 +277,14 @@ def _run(
         while next_to_write < k:
             for f in pending[next_to_write]:
                 writer.add_episode(
-                    f.obs, f.actions, f.rewards, f.next_obs, f.terminated,
-                    action_log_probs=f.log_probs, policy=description,
-                )  # fmt: skip
+                    f.obs,
+                    f.actions,
+                    f.rewards,
+                    f.next_obs,
+                    f.terminated,
+                    action_log_probs=f.log_probs,
+                    policy=description,
+                )
             pending[next_to_write].clear()
             if active[next_to_write]:
                 break

@@ -103,6 +103,8 @@ class FullPassSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("num_items", "batch_size", "seed", "drop_last"):
             if state[key] != getattr(self, key):
-                raise OfflineRLError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}")
+                raise OfflineRLError(
+                    f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}"
+                )
         self.pass_index = int(state["pass_index"])
         self.position = int(state["position"])

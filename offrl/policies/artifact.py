@@ -113,7 +113,7 @@ class TorchPolicy:
             actor: nets.TanhGaussianActor = self.net  # type: ignore[assignment]
             return actor.mode(x) if deterministic else actor.sample(x, self.generator)[0]
         if hasattr(self.net, "act_unit"):  # composite policies (e.g. BCQ) decide for themselves
-            return self.net.act_unit(x, deterministic=deterministic, generator=self.generator)  # type: ignore[operator,no-any-return]
+            return self.net.act_unit(x, deterministic=deterministic, generator=self.generator)  # type: ignore[operator]
         scores = self.net(x)
         if self.kind == "q_greedy" or deterministic:
             return scores.argmax(-1)
