@@ -162,6 +162,52 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_algos(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from offrl.algos import registry
+    from offrl.config import field_help
+    from offrl.train import TrainConfig
+
+    if args.name is None:
+        for name, variant, cls in registry.variants():
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"{name:<8} {variant:<11} {doc}")
+        print("\n`offrl algos NAME` lists an algorithm's settings (use them with --set key=value).")
+        return 0
+    shown = [(v, c) for n, v, c in registry.variants() if n == args.name]
+    if not shown:
+        raise OfflineRLError(f"unknown algorithm {args.name!r}; available: {', '.join(registry.names())}")
+    for variant, cls in shown:
+        print(f"{args.name} ({variant}): {cls.Config.__name__}")
+        helps = field_help(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            print(f"  {f.name:<24} {default!s:<18} {helps[f.name]}")
+        print()
+    print("trainer settings (train.KEY):")
+    helps = field_help(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        print(f"  {f.name:<24} {f.default!s:<18} {helps[f.name]}")
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from offrl import builtin
+
+    if args.action == "list":
+        for name, recipe in builtin.RECIPES.items():
+            built = "built" if builtin.dataset_path(name).exists() else "not built"
+            print(f"{name:<28} {recipe.env_id:<14} {built:<10} {recipe.description}")
+        print(f"\ndata directory: {builtin.data_dir()} (set OFFRL_DATA_DIR to move it)")
+        return 0
+    if not args.name:
+        raise OfflineRLError("datasets build: name the dataset (see `offrl datasets list`)")
+    path = builtin.build(args.name, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from offrl import __version__
 
@@ -219,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="gradient steps, rounded up to whole passes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--config", help="TOML config file (see `offrl train --algo NAME --print-config`)")
+    p.add_argument(
+        "--config", help="TOML config file: top-level seed/device, [train] and [algo_config] tables"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     p.set_defaults(func=_cmd_train)
@@ -237,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("algos", help="list algorithms, or one algorithm's settings with their help")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_cmd_algos)
+
+    p = sub.add_parser("datasets", help="list or build the named datasets offrl can make itself")
+    p.add_argument("action", choices=["list", "build"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--out", help="destination file (default: the data directory)")
+    p.set_defaults(func=_cmd_datasets)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Resolution of ``--dataset`` values: a file path, or (once dataset suites exist) a named dataset."""
+"""Resolution of ``--dataset`` values: a file path, or the name of a dataset offrl can build."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ from pathlib import Path
 from offrl.errors import DatasetError
 
 
-def resolve_dataset(name_or_path: str | os.PathLike[str]) -> str:
-    """The file path for a ``--dataset`` value; a clear error when it names nothing."""
+def resolve_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = True) -> str:
+    """The file for a ``--dataset`` value: an existing path, or a named dataset built on first use
+    into the data directory (``$OFFRL_DATA_DIR``)."""
+    from offrl import builtin
+
     path = Path(name_or_path)
     if path.exists():
         return str(path)
-    raise DatasetError(str(name_or_path), "no such dataset file")
+    name = str(name_or_path)
+    if name in builtin.RECIPES:
+        return str(builtin.ensure(name, progress=progress))
+    raise DatasetError(name, f"no such file, and not a named dataset (known: {', '.join(builtin.RECIPES)})")
