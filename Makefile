@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU build keeps set-up small; override TORCH_SPEC for CUDA machines (e.g. TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.offrl-installed
+LINT_PATHS := offrl tests $(wildcard benchmarks experiments datasets)
 
 .PHONY: setup demo test test-slow lint typecheck clean
 
@@ -21,8 +22,8 @@ demo: $(STAMP)
 	$(PY) -m offrl.demo --out runs/demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check offrl tests benchmarks experiments datasets
-	$(VENV)/bin/ruff format --check offrl tests benchmarks experiments datasets
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
