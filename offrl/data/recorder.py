@@ -25,10 +25,9 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
+from offrl.data.writer import DatasetWriter
 from offrl.errors import ConfigError, OfflineRLError
 from offrl.types import Policy
-
-from .writer import DatasetWriter
 
 EnvLike = str | gym.Env | Callable[[], gym.Env]
 

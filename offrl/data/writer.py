@@ -76,6 +76,8 @@ class DatasetWriter:
         self._episode_ends: list[int] = []
         self._episode_policy_ids: list[int] = []
         self._rows = 0
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._pending_rows = 0
         self._has_log_probs: bool | None = None
         self._info_keys: set[str] | None = None
         self._atomic = atomic_path(self.path)
@@ -209,13 +211,27 @@ class DatasetWriter:
         self._write_rows(arrays, [t], [self.policy_id(policy)])
 
     def _write_rows(self, arrays: dict[str, np.ndarray], lengths: list[int], policy_ids: list[int]) -> None:
-        """Append already-checked rows of whole episodes (one array per key) in one write per key."""
+        """Queue already-checked rows of whole episodes (one array per key).
+
+        Short episodes are buffered and written together once ``chunk_rows`` rows are pending (and at
+        close): one HDF5 resize-and-write per key per episode costs milliseconds, which would
+        otherwise dominate recording environments with short episodes.
+        """
         for name, a in arrays.items():
-            self._append(name, a)
+            self._pending.setdefault(name, []).append(a)
+        self._pending_rows += sum(int(n) for n in lengths)
+        if self._pending_rows >= self.chunk_rows:
+            self._flush()
         for length, pid in zip(lengths, policy_ids):
             self._rows += int(length)
             self._episode_ends.append(self._rows)
             self._episode_policy_ids.append(pid)
+
+    def _flush(self) -> None:
+        for name, parts in self._pending.items():
+            self._append(name, parts[0] if len(parts) == 1 else np.concatenate(parts))
+        self._pending.clear()
+        self._pending_rows = 0
 
     def add_raw(self, raw: fmt.RawDataset) -> None:
         """Append every episode of an in-memory dataset (e.g. another file), keeping its policy ids."""
@@ -252,6 +268,7 @@ class DatasetWriter:
         if not self._episode_ends:
             self.abort(OfflineRLError("no episodes"))
             raise OfflineRLError(f"{self.path}: no episode was written; nothing saved")
+        self._flush()
         f.create_dataset(fmt.EPISODE_ENDS, data=np.asarray(self._episode_ends, dtype=np.int64))
         f.create_dataset(fmt.EPISODE_POLICY_IDS, data=np.asarray(self._episode_policy_ids, dtype=np.int32))
         f.attrs[fmt.ATTR_VERSION] = np.int64(fmt.FORMAT_VERSION)
