@@ -54,6 +54,7 @@ class TransitionDataset:
         self.terminals = _to_tensor(raw.terminals.astype(np.float32), self.device)  # (N,)
         self.timeouts = _to_tensor(raw.timeouts.astype(bool), self.device).bool()  # (N,)
         self.episode_ends = torch.from_numpy(raw.episode_ends.astype(np.int64))  # (E,) on CPU
+        self._packed: tuple[Tensor, tuple[int, ...]] | None = None
         self.action_log_probs = (
             None
             if raw.action_log_probs is None
@@ -78,6 +79,7 @@ class TransitionDataset:
         if unknown:
             raise ValueError(f"cannot replace {sorted(unknown)}; replaceable: {sorted(allowed)}")
         out = copy.copy(self)
+        out._packed = None
         for name, value in tensors.items():
             if value.shape[0] != len(self):
                 raise ValueError(f"'{name}' has {value.shape[0]} rows, dataset has {len(self)}")
@@ -101,8 +103,41 @@ class TransitionDataset:
     def episode_lengths(self) -> np.ndarray:
         return (self.episode_ends - self.episode_starts).numpy()
 
+    def _packed_rows(self) -> tuple[Tensor, tuple[int, ...]] | None:
+        """All per-transition fields side by side in one float32 (N, D) tensor, built on first use,
+        so a batch is one gather instead of five; None when observations are not float (images stay
+        compact) or discrete indices would not be exact in float32."""
+        if self._packed is None:
+            obs_ok = self.observations.is_floating_point() and self.next_observations.is_floating_point()
+            if not obs_ok or (self.discrete and len(self) and int(self.actions.max()) >= 1 << 24):
+                return None
+            n = len(self)
+            cols = [
+                self.observations.reshape(n, -1),
+                self.next_observations.reshape(n, -1),
+                self.actions.reshape(n, -1).float(),
+                self.rewards.reshape(n, 1),
+                self.terminals.reshape(n, 1),
+            ]
+            widths = tuple(int(c.shape[1]) for c in cols)
+            self._packed = (torch.cat([c.float() for c in cols], dim=1).contiguous(), widths)
+        return self._packed
+
     def batch(self, idx: Tensor) -> Batch:
         """Gather rows ``idx`` (int64 on this dataset's device) into a ``Batch``."""
+        packed = self._packed_rows()
+        if packed is not None:
+            rows, widths = packed
+            obs, next_obs, actions, rewards, terminals = rows.index_select(0, idx).split(widths, dim=1)
+            b = idx.shape[0]
+            actions = actions.squeeze(1).long() if self.discrete else actions
+            return Batch(
+                obs=obs.reshape(b, *self.observations.shape[1:]),
+                actions=actions,
+                rewards=rewards.squeeze(1),
+                next_obs=next_obs.reshape(b, *self.next_observations.shape[1:]),
+                terminals=terminals.squeeze(1),
+            )
         obs = self.observations.index_select(0, idx)
         next_obs = self.next_observations.index_select(0, idx)
         if not obs.is_floating_point():
