@@ -33,7 +33,7 @@ test: lint typecheck
 
 test-slow: $(STAMP)
 	# exit 5 means no test was marked slow: not a failure
-	$(PY) -m pytest -q -p no:cacheprovider -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PY) -m pytest -q -p no:cacheprovider -m slow -n 2 -rP --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -35,6 +35,10 @@ def scores(
         )
         assert run.final_eval is not None and run.final_eval["normalized_mean"] is not None
         result.append(float(run.final_eval["normalized_mean"]))
+    # shown by `pytest -rP` (the slow suite in CI) so that margins are visible, not only pass/fail
+    print(
+        f"{algo} on {dataset.name}: normalised scores {[round(x, 1) for x in result]}, median {median(result):.1f}"
+    )
     return result
 
 
