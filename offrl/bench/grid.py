@@ -1,0 +1,399 @@
+"""Benchmark grids: a TOML file naming algorithms, datasets, seeds and a budget, expanded into cells.
+
+A cell is one ordinary offrl run (offline: ``offrl.train.fit``; online: the online loop) described
+by plain data, so it can be sent to a worker process or a Ray task. The format is in docs/bench.md:
+
+    name = "classic-small"
+    seeds = [0, 1, 2]                     # or a count: seeds = 3 → 0, 1, 2
+    datasets = ["builtin/pendulum-mixed", "data/my.h5", { path = "x.h5", name = "x" }]
+
+    [budget]                              # length of every offline run: epochs or steps
+    epochs = 20
+
+    [train]                               # trainer settings of every offline run (train.KEY)
+    eval_every = 5
+
+    [algos.cql]                           # a label; `algo = "cql"` is implied by the label
+    cql_alpha = 5.0
+    [algos.cql.continuous]                # only for datasets with continuous actions
+    actor_hidden = [64, 64]
+
+    [[online]]                            # optional online runs: algorithm, environment, steps
+    algo = "sac"
+    env = "Pendulum-v1"
+    steps = 20_000
+    settings = { learning_starts = 1000 }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from offrl import config as cfgmod
+from offrl.errors import ConfigError
+
+CellKind = Literal["offline", "online"]
+
+_TOP_KEYS = {"name", "seeds", "datasets", "budget", "train", "algos", "online", "device", "workers", "ray"}
+_VARIANTS = ("continuous", "discrete")
+_BUDGET_KEYS = ("epochs", "steps")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    label: str  # short name used in cell ids and tables
+    source: str  # as written in the grid: a path or a named dataset
+
+
+@dataclass(frozen=True)
+class AlgoSpec:
+    label: str
+    algo: str  # registry name
+    settings: dict[str, Any]  # plain and train.-prefixed settings for every variant
+    variant_settings: dict[str, dict[str, Any]]  # "continuous" | "discrete" -> extra settings
+
+
+@dataclass(frozen=True)
+class OnlineSpec:
+    label: str
+    algo: str
+    env: str
+    steps: int
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    name: str
+    path: Path | None
+    seeds: tuple[int, ...]
+    datasets: tuple[DatasetSpec, ...]
+    algos: tuple[AlgoSpec, ...]
+    online: tuple[OnlineSpec, ...] = ()
+    budget: dict[str, int] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    workers: int | None = None
+    ray_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid as plain data: what a worker needs to train it and what its record repeats."""
+
+    cell_id: str
+    kind: CellKind
+    algo: str  # label (table row)
+    algo_name: str  # registry name
+    task: str  # dataset label (offline) or environment id (online): the table a result belongs to
+    seed: int
+    device: str
+    settings: dict[str, Any]  # passed to fit / the online loop as keyword settings
+    dataset: str | None = None  # resolved dataset file (offline)
+    env_id: str | None = None  # environment of evaluation
+    info: dict[str, Any] = field(default_factory=dict)  # dataset facts: transitions, references
+
+    def config_hash(self) -> str:
+        """Identity of what the cell trains: two cells with equal hashes produce the same run."""
+        ident = {
+            "kind": self.kind,
+            "algo_name": self.algo_name,
+            "seed": self.seed,
+            "device": self.device,
+            "settings": self.settings,
+            "dataset": self.dataset,
+            "env_id": self.env_id,
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Cell:
+        return cls(**d)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of ``text``: runs of other characters become one dash."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def _flatten_settings(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """``{"train": {"k": v}}`` (TOML dotted keys or a sub-table) → ``{"train.k": v}``; other nested
+    tables are errors."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            if k not in ("train", "algo", "algo_config"):
+                raise ConfigError(f"{where}: '{k}' is a table; only train.KEY and algo.KEY may be nested")
+            for kk, vv in v.items():
+                if isinstance(vv, dict):
+                    raise ConfigError(f"{where}: '{k}.{kk}' is nested too deep")
+                out[f"{k}.{kk}"] = vv
+        else:
+            out[k] = v
+    return out
+
+
+def _budget(table: dict[str, Any], where: str) -> dict[str, int]:
+    budget = {k: table.pop(k) for k in _BUDGET_KEYS if k in table}
+    if len(budget) > 1:
+        raise ConfigError(f"{where}: give either epochs or steps, not both")
+    for k, v in budget.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{where}: '{k}' must be a positive integer, got {v!r}")
+    return budget
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(f"{where}: 'seeds' as a count must be positive, got {value}")
+        return tuple(range(value))
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where}: 'seeds' repeats a seed: {value}")
+        return tuple(value)
+    raise ConfigError(f"{where}: 'seeds' must be a count or a non-empty list of integers, got {value!r}")
+
+
+def _dataset_specs(value: Any, where: str) -> tuple[DatasetSpec, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: 'datasets' must be a list of paths, names or {{path, name}} tables")
+    specs = []
+    for item in value:
+        if isinstance(item, str):
+            source, label = item, None
+        elif isinstance(item, dict) and "path" in item and set(item) <= {"path", "name"}:
+            source, label = str(item["path"]), item.get("name")
+        else:
+            raise ConfigError(f"{where}: dataset entry {item!r} is neither a string nor {{path, name}}")
+        if label is None:
+            # "builtin/pendulum-mixed" -> "pendulum-mixed", "data/run3.h5" -> "run3"
+            label = Path(source).stem if source.endswith((".h5", ".hdf5")) else Path(source).name
+        specs.append(DatasetSpec(slug(str(label)), source))
+    labels = [s.label for s in specs]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: datasets share the label(s) {dupes}; name them with {{ path, name }}")
+    return tuple(specs)
+
+
+def _algo_specs(value: Any, where: str) -> tuple[AlgoSpec, ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'algos' must be a table of [algos.LABEL] tables")
+    specs = []
+    for label, table in value.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [algos.{label}] must be a table")
+        table = dict(table)
+        algo = str(table.pop("algo", label))
+        variants = {
+            v: _flatten_settings(dict(table.pop(v, {})), f"{where} [algos.{label}.{v}]") for v in _VARIANTS
+        }
+        settings = _flatten_settings(table, f"{where} [algos.{label}]")
+        specs.append(AlgoSpec(slug(label), algo, settings, variants))
+    return tuple(specs)
+
+
+def _online_specs(value: Any, where: str) -> tuple[OnlineSpec, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: 'online' must be an array of [[online]] tables")
+    specs = []
+    for i, table in enumerate(value):
+        w = f"{where} [[online]] #{i + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{w}: must be a table")
+        unknown = set(table) - {"algo", "env", "steps", "settings", "name"}
+        if unknown or not {"algo", "env", "steps"} <= set(table):
+            raise ConfigError(
+                f"{w}: needs algo, env and steps (optional: settings, name); got {sorted(table)}"
+            )
+        steps = table["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ConfigError(f"{w}: 'steps' must be a positive integer, got {steps!r}")
+        settings = _flatten_settings(dict(table.get("settings", {})), w)
+        specs.append(
+            OnlineSpec(
+                slug(str(table.get("name", table["algo"]))),
+                str(table["algo"]),
+                str(table["env"]),
+                steps,
+                settings,
+            )
+        )
+    return tuple(specs)
+
+
+def parse_grid(doc: dict[str, Any], path: str | os.PathLike[str] | None = None) -> GridConfig:
+    """Validate a grid document (as read from TOML) into a :class:`GridConfig`."""
+    where = str(path) if path is not None else "grid"
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
+    algos = _algo_specs(doc.get("algos", {}), where)
+    online = _online_specs(doc.get("online", []), where)
+    datasets = _dataset_specs(doc.get("datasets", []), where)
+    if not online and not (algos and datasets):
+        raise ConfigError(
+            f"{where}: name at least one algorithm ([algos.NAME]) and one dataset, or [[online]] runs"
+        )
+    if algos and not datasets:
+        raise ConfigError(f"{where}: [algos] are given but no 'datasets'")
+    if "seeds" not in doc:
+        raise ConfigError(f"{where}: 'seeds' is required (a count or a list)")
+    budget = _budget(dict(doc.get("budget", {})), f"{where} [budget]")
+    if set(doc.get("budget", {})) - set(_BUDGET_KEYS):
+        raise ConfigError(f"{where} [budget]: only 'epochs' or 'steps'")
+    if algos and not budget and any(not any(k in a.settings for k in _BUDGET_KEYS) for a in algos):
+        raise ConfigError(f"{where}: give the length of the offline runs: [budget] epochs or steps")
+    train = dict(doc.get("train", {}))
+    if any(isinstance(v, dict) for v in train.values()):
+        raise ConfigError(f"{where} [train]: nested tables are not trainer settings")
+    ray = dict(doc.get("ray", {}))
+    if set(ray) - {"address"}:
+        raise ConfigError(f"{where} [ray]: only 'address' is known")
+    workers = doc.get("workers")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"{where}: 'workers' must be a positive integer, got {workers!r}")
+    name = str(doc.get("name", Path(path).stem if path is not None else "grid"))
+    return GridConfig(
+        name=name,
+        path=Path(path) if path is not None else None,
+        seeds=_seeds(doc["seeds"], where),
+        datasets=datasets,
+        algos=algos,
+        online=online,
+        budget=budget,
+        train=train,
+        device=str(doc.get("device", "cpu")),
+        workers=workers,
+        ray_address=ray.get("address"),
+    )
+
+
+def load_grid(path: str | os.PathLike[str]) -> GridConfig:
+    return parse_grid(cfgmod.read_toml(path), path)
+
+
+# -- expansion ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetFacts:
+    path: str
+    env_id: str | None
+    discrete: bool
+    transitions: int
+    ref_min_return: float | None
+    ref_max_return: float | None
+
+
+def _resolve_source(source: str, base: Path | None) -> str:
+    """A relative dataset path is read relative to the grid file when it exists there."""
+    if base is not None and not Path(source).is_absolute() and (base / source).exists():
+        return str((base / source).resolve())
+    if Path(source).exists():
+        return str(Path(source).resolve())
+    from offrl.datasets_registry import resolve_dataset
+    from offrl.logger import progress_enabled
+
+    return str(Path(resolve_dataset(source, progress=progress_enabled())).resolve())
+
+
+def dataset_facts(source: str, base: Path | None = None) -> DatasetFacts:
+    """Resolve a dataset (building a named one on first use) and read what cells and reports need."""
+    import gymnasium as gym
+
+    from offrl.data.format import read_raw
+
+    path = _resolve_source(source, base)
+    raw = read_raw(path)
+    return DatasetFacts(
+        path=path,
+        env_id=raw.env_id,
+        discrete=isinstance(raw.action_space, gym.spaces.Discrete),
+        transitions=int(raw.num_transitions),
+        ref_min_return=raw.ref_min_return,
+        ref_max_return=raw.ref_max_return,
+    )
+
+
+def _offline_settings(grid: GridConfig, algo: AlgoSpec, discrete: bool) -> dict[str, Any]:
+    settings: dict[str, Any] = {f"train.{k}": v for k, v in grid.train.items()}
+    settings.setdefault("train.threads", 1)  # one thread per run: the pool parallelises across runs
+    variant = algo.variant_settings["discrete" if discrete else "continuous"]
+    specific = {**algo.settings, **variant}
+    own_budget = {k: specific.pop(k) for k in _BUDGET_KEYS if k in specific}
+    if len(own_budget) > 1:
+        raise ConfigError(f"[algos.{algo.label}]: give either epochs or steps, not both")
+    for k, v in (own_budget or grid.budget).items():
+        settings[f"train.{k}"] = v
+    settings.update(specific)
+    return settings
+
+
+def expand(grid: GridConfig) -> list[Cell]:
+    """Every (algorithm, dataset, seed) and (online run, seed) cell of the grid, datasets resolved."""
+    base = grid.path.parent if grid.path is not None else None
+    cells: list[Cell] = []
+    for ds in grid.datasets:
+        facts = dataset_facts(ds.source, base)
+        info = {
+            "dataset_source": ds.source,
+            "dataset_transitions": facts.transitions,
+            "ref_min_return": facts.ref_min_return,
+            "ref_max_return": facts.ref_max_return,
+            "discrete": facts.discrete,
+        }
+        for algo in grid.algos:
+            settings = _offline_settings(grid, algo, facts.discrete)
+            for seed in grid.seeds:
+                cells.append(
+                    Cell(
+                        cell_id=f"{algo.label}__{ds.label}__s{seed}",
+                        kind="offline",
+                        algo=algo.label,
+                        algo_name=algo.algo,
+                        task=ds.label,
+                        seed=seed,
+                        device=grid.device,
+                        settings=settings,
+                        dataset=facts.path,
+                        env_id=facts.env_id,
+                        info=info,
+                    )
+                )
+    for on in grid.online:
+        settings = {"train.threads": 1, **on.settings, "train.steps": on.steps}
+        for seed in grid.seeds:
+            cells.append(
+                Cell(
+                    cell_id=f"online-{on.label}__{slug(on.env)}__s{seed}",
+                    kind="online",
+                    algo=f"{on.label} (online)",
+                    algo_name=on.algo,
+                    task=on.env,
+                    seed=seed,
+                    device=grid.device,
+                    settings=settings,
+                    env_id=on.env,
+                )
+            )
+    ids = [c.cell_id for c in cells]
+    dupes = sorted({x for x in ids if ids.count(x) > 1})
+    if dupes:
+        raise ConfigError(
+            f"{grid.path or 'grid'}: cells share ids {dupes[:3]}; give the runs distinct labels"
+        )
+    return cells

@@ -1,0 +1,475 @@
+"""Tables and plots from a results directory's records: ``offrl report RESULTS_DIR --out REPORT_DIR``.
+
+The primary number of an offline run is its final checkpoint's evaluation. The best evaluation during
+training is shown beside it, labelled, because choosing it uses online rollouts. Across tasks, the
+normalised final scores of each algorithm are aggregated with the IQM and the mean, each with a
+stratified bootstrap 95% interval (see :mod:`offrl.bench.stats`).
+
+REPORT_DIR/report.md, REPORT_DIR/curves-<dataset>.png, REPORT_DIR/aggregate.png and, when online
+records exist, REPORT_DIR/online-<env>.png; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offrl.bench.grid import Cell, slug
+from offrl.bench.stats import Interval, mean_std, stratified_bootstrap_ci
+from offrl.errors import OfflineRLError
+from offrl.utils import atomic_path, atomic_write_text
+
+BEST_LABEL = "best during training (uses online rollouts)"
+
+
+def load_records(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record under RESULTS_DIR/records, in file-name order."""
+    folder = Path(results_dir) / "records"
+    if not folder.is_dir():
+        raise OfflineRLError(
+            f"{results_dir}: no records/ folder (is this an `offrl bench` results directory?)"
+        )
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise OfflineRLError(f"{path}: not valid JSON ({exc})") from None
+    return records
+
+
+def _expected_cells(results_dir: Path) -> list[dict[str, Any]]:
+    try:
+        cells = json.loads((results_dir / "cells.json").read_text()).get("cells", [])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return cells if isinstance(cells, list) else []
+
+
+def _ordered(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _score(ev: dict[str, Any] | None, key: str) -> float | None:
+    if not ev:
+        return None
+    v = ev.get(key)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+@dataclass
+class _Group:
+    """The records of one (task, algorithm) pair."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("status") == "finished"]
+
+    def values(self, which: str, key: str) -> list[float]:
+        out = [_score(r.get(which), key) for r in self.ok]
+        return [v for v in out if v is not None]
+
+
+@dataclass
+class ReportData:
+    results_dir: Path
+    records: list[dict[str, Any]]
+    expected: list[dict[str, Any]]
+    offline: dict[str, dict[str, _Group]]  # task -> algo -> group
+    online: dict[str, dict[str, _Group]]  # env -> algo -> group
+    algos: list[str]  # offline algorithm labels in grid order
+    task_info: dict[str, dict[str, Any]]  # task -> dataset facts of its cells
+    stale: list[str]  # records left out: their cell is no longer in the grid, or its config changed
+
+    @classmethod
+    def load(cls, results_dir: str | os.PathLike[str]) -> ReportData:
+        root = Path(results_dir)
+        records = load_records(root)
+        expected = _expected_cells(root)
+        stale: list[str] = []
+        if expected:  # report the grid as it is now, not records of cells since removed or edited
+            hashes = {c.get("cell_id"): Cell.from_dict(c).config_hash() for c in expected}
+            stale = [
+                str(r.get("cell_id")) for r in records if hashes.get(r.get("cell_id")) != r.get("config_hash")
+            ]
+            records = [r for r in records if str(r.get("cell_id")) not in stale]
+        order = {c.get("cell_id"): i for i, c in enumerate(expected)}
+        records.sort(key=lambda r: (order.get(r.get("cell_id"), len(order)), str(r.get("cell_id"))))
+        offline: dict[str, dict[str, _Group]] = {}
+        online: dict[str, dict[str, _Group]] = {}
+        task_info: dict[str, dict[str, Any]] = {}
+        for r in records:
+            target = online if r.get("kind") == "online" else offline
+            target.setdefault(str(r["task"]), {}).setdefault(str(r["algo"]), _Group()).records.append(r)
+            if r.get("kind") != "online":
+                cell = r.get("cell", {})
+                task_info.setdefault(str(r["task"]), {**cell.get("info", {}), "env_id": cell.get("env_id")})
+        algos = _ordered(str(r["algo"]) for r in records if r.get("kind") != "online")
+        return cls(root, records, expected, offline, online, algos, task_info, stale)
+
+
+# -- tables --------------------------------------------------------------------------------------------
+def _fmt(values: list[float], digits: int = 1) -> str:
+    return mean_std(values).format(digits)
+
+
+def _dataset_table(task: str, groups: dict[str, _Group], info: dict[str, Any]) -> list[str]:
+    normalised = any(g.values("final", "normalized_score") for g in groups.values())
+    best_key = "normalized_score" if normalised else "return_mean"
+    lines = [f"### {task}", ""]
+    facts = []
+    if info.get("dataset_source"):
+        facts.append(f"dataset `{info['dataset_source']}`")
+    if info.get("dataset_transitions"):
+        facts.append(f"{info['dataset_transitions']} transitions")
+    if info.get("env_id"):
+        facts.append(f"evaluated in `{info['env_id']}`")
+    if info.get("ref_min_return") is not None and info.get("ref_max_return") is not None:
+        facts.append(f"score 0 = return {info['ref_min_return']:g}, 100 = return {info['ref_max_return']:g}")
+    if facts:
+        lines += ["; ".join(facts) + ".", ""]
+    best_col = BEST_LABEL + ("" if normalised else ", return")
+    lines += [
+        f"| algorithm | runs finished | final normalised score | final return | {best_col} |",
+        "|---|---|---|---|---|",
+    ]
+    for algo, g in groups.items():
+        n_failed = sum(1 for r in g.records if r.get("status") == "failed")
+        runs = f"{len(g.ok)}/{len(g.records)}" + (f" ({n_failed} failed)" if n_failed else "")
+        lines.append(
+            f"| {algo} | {runs} | {_fmt(g.values('final', 'normalized_score'))} | "
+            f"{_fmt(g.values('final', 'return_mean'))} | {_fmt(g.values('best_during_training', best_key))} |"
+        )
+    lines.append("")
+    return lines
+
+
+@dataclass
+class Aggregate:
+    algo: str
+    tasks: list[str]
+    runs: int
+    iqm: Interval
+    mean: Interval
+
+
+def aggregates(data: ReportData, *, n_boot: int = 2000, seed: int = 0) -> list[Aggregate]:
+    """Per algorithm: IQM and mean of the final normalised scores over its tasks, with stratified
+    bootstrap 95% intervals (tasks without normalised scores are left out)."""
+    out = []
+    for algo in data.algos:
+        tasks, scores = [], []
+        for task, groups in data.offline.items():
+            vals = groups[algo].values("final", "normalized_score") if algo in groups else []
+            if vals:
+                tasks.append(task)
+                scores.append(vals)
+        if not scores:
+            continue
+        iqm = stratified_bootstrap_ci(scores, "iqm", n_boot=n_boot, seed=seed)
+        mean = stratified_bootstrap_ci(scores, "mean", n_boot=n_boot, seed=seed)
+        out.append(Aggregate(algo, tasks, sum(len(s) for s in scores), iqm, mean))
+    return out
+
+
+def _aggregate_table(aggs: list[Aggregate], all_tasks: list[str], n_boot: int, seed: int) -> list[str]:
+    lines = [
+        "## Aggregate normalised score across tasks",
+        "",
+        "Final-checkpoint normalised scores. IQM: mean of the middle 50% of runs (tasks weighted equally, "
+        "fractional trimming); mean: mean of the per-task means. Brackets: 95% percentile intervals from "
+        f"{n_boot} stratified bootstrap resamples (runs resampled within each task; seed {seed}).",
+        "",
+    ]
+    if not aggs:
+        return [
+            *lines,
+            "No finished run has a normalised score (the datasets carry no reference returns).",
+            "",
+        ]
+    lines += ["| algorithm | tasks | runs | IQM [95% CI] | mean [95% CI] |", "|---|---|---|---|---|"]
+    for a in aggs:
+        lines.append(
+            f"| {a.algo} | {len(a.tasks)}/{len(all_tasks)} | {a.runs} | {a.iqm.format()} | {a.mean.format()} |"
+        )
+    partial = [a.algo for a in aggs if len(a.tasks) < len(all_tasks)]
+    if partial:
+        lines += [
+            "",
+            f"Not comparable across all tasks: {', '.join(partial)} lack(s) finished runs on some tasks.",
+        ]
+    lines.append("")
+    return lines
+
+
+def _online_table(data: ReportData) -> list[str]:
+    lines = [
+        "## Online runs",
+        "",
+        "Final evaluation return of online baselines after their environment-step budget; offline rows "
+        "repeat the final return of offline runs evaluated in the same environment, trained on a dataset "
+        "of the size shown (not counting the samples spent training the behaviour policy).",
+        "",
+        "| environment | run | samples | final return |",
+        "|---|---|---|---|",
+    ]
+    for env, groups in data.online.items():
+        for algo, g in groups.items():
+            steps = sorted({int(r.get("steps", 0)) for r in g.ok})
+            samples = ", ".join(f"{s} env steps" for s in steps) or "—"
+            lines.append(f"| {env} | {algo} | {samples} | {_fmt(g.values('final', 'return_mean'))} |")
+        for task, groups_off in data.offline.items():
+            info = data.task_info.get(task, {})
+            if info.get("env_id") != env:
+                continue
+            for algo, g in groups_off.items():
+                if not g.ok:
+                    continue
+                samples = f"{info.get('dataset_transitions', '?')} dataset transitions"
+                lines.append(
+                    f"| {env} | {algo} on {task} (offline) | {samples} | {_fmt(g.values('final', 'return_mean'))} |"
+                )
+    lines.append("")
+    return lines
+
+
+def _failures(data: ReportData) -> list[str]:
+    failed = [r for r in data.records if r.get("status") != "finished"]
+    recorded = {r.get("cell_id") for r in data.records}
+    missing = [c.get("cell_id") for c in data.expected if c.get("cell_id") not in recorded]
+    if not failed and not missing and not data.stale:
+        return []
+    lines = ["## Failed and missing runs", ""]
+    for r in failed:
+        err = str(r.get("error") or "").strip().splitlines()
+        lines.append(
+            f"- `{r.get('cell_id')}`: failed after {r.get('attempts')} attempt(s): {err[0] if err else '?'}"
+        )
+    if missing:
+        lines.append(f"- not run (yet): {', '.join(f'`{m}`' for m in missing)}")
+    if data.stale:
+        lines.append(
+            f"- left out, recorded for a cell no longer in the grid or since edited: "
+            f"{', '.join(f'`{m}`' for m in data.stale)}"
+        )
+    lines.append("")
+    return lines
+
+
+def _timing(data: ReportData) -> list[str]:
+    rows = []
+    for kind, table in (("offline", data.offline), ("online", data.online)):
+        for task, groups in table.items():
+            for algo, g in groups.items():
+                whole = [r for r in g.ok if not r.get("resumed")]  # a resumed run timed only its tail
+                sps = [float(r["steps_per_second"]) for r in whole if r.get("steps_per_second")]
+                wall = [float(r["wall_time_s"]) for r in whole if r.get("wall_time_s")]
+                threads = sorted({int(r.get("threads", 1)) for r in whole})
+                if sps:
+                    unit = "gradient" if kind == "offline" else "env"
+                    rows.append(
+                        f"| {task} | {algo} | {np.mean(sps):.0f} {unit} steps/s | {np.mean(wall):.0f} s | "
+                        f"{', '.join(map(str, threads))} |"
+                    )
+    if not rows:
+        return []
+    head = [
+        "## Speed",
+        "",
+        "Training steps per second (evaluation excluded) and wall time of runs that were not resumed.",
+        "",
+        "| task | algorithm | steps/s (mean) | wall time per run | threads |",
+        "|---|---|---|---|---|",
+    ]
+    return [*head, *rows, ""]
+
+
+# -- plots ---------------------------------------------------------------------------------------------
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _curve(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std over seeds at each evaluated step (seeds evaluated at different steps each count
+    where they were evaluated)."""
+    by_step: dict[int, list[float]] = {}
+    for r in records:
+        for ev in r.get("evaluations", []):
+            v = _score(ev, key)
+            if v is not None:
+                by_step.setdefault(int(ev["step"]), []).append(v)
+    steps = np.array(sorted(by_step), dtype=np.float64)
+    means = np.array([np.mean(by_step[int(s)]) for s in steps])
+    stds = np.array([np.std(by_step[int(s)], ddof=1) if len(by_step[int(s)]) > 1 else 0.0 for s in steps])
+    return steps, means, stds
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_learning_curves(task: str, groups: dict[str, _Group], out: Path) -> Path | None:
+    normalised = any(g.values("final", "normalized_score") for g in groups.values())
+    key = "normalized_score" if normalised else "return_mean"
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = False
+    for algo, g in groups.items():
+        steps, means, stds = _curve(g.ok, key)
+        if steps.size == 0:
+            continue
+        n = len(g.ok)
+        (line,) = ax.plot(steps, means, marker="o", markersize=3, label=f"{algo} (n={n})")
+        ax.fill_between(steps, means - stds, means + stds, color=line.get_color(), alpha=0.2, linewidth=0)
+        drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("gradient steps")
+    ax.set_ylabel("normalised score" if normalised else "return")
+    ax.set_title(f"{task}: evaluation during training (mean ± std over seeds)")
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / f"curves-{slug(task)}.png"
+    _save(fig, path)
+    return path
+
+
+def plot_aggregates(aggs: list[Aggregate], out: Path) -> Path | None:
+    if not aggs:
+        return None
+    fig = _figure(8.0, 1.2 + 0.45 * len(aggs))
+    y = np.arange(len(aggs))[::-1]
+    for i, (name, pick) in enumerate((("IQM", "iqm"), ("mean", "mean"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for yy, a in zip(y, aggs):
+            iv: Interval = getattr(a, pick)
+            ax.plot([iv.low, iv.high], [yy, yy], linewidth=6, alpha=0.5, solid_capstyle="butt")
+            ax.plot([iv.point], [yy], marker="|", color="black", markersize=14)
+        ax.set_yticks(y)
+        ax.set_yticklabels([a.algo for a in aggs] if i == 0 else [])
+        ax.set_xlabel(f"{name} normalised score")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_ylim(-0.7, len(aggs) - 0.3)
+    fig.suptitle("final normalised score across tasks, stratified bootstrap 95% CIs", fontsize="medium")
+    fig.tight_layout()
+    path = out / "aggregate.png"
+    _save(fig, path)
+    return path
+
+
+def plot_online_offline(env: str, data: ReportData, out: Path) -> Path | None:
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = False
+    for algo, g in data.online.get(env, {}).items():
+        steps, means, stds = _curve(g.ok, "return_mean")
+        if steps.size == 0:
+            continue
+        (line,) = ax.plot(steps, means, label=f"{algo} (n={len(g.ok)})")
+        ax.fill_between(steps, means - stds, means + stds, color=line.get_color(), alpha=0.2, linewidth=0)
+        drawn = True
+    markers = iter("sD^vo<>phX" * 10)  # offline points often coincide: distinct hollow markers
+    for task, groups in data.offline.items():
+        info = data.task_info.get(task, {})
+        if info.get("env_id") != env or not info.get("dataset_transitions"):
+            continue
+        for algo, g in groups.items():
+            vals = g.values("final", "return_mean")
+            if not vals:
+                continue
+            s = mean_std(vals)
+            err = 0.0 if s.n < 2 else s.std
+            ax.errorbar(
+                [float(info["dataset_transitions"])],
+                [s.mean],
+                yerr=[[err], [err]],
+                fmt=next(markers),
+                fillstyle="none",
+                markersize=8,
+                capsize=3,
+                label=f"{algo} on {task}, offline final (n={s.n})",
+            )
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("environment samples (offline: dataset size)")
+    ax.set_ylabel("return")
+    ax.set_title(f"{env}: online vs offline")
+    ax.text(
+        0.01,
+        0.01,
+        "offline points exclude the samples spent training the behaviour policy",
+        transform=ax.transAxes,
+        fontsize="x-small",
+        alpha=0.8,
+    )
+    ax.legend(loc="best", fontsize="x-small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / f"online-{slug(env)}.png"
+    _save(fig, path)
+    return path
+
+
+# -- the report ----------------------------------------------------------------------------------------
+def write_report(
+    results_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, n_boot: int = 2000, seed: int = 0
+) -> Path:
+    """Write REPORT_DIR/report.md and its plots from the records in ``results_dir``; return the report path."""
+    data = ReportData.load(results_dir)
+    if not data.records:
+        raise OfflineRLError(f"{results_dir}: no records yet (run `offrl bench` first)")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    aggs = aggregates(data, n_boot=n_boot, seed=seed)
+    tasks = list(data.offline)
+
+    plots: list[Path] = []
+    lines = [
+        f"# Benchmark report: {data.results_dir.name}",
+        "",
+        f"{len(data.records)} records from `{data.results_dir}`. Primary numbers are the **final checkpoint**'s "
+        "evaluation (mean ± std over seeds, sample std). The best evaluation during training is shown "
+        "separately: picking it uses online rollouts, so it is not an offline result.",
+        "",
+    ]
+    if tasks:
+        lines += ["## Per-dataset results", ""]
+        for task in tasks:
+            lines += _dataset_table(task, data.offline[task], data.task_info.get(task, {}))
+            p = plot_learning_curves(task, data.offline[task], out_dir)
+            if p is not None:
+                plots.append(p)
+                lines += [f"![learning curves on {task}]({p.name})", ""]
+        lines += _aggregate_table(aggs, tasks, n_boot, seed)
+        p = plot_aggregates(aggs, out_dir)
+        if p is not None:
+            plots.append(p)
+            lines += [f"![aggregate intervals]({p.name})", ""]
+    if data.online:
+        lines += _online_table(data)
+        for env in data.online:
+            p = plot_online_offline(env, data, out_dir)
+            if p is not None:
+                plots.append(p)
+                lines += [f"![online vs offline in {env}]({p.name})", ""]
+    lines += _timing(data)
+    lines += _failures(data)
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    return path
