@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from offrl import nets
 from offrl.errors import CheckpointError
+from offrl.policies.modules import build_continuous_bcq, build_discrete_bcq
 from offrl.preprocess import ActionScaler, ObsNormalizer
 from offrl.spaces import space_from_dict, space_to_dict
 from offrl.utils import atomic_path, atomic_write_json
@@ -50,6 +51,8 @@ POLICY_KINDS: dict[str, tuple[Callable[[dict[str, Any]], nn.Module], bool]] = {
     "tanh_gaussian": (_build_tanh_gaussian, True),  # obs → squashed Gaussian
     "categorical": (_build_discrete, True),  # obs → logits
     "q_greedy": (_build_discrete, False),  # obs → Q-values, argmax
+    "bcq": (build_continuous_bcq, False),  # obs → best of n perturbed VAE actions by Q1
+    "bcq_discrete": (build_discrete_bcq, False),  # obs → argmax Q over imitation-allowed actions
 }
 
 
