@@ -1,1 +1,221 @@
-"""Placeholder: being written."""
+"""TD3+BC (Fujimoto & Gu 2021, "A Minimalist Approach to Offline Reinforcement Learning").
+
+TD3 with one change to the actor: a behaviour-cloning term and a Q term rescaled so that neither
+dominates whatever the reward scale,
+
+    actor loss = −λ·mean_s Q1(s, π(s)) + mean ‖π(s) − a_data‖²,  λ = α / mean_s |Q1(s, π(s))|
+
+with λ a constant (no gradient). The critics are TD3's: two critics (one ``QEnsemble``) regress
+onto r + γ(1 − terminal)·min_e Q'_e(s′, a′) at a′ = clip(π'(s′) + clip(ε, −c, c), −1, 1),
+ε ~ N(0, σ²) (target policy smoothing). The actor and both targets move every ``policy_freq``-th
+update only (delayed policy updates). Defaults are those of the paper and of CORL's ``td3_bc``
+(Tarasov et al. 2022).
+
+One update: critic step; then, on updates 0, policy_freq, 2·policy_freq, … (counted from 0, so the
+first update trains the actor too), actor step against the updated critics and Polyak updates of
+the target actor and target critics. The original code counts from 1 and so skips the actor on the
+first update; over a run the two schedules differ by that one update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gymnasium as gym
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from offrl import nets
+from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.registry import register
+from offrl.config import option
+from offrl.errors import ConfigError
+from offrl.policies.artifact import TorchPolicy
+from offrl.preprocess import ObsNormalizer
+from offrl.types import Batch
+
+ACTOR_METRICS = ("actor_loss", "bc_loss", "lambda")
+
+
+@dataclass(frozen=True)
+class TD3BCConfig:
+    """Defaults: Fujimoto & Gu (2021), Table 5, as run by CORL's ``td3_bc``."""
+
+    actor_hidden: tuple[int, ...] = option((256, 256), "actor MLP hidden sizes (paper, CORL: 2×256)")
+    critic_hidden: tuple[int, ...] = option((256, 256), "critic MLP hidden sizes (paper, CORL: 2×256)")
+    n_critics: int = option(2, "critics in the Q-ensemble; the TD target uses their minimum (TD3: 2)")
+    actor_lr: float = option(3e-4, "actor Adam learning rate")
+    critic_lr: float = option(3e-4, "critic Adam learning rate")
+    batch_size: int = option(256, "transitions per gradient step")
+    gamma: float = option(0.99, "discount factor")
+    tau: float = option(5e-3, "Polyak rate of the target actor and target critics")
+    policy_noise: float = option(0.2, "std of the target policy smoothing noise, in [−1, 1] action units")
+    noise_clip: float = option(0.5, "the smoothing noise is clipped to ±noise_clip")
+    policy_freq: int = option(2, "one actor step and target update per this many critic steps")
+    alpha: float = option(2.5, "α in λ = α / mean|Q(s, π(s))|: weight of the Q term against BC")
+    normalize_obs: bool = option(True, "normalise observations by dataset mean/std (paper, CORL: true)")
+    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+
+
+# -- losses (pure) -------------------------------------------------------------------------------
+def smoothing_noise(
+    shape: torch.Size | tuple[int, ...],
+    std: float,
+    clip: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Target policy smoothing noise clip(N(0, std²), −clip, clip) of the given shape."""
+    noise = torch.randn(shape, generator=generator, device=device) * std
+    return noise.clamp(-clip, clip)
+
+
+def td_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, gamma: float) -> Tensor:
+    """r + γ(1 − terminal)·min_e Q'_e(s′, a′): (B,), (B,), (E,B) -> (B,)."""
+    return rewards + gamma * (1.0 - terminals) * next_q.min(0).values
+
+
+def critic_loss(q: Tensor, target: Tensor) -> Tensor:
+    """Mean squared TD error summed over critics (as TD3 and CORL): (E,B), (B,) -> ()."""
+    return (q - target).pow(2).mean(-1).sum()
+
+
+def td3bc_lambda(q_pi: Tensor, alpha: float) -> Tensor:
+    """λ = α / mean|Q(s, π(s))|, a constant for the actor's gradient: (B,) -> ()."""
+    return alpha / q_pi.abs().mean().detach()
+
+
+def td3bc_actor_loss(q_pi: Tensor, pi: Tensor, data_actions: Tensor, alpha: float) -> Tensor:
+    """−λ·mean Q1(s, π(s)) + MSE(π(s), a_data): (B,), (B,A), (B,A) -> ()."""
+    return -td3bc_lambda(q_pi, alpha) * q_pi.mean() + F.mse_loss(pi, data_actions)
+
+
+@register
+class TD3BC(OfflineAlgorithm):
+    """TD3+BC: TD3 with a BC-regularised, Q-normalised deterministic actor."""
+
+    name: ClassVar[str] = "td3bc"
+    discrete: ClassVar[bool] = False
+    Config: ClassVar[type] = TD3BCConfig
+    config: TD3BCConfig
+
+    def __init__(
+        self,
+        config: TD3BCConfig,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        *,
+        normalizer: ObsNormalizer | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
+        )
+        cfg = config
+        checks = {
+            "n_critics": cfg.n_critics >= 1,
+            "policy_freq": cfg.policy_freq >= 1,
+            "policy_noise": cfg.policy_noise >= 0,
+            "noise_clip": cfg.noise_clip >= 0,
+            "alpha": cfg.alpha >= 0,
+        }
+        bad = [f"{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"td3bc: invalid {', '.join(bad)}")
+        self.nets["actor"] = nets.DeterministicActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
+        self.nets["actor_target"] = nets.freeze(
+            nets.DeterministicActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
+        )
+        self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
+        self.nets["critic_target"] = nets.freeze(
+            nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
+        )
+        nets.hard_update(self.nets["actor_target"], self.nets["actor"])
+        nets.hard_update(self.nets["critic_target"], self.nets["critic"])
+        self.nets.to(self.device)
+        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
+        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
+        # Every update reports the same keys (the trainer averages per key): between actor steps the
+        # actor's terms repeat the last actor step's values (zeros before any, e.g. after a resume).
+        self._actor_metrics: dict[str, Tensor] = {}
+
+    # -- accessors ---------------------------------------------------------------------------------
+    @property
+    def actor(self) -> nets.DeterministicActor:
+        return self.nets["actor"]  # type: ignore[return-value]
+
+    @property
+    def actor_target(self) -> nets.DeterministicActor:
+        return self.nets["actor_target"]  # type: ignore[return-value]
+
+    @property
+    def critic(self) -> nets.QEnsemble:
+        return self.nets["critic"]  # type: ignore[return-value]
+
+    @property
+    def critic_target(self) -> nets.QEnsemble:
+        return self.nets["critic_target"]  # type: ignore[return-value]
+
+    def target_networks(self) -> list[nn.Module]:
+        return [self.actor_target, self.critic_target]
+
+    def policy(self) -> TorchPolicy:
+        return self._policy("deterministic", self.actor, self.config.actor_hidden)
+
+    # -- losses ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def target_actions(self, next_obs: Tensor) -> Tensor:
+        """Target policy smoothing: clip(π'(s′) + clipped noise, −1, 1): (B, obs_dim) -> (B, A)."""
+        cfg = self.config
+        pi_next = self.actor_target(next_obs)
+        noise = smoothing_noise(pi_next.shape, cfg.policy_noise, cfg.noise_clip, self.generator, self.device)
+        return (pi_next + noise).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def target(self, batch: Batch) -> Tensor:
+        """TD target from the target critics at smoothed target-policy actions: (B,)."""
+        next_obs = batch.next_obs.flatten(1)
+        next_q = self.critic_target(next_obs, self.target_actions(next_obs))  # (E, B)
+        return td_target(batch.rewards, batch.terminals, next_q, self.config.gamma)
+
+    def _critic_terms(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        q = self.critic(batch.obs.flatten(1), batch.actions)  # (E, B)
+        loss = critic_loss(q, self.target(batch))
+        return loss, {"critic_loss": loss.detach(), "q_mean": q.detach().mean()}
+
+    def _actor_terms(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        obs = batch.obs.flatten(1)
+        pi = self.actor(obs)
+        # Only the first critic, its weights as constants: the actor loss moves the actor only, and the
+        # other members are not evaluated (every ensemble weight has the member on its leading axis).
+        first = {k: v.detach()[:1] for k, v in self.critic.named_parameters()}
+        q1_pi = torch.func.functional_call(self.critic, first, (obs.unsqueeze(0), pi.unsqueeze(0)))[0]  # (B,)
+        loss = td3bc_actor_loss(q1_pi, pi, batch.actions, self.config.alpha)
+        with torch.no_grad():
+            metrics = {
+                "actor_loss": loss.detach(),
+                "bc_loss": F.mse_loss(pi, batch.actions),
+                "lambda": td3bc_lambda(q1_pi, self.config.alpha),
+            }
+        return loss, metrics
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        """Every loss term, graphs attached, nothing stepped; each key names the optimiser it drives."""
+        return {"critic": self._critic_terms(batch)[0], "actor": self._actor_terms(batch)[0]}
+
+    # -- update --------------------------------------------------------------------------------------
+    def update(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.config
+        loss, metrics = self._critic_terms(batch)
+        step(self.optimizers["critic"], loss, self.critic.parameters(), cfg.max_grad_norm)
+        if self.num_updates % cfg.policy_freq == 0:  # a Python counter: no host sync
+            loss, self._actor_metrics = self._actor_terms(batch)
+            step(self.optimizers["actor"], loss, self.actor.parameters(), cfg.max_grad_norm)
+            nets.soft_update(self.actor_target, self.actor, cfg.tau)
+            nets.soft_update(self.critic_target, self.critic, cfg.tau)
+        self.num_updates += 1
+        actor_metrics = self._actor_metrics or {k: torch.zeros((), device=self.device) for k in ACTOR_METRICS}
+        return {**metrics, **actor_metrics}
