@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             eval_every=epochs,
             eval_episodes=args.episodes,
-            **settings,
+            # one thread: these small networks gain nothing from a second one, which only contends
+            **{"train.threads": 1, **settings},
         )
         ev = result.final_eval or {}
         rows.append(
