@@ -343,6 +343,18 @@ def _offline_settings(grid: GridConfig, algo: AlgoSpec, discrete: bool) -> dict[
     return settings
 
 
+def _has_variant(name: str, discrete: bool) -> bool:
+    from offrl.algos import registry
+
+    try:
+        registry.algorithm_class(name, discrete=discrete)
+    except ConfigError as exc:
+        if "unknown algorithm" in str(exc):
+            raise
+        return False
+    return True
+
+
 def expand(grid: GridConfig) -> list[Cell]:
     """Every (algorithm, dataset, seed) and (online run, seed) cell of the grid, datasets resolved."""
     base = grid.path.parent if grid.path is not None else None
@@ -357,6 +369,8 @@ def expand(grid: GridConfig) -> list[Cell]:
             "discrete": facts.discrete,
         }
         for algo in grid.algos:
+            if not _has_variant(algo.algo, facts.discrete):
+                continue  # e.g. td3bc on a discrete dataset: that pair is not part of the grid
             settings = _offline_settings(grid, algo, facts.discrete)
             for seed in grid.seeds:
                 cells.append(
