@@ -208,6 +208,95 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from offrl.bench.grid import load_grid
+    from offrl.bench.runner import run_grid
+
+    grid = load_grid(args.config)
+    out = args.out or str(Path("runs") / "bench" / grid.name)
+    summary = run_grid(
+        grid,
+        out,
+        backend=args.backend,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        retry_failed=args.retry_failed,
+    )
+    for line in summary.messages:
+        print(line)
+    print(
+        f"{len(summary.cells)} cells: {len(summary.ran)} run now, {len(summary.skipped)} recorded before, "
+        f"{len(summary.failed)} failed; records in {summary.results_dir / 'records'}"
+    )
+    print(f"next: offrl report {out} --out {Path(out) / 'report'}")
+    return 1 if summary.failed else 0  # the grid completed, but not every cell has a result
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from offrl.bench.report import write_report
+
+    path = write_report(args.results_dir, args.out, n_boot=args.bootstrap, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_online(args: argparse.Namespace) -> int:
+    from offrl import config as cfgmod
+    from offrl.online import loop
+
+    if args.resume:
+        result = loop.resume_online(args.resume, steps=args.steps)
+    else:
+        if not args.out:
+            raise OfflineRLError("online: --out RUN_DIR is required (or --resume RUN_DIR)")
+        overrides: dict[str, object] = dict(cfgmod.parse_sets(args.set or []))
+        if args.steps is not None:
+            overrides["train.steps"] = args.steps
+        cfg = loop.resolve_online_config(
+            args.algo,
+            args.env,
+            seed=args.seed,
+            device=args.device,
+            config_file=args.config,
+            overrides=overrides,
+        )
+        trainer = loop.OnlineTrainer(cfg, args.out)
+        print(trainer.describe_schedule())
+        result = trainer.run()
+    line = f"run finished: {result.env_steps} env steps, {result.updates} updates, {result.steps_per_second:.0f} env steps/s"
+    print(line + (" (stopped: evaluation reached stop_return)" if result.stopped_early else ""))
+    if result.final_eval:
+        ev = result.final_eval
+        print(
+            f"final evaluation: return {ev['mean']:.1f} ± {ev['std']:.1f} over {len(ev['returns'])} episodes"
+        )
+    print(f"policy artefact: {result.run_dir / 'policy'}")
+    return 0
+
+
+def _cmd_ope(args: argparse.Namespace) -> int:
+    import torch
+
+    from offrl.ope.fqe import FQEConfig
+    from offrl.ope.run import parse_methods, run_ope
+
+    torch.set_num_threads(args.threads)
+    report = run_ope(
+        args.dataset,
+        args.policies,
+        methods=parse_methods(args.method),
+        fqe_config=FQEConfig(gamma=args.gamma, epochs=args.fqe_epochs, seed=args.seed),
+        true_episodes=args.true_episodes,
+        seed=args.seed,
+        device=args.device,
+        greedy=args.greedy,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from offrl import __version__
 
@@ -295,6 +384,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--out", help="destination file (default: the data directory)")
     p.set_defaults(func=_cmd_datasets)
+
+    p = sub.add_parser("bench", help="run a benchmark grid (algorithms × datasets × seeds) into records")
+    p.add_argument("config", help="grid TOML file (see docs/bench.md and experiments/)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local", help="process pool here, or Ray")
+    p.add_argument("--workers", type=int, help="cells run at once (default: cores ÷ threads per run)")
+    p.add_argument("--out", help="results directory (default: runs/bench/NAME); rerun to continue it")
+    p.add_argument("--ray-address", help="Ray cluster address for --backend ray (default: a local instance)")
+    p.add_argument("--retry-failed", action="store_true", help="also rerun cells recorded as failed")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="tables and plots (IQM, bootstrap CIs) from a bench results directory")
+    p.add_argument("results_dir", metavar="RESULTS_DIR")
+    p.add_argument("--out", required=True, help="report directory (report.md and PNG plots)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "online", help="train an online RL baseline (sac, dqn, ppo) in a gymnasium environment"
+    )
+    p.add_argument("--algo", choices=["sac", "dqn", "ppo"], help="algorithm (default: the config file's)")
+    p.add_argument("--env", help="gymnasium environment id, e.g. CartPole-v1 (default: the config file's)")
+    p.add_argument("--steps", type=int, help="environment steps (with --resume: the new total)")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--seed", type=int, help="seed of networks, exploration and episodes (default 0)")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--config", help="TOML config: algo, env, seed, device, [train] and [algo_config] tables")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.set_defaults(func=_cmd_online)
+
+    p = sub.add_parser("ope", help="estimate policies' returns from a dataset alone (off-policy evaluation)")
+    p.add_argument(
+        "policies", nargs="+", metavar="POLICY", help="run dir, artefact, 'scripted:NAME' or 'random'"
+    )
+    p.add_argument("--dataset", required=True, help="dataset file (format v1) or a named dataset")
+    p.add_argument(
+        "--method",
+        action="append",
+        help="fqe, is, wis, pdis, dr; repeatable or a comma list (default: all that apply)",
+    )
+    p.add_argument("--gamma", type=float, default=0.99, help="evaluation discount γ")
+    p.add_argument("--fqe-epochs", type=int, help="FQE passes over the dataset (default: about 10,000 steps)")
+    p.add_argument(
+        "--true-episodes", type=int, default=100, help="env episodes per true value (0: skip the env)"
+    )
+    p.add_argument(
+        "--greedy", action="store_true", help="evaluate each policy's deterministic action (FQE only)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads for FQE (small nets: 1 is fastest)"
+    )
+    p.set_defaults(func=_cmd_ope)
     return parser
 
 
