@@ -1,18 +1,29 @@
 """Shared network pieces: MLP builder, vectorised ensembles, policy heads, target updates.
 
-Everything numeric that more than one algorithm needs lives here, once.
+Everything numeric that more than one algorithm needs lives here, once. Relu networks run through
+fast paths (:func:`relu_mlp`): fused oneDNN layers, a hand-written backward, optional bfloat16 hidden
+layers under :func:`compute_precision`; every other activation takes the plain module path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import math
-from collections.abc import Sequence
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
+T = TypeVar("T")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
 
 
@@ -33,6 +44,320 @@ def mlp(
     if output_activation is not None:
         layers.append(ACTIVATIONS[output_activation]())
     return nn.Sequential(*layers)
+
+
+# -- fast relu MLPs ------------------------------------------------------------------------------
+# Critic ensembles dominate the cost of continuous CQL (and SAC-style) updates. The relu paths below
+# run each hidden layer as one oneDNN matmul with bias and relu fused (CPU), keep only what the
+# backward needs, and can run the hidden layers in bfloat16 (AMX / AVX-512 BF16) inside
+# ``compute_precision("bf16")``. Master weights stay float32 and the output layer is always float32,
+# so Q-values, TD errors and losses keep float32 precision. Under ``no_grad`` (acting, targets) the
+# same kernels run without the autograd bookkeeping.
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_precision = threading.local()
+_MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Below this many observation features, projecting observations once per state (the split first
+# layer) costs more memory passes over the (rows, hidden) activations than the matmul work it saves.
+SPLIT_MIN_OBS = 32
+# Ensembles with fewer rows × widest layer than this run through plain autograd ops in float32: the
+# hand-written path only pays once the matmuls outweigh its Python bookkeeping.
+FAST_MIN_SIZE = 256 * 1024
+_HEAD_ROWS = 1024  # rows cast to float32 at a time for a bfloat16 output layer: the cast stays in cache
+
+
+def _compute_dtype() -> torch.dtype:
+    dtype: torch.dtype = getattr(_precision, "dtype", torch.float32)
+    return dtype
+
+
+@contextlib.contextmanager
+def compute_precision(precision: str) -> Iterator[None]:
+    """Within the block, hidden layers of relu MLPs and ensembles compute in ``precision``.
+
+    "fp32" or "bf16"; weights, outputs and everything outside the relu paths stay float32. Algorithms
+    wrap their ``update`` in it; acting outside the block is unaffected (policies act in float32).
+    Without native bfloat16 (see :func:`bf16_supported`), "bf16" computes in float32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    previous = _compute_dtype()
+    _precision.dtype = PRECISIONS[precision]
+    try:
+        yield
+    finally:
+        _precision.dtype = previous
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (AVX-512 BF16 / AMX) through oneDNN."""
+    return bool(_MKLDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+_allocator_tuned: bool | None = None  # None: not tried yet
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed heap memory for reuse instead of returning it to the system (idempotent).
+
+    The relu ensemble paths allocate and free activations of several MB every step; with glibc's
+    defaults each such block comes back as fresh pages, and the page faults cost about a fifth of a
+    continuous CQL step on CPU. The process then holds its peak heap until exit. Returns whether the
+    allocator was tuned (False on other C libraries).
+    """
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = False
+        try:
+            mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        except (OSError, AttributeError):
+            return False
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # 32 MB is glibc's upper limit for the mmap threshold on 64-bit systems
+        _allocator_tuned = (
+            mallopt(m_mmap_threshold, 32 << 20) == 1 and mallopt(m_trim_threshold, 1 << 30) == 1
+        )
+    return _allocator_tuned
+
+
+def _low_dtype(device: torch.device) -> torch.dtype:
+    dt = _compute_dtype()
+    if dt != torch.float32 and device.type == "cpu" and not bf16_supported():
+        return torch.float32  # emulated bfloat16 would only be slower
+    return dt
+
+
+def _linear_relu(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``relu(x @ w.T + b)``, one oneDNN call with bias and relu fused on CPU: (R, in), (out, in), (out,)."""
+    if _MKLDNN_LINEAR and x.device.type == "cpu":
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
+    return F.linear(x, w, b).relu_()
+
+
+def _relu_grad_(grad: Tensor, out: Tensor) -> Tensor:
+    """In place: ``grad`` where the relu output ``out`` is positive, else 0."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+
+
+def _output_layer(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Float32 ``h @ w.T + b`` for a float32 or bfloat16 ``h`` (R, H); ``w`` (out, H), ``b`` (out,) float32.
+
+    A bfloat16 matmul would round the outputs (Q-values) to 3 significant digits, so a bfloat16 ``h``
+    is cast in blocks of rows that stay in cache instead of as one float32 copy in memory.
+    """
+    if h.dtype == torch.float32:
+        return torch.addmm(b, h, w.t())
+    out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], _HEAD_ROWS):
+        torch.addmm(b, h[start : start + _HEAD_ROWS].float(), w.t(), out=out[start : start + _HEAD_ROWS])
+    return out
+
+
+def _mlp_forward(
+    x_state: Tensor | None,
+    x_rest: Tensor,
+    low_w: Sequence[Tensor],
+    low_b: Sequence[Tensor],
+    w: Tensor,
+    b: Tensor,
+) -> tuple[Tensor, list[Tensor]]:
+    """One relu MLP: its output (R, out) and hidden activations (what the backward needs).
+
+    ``low_w``/``low_b``: hidden layers, (out, in)/(out,), in the compute dtype; ``w``/``b``: the float32
+    output layer. With ``x_state`` (B, Ds) the input is ``[x_state repeated M times | x_rest]`` (R = B·M
+    rows) and the first layer projects each state once: W·[s; a] = W_s·s + W_a·a.
+    """
+    if x_state is None:
+        h = _linear_relu(x_rest, low_w[0], low_b[0])
+    else:
+        ds = x_state.shape[1]
+        per_state = torch.addmm(low_b[0], x_state, low_w[0][:, :ds].t())  # (B, H)
+        h = torch.mm(x_rest, low_w[0][:, ds:].t())  # (R, H)
+        h.view(x_state.shape[0], -1, h.shape[1]).add_(per_state.unsqueeze(1)).relu_()
+    acts = [h]
+    for lw, lb in zip(low_w[1:], low_b[1:], strict=True):
+        h = _linear_relu(h, lw, lb)
+        acts.append(h)
+    return _output_layer(h, w, b), acts
+
+
+def _mlp_backward(
+    grad: Tensor,
+    acts: Sequence[Tensor],
+    x_state: Tensor | None,
+    x_rest: Tensor,
+    low_w: Sequence[Tensor],
+    need: Sequence[bool],
+) -> tuple[list[Tensor | None], list[Tensor | None], Tensor | None, Tensor | None]:
+    """Float32 gradients of one MLP of :func:`_mlp_forward` from the output gradient (R, out).
+
+    ``low_w``: every layer's weight in the compute dtype; ``need``: (state, rest, weight per layer…,
+    bias per layer…). Returns weight grads (out, in), bias grads (out,), state and rest grads.
+    """
+    n = len(low_w)
+    need_state, need_rest, need_w, need_b = need[0], need[1], need[2 : 2 + n], need[2 + n :]
+    gw: list[Tensor | None] = [None] * n
+    gb: list[Tensor | None] = [None] * n
+    g_low = grad.to(low_w[0].dtype)
+    if need_w[-1]:
+        gw[-1] = torch.mm(g_low.t(), acts[-1]).float()
+    if need_b[-1]:
+        gb[-1] = grad.sum(0)
+    gh = _relu_grad_(torch.mm(g_low, low_w[-1]), acts[-1])
+    for i in range(n - 2, 0, -1):
+        x = acts[i - 1]
+        if need_w[i]:
+            gw[i] = torch.mm(gh.t(), x).float()
+        if need_b[i]:
+            gb[i] = gh.sum(0).float()
+        gh = _relu_grad_(torch.mm(gh, low_w[i]), x)
+    g_state = g_rest = None
+    if x_state is None:
+        if need_w[0]:
+            gw[0] = torch.mm(gh.t(), x_rest).float()
+        if need_b[0]:
+            gb[0] = gh.sum(0).float()
+        if need_rest:
+            g_rest = torch.mm(gh, low_w[0]).float()
+        return gw, gb, g_state, g_rest
+    ds = x_state.shape[1]
+    per_state = gh.view(x_state.shape[0], -1, gh.shape[1]).sum(1)  # (B, H)
+    if need_w[0]:
+        gw[0] = torch.cat([torch.mm(per_state.t(), x_state), torch.mm(gh.t(), x_rest)], dim=1).float()
+    if need_b[0]:
+        gb[0] = per_state.sum(0).float()
+    if need_rest:
+        g_rest = torch.mm(gh, low_w[0][:, ds:]).float()
+    if need_state:
+        g_state = torch.mm(per_state, low_w[0][:, :ds]).float()
+    return gw, gb, g_state, g_rest
+
+
+def _stack(grads: list[Tensor | None]) -> Tensor | None:
+    """Per-member gradients of one tensor stacked to (E, …), or None where none was needed."""
+    return None if grads[0] is None else torch.stack(grads)  # type: ignore[arg-type]
+
+
+def _sum(grads: list[Tensor | None]) -> Tensor | None:
+    """Gradient of an input all members share: the sum over members, or None where none was needed."""
+    return None if grads[0] is None else torch.stack(grads).sum(0)  # type: ignore[arg-type]
+
+
+class _ReluMLPFunction(torch.autograd.Function):
+    """Autograd of E relu MLPs on one shared input (see :func:`relu_mlp`).
+
+    Inputs after ``n_layers, state, rest``: the float32 weights (E, out, in) and biases (E, out) of
+    every layer, then every weight and the hidden biases in the compute dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, n_layers: int, state: Tensor | None, rest: Tensor, *tensors: Tensor) -> Tensor:
+        weights, biases = tensors[:n_layers], tensors[n_layers : 2 * n_layers]
+        low_w, low_b = tensors[2 * n_layers : 3 * n_layers], tensors[3 * n_layers :]
+        dt = low_w[0].dtype
+        x_state = None if state is None else state.to(dt)
+        x_rest = rest.to(dt)
+        outs, acts = [], []
+        for e in range(weights[0].shape[0]):
+            member_w = [w[e] for w in low_w[:-1]]
+            member_b = [b[e] for b in low_b]
+            out_e, acts_e = _mlp_forward(x_state, x_rest, member_w, member_b, weights[-1][e], biases[-1][e])
+            outs.append(out_e)
+            acts += acts_e
+        ctx.n_layers = n_layers
+        # saved (not kept on ctx) so autograd frees them after backward, unless the graph is retained
+        ctx.save_for_backward(x_state, x_rest, *low_w, *acts)
+        return torch.stack(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        n = ctx.n_layers
+        x_state, x_rest, *saved = ctx.saved_tensors
+        low_w, acts = saved[:n], saved[n:]
+        need = ctx.needs_input_grad[1 : 3 + 2 * n]
+        members = [
+            _mlp_backward(
+                grad[e], acts[e * (n - 1) : (e + 1) * (n - 1)], x_state, x_rest, [w[e] for w in low_w], need
+            )
+            for e in range(grad.shape[0])
+        ]
+        gw = [_stack([m[0][i] for m in members]) for i in range(n)]
+        gb = [_stack([m[1][i] for m in members]) for i in range(n)]
+        g_state, g_rest = _sum([m[2] for m in members]), _sum([m[3] for m in members])
+        return (None, g_state, g_rest, *gw, *gb, *([None] * (2 * n - 1)))
+
+
+def relu_mlp(
+    state: Tensor | None, rest: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
+) -> Tensor:
+    """E relu MLPs on one shared input, hidden layers in the :func:`compute_precision` dtype -> (E, R, out).
+
+    ``weights``/``biases``: every layer's (E, out, in)/(E, out). ``rest`` (R, Da); ``state`` (B, Ds) or
+    None, with R = B·M: the input is then ``[state repeated M times | rest]``, and with at least
+    ``SPLIT_MIN_OBS`` state features the first layer projects each state once. Equal to the plain
+    computation up to float rounding; the output layer is float32.
+    """
+    if state is not None and state.shape[1] < SPLIT_MIN_OBS:
+        rest = torch.cat([state.repeat_interleave(rest.shape[0] // state.shape[0], 0), rest], dim=1)
+        state = None
+    if _allocator_tuned is None and rest.device.type == "cpu":
+        keep_freed_memory()
+    dt = _low_dtype(rest.device)
+    low_w = [w.detach().to(dt) for w in weights]
+    low_b = [b.detach().to(dt) for b in biases[:-1]]
+    tensors = (*weights, *biases)
+    inputs = (rest, *tensors) if state is None else (state, rest, *tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out: Tensor = _ReluMLPFunction.apply(len(weights), state, rest, *tensors, *low_w, *low_b)
+        return out
+    x_state = None if state is None else state.to(dt)
+    x_rest = rest.to(dt)
+    outs = [
+        _mlp_forward(
+            x_state,
+            x_rest,
+            [w[e] for w in low_w[:-1]],
+            [b[e] for b in low_b],
+            weights[-1][e].detach(),
+            biases[-1][e].detach(),
+        )[0]
+        for e in range(weights[0].shape[0])
+    ]
+    return torch.stack(outs)
+
+
+_OUTPUT_SPLIT: weakref.WeakKeyDictionary[nn.Sequential, tuple[nn.Module, nn.Module, nn.Module | None]]
+_OUTPUT_SPLIT = weakref.WeakKeyDictionary()
+
+
+def _output_split(seq: nn.Sequential) -> tuple[nn.Module, nn.Module, nn.Module | None] | None:
+    """``seq`` as (hidden part, output Linear, trailing activation or None), for MLPs as :func:`mlp` builds."""
+    if seq not in _OUTPUT_SPLIT:
+        mods = list(seq)
+        tail = mods.pop() if len(mods) > 1 and not isinstance(mods[-1], nn.Linear) else None
+        if len(mods) < 2 or not isinstance(mods[-1], nn.Linear):
+            return None
+        _OUTPUT_SPLIT[seq] = (nn.Sequential(*mods[:-1]), mods[-1], tail)
+    return _OUTPUT_SPLIT[seq]
+
+
+def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """``seq(x)``, with the hidden layers in bfloat16 inside ``compute_precision("bf16")``.
+
+    Policy-sized MLPs are bound by per-op overhead, so their hidden layers simply run under autocast
+    (bfloat16 matmuls; the hand-written path of :func:`relu_mlp` does not pay at these sizes). The
+    output layer stays float32, so actions, log-probabilities and Q-values keep float32 precision.
+    """
+    dt = _low_dtype(x.device)
+    parts = _output_split(seq) if dt != torch.float32 and x.dtype == torch.float32 else None
+    if parts is None:
+        return seq(x)
+    hidden, output, tail = parts
+    with torch.autocast(x.device.type, dtype=dt):
+        h = hidden(x)
+    y = output(h.float())
+    return y if tail is None else tail(y)
 
 
 class EnsembleLinear(nn.Module):
@@ -69,15 +394,39 @@ class EnsembleMLP(nn.Module):
         dims = [in_dim, *hidden, out_dim]
         self.layers = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in itertools.pairwise(dims))
         self.activation = ACTIVATIONS[activation]()
+        self.fast = activation == "relu" and len(dims) > 2  # relu between at least two layers
+        self.width = max(dims[1:])
+
+    def weights(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Every layer's weight as (E, out, in) and bias as (E, out): views of the parameters."""
+        layers: list[EnsembleLinear] = list(self.layers)  # type: ignore[arg-type]
+        return [lin.weight.transpose(1, 2) for lin in layers], [lin.bias.squeeze(1) for lin in layers]
+
+    def _use_fast(self, rows: int, device: torch.device) -> bool:
+        """The relu fast path in bfloat16, or in float32 once the matmuls outweigh its bookkeeping."""
+        return self.fast and (_low_dtype(device) != torch.float32 or rows * self.width >= FAST_MIN_SIZE)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32 and self._use_fast(x.shape[0], x.device):
+            return relu_mlp(None, x, *self.weights())
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.members, -1, -1)
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = self.activation(x)
+                x = x.relu_() if self.fast else self.activation(x)
         return x
+
+    def forward_split(self, state: Tensor, rest: Tensor) -> Tensor:
+        """The MLP on ``[state repeated M times | rest]``: (B, Ds), (B·M, Da) -> (E, B·M, out).
+
+        With enough state features (``SPLIT_MIN_OBS``), the first layer's state part is computed once
+        per state, not once per row.
+        """
+        if state.dtype == rest.dtype == torch.float32 and self._use_fast(rest.shape[0], rest.device):
+            return relu_mlp(state, rest, *self.weights())
+        m = rest.shape[0] // state.shape[0]
+        return self(torch.cat([state.repeat_interleave(m, 0), rest], dim=-1))
 
 
 class QEnsemble(nn.Module):
@@ -91,12 +440,48 @@ class QEnsemble(nn.Module):
 
     def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         # obs (B, obs_dim) or (E, B, obs_dim); actions likewise → (E, B)
+        if obs.dim() == actions.dim() == 2:
+            return self.net.forward_split(obs, actions).squeeze(-1)
         if obs.dim() != actions.dim():
             if obs.dim() == 2:
                 obs = obs.unsqueeze(0).expand(actions.shape[0], -1, -1)
             else:
                 actions = actions.unsqueeze(0).expand(obs.shape[0], -1, -1)
         return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
+
+    def q_sampled(self, obs: Tensor, actions: Tensor) -> Tensor:
+        """Q at M actions per state: (B, obs_dim), (B, M, act_dim) -> (E, B, M).
+
+        The observation part of the first layer (W·[s; a] = W_s·s + W_a·a) is computed once per
+        state and broadcast over its M actions.
+        """
+        batch, m = actions.shape[0], actions.shape[1]
+        q = self.net.forward_split(obs, actions.reshape(batch * m, -1))  # (E, B·M, 1)
+        return q.view(-1, batch, m)
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compiled(fn: Callable[..., T], mode: str | None) -> Callable[..., T]:
+    """``fn`` through ``torch.compile(mode=mode)`` (``mode`` None: ``fn`` itself), falling back cleanly.
+
+    A frame that fails to compile runs eagerly (dynamo's ``suppress_errors``), and if compiling is not
+    possible at all here, ``fn`` runs eagerly with a warning. Compilation happens on the first call.
+    """
+    if mode is None:
+        return fn
+    try:
+        inner = torch.compile(fn, mode=mode)
+    except Exception as exc:  # any failure to set up compilation means: run eagerly
+        warnings.warn(f"torch.compile unavailable ({exc}); running eagerly", RuntimeWarning, stacklevel=2)
+        return fn
+
+    def run(*args: Any) -> T:
+        with torch._dynamo.config.patch(suppress_errors=True):
+            return inner(*args)
+
+    return run
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -126,7 +511,7 @@ class TanhGaussianActor(nn.Module):
         self.net = mlp(obs_dim, 2 * act_dim, hidden, activation)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        mean, log_std = run_mlp(self.net, obs).chunk(2, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -156,7 +541,7 @@ class DeterministicActor(nn.Module):
         self.net = mlp(obs_dim, act_dim, hidden, activation, output_activation="tanh")
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs)
+        return run_mlp(self.net, obs)
 
 
 class DiscreteHead(nn.Module):
@@ -167,7 +552,7 @@ class DiscreteHead(nn.Module):
         self.net = mlp(obs_dim, n_actions, hidden, activation)
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs)
+        return run_mlp(self.net, obs)
 
 
 @torch.no_grad()

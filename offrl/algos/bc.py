@@ -53,6 +53,26 @@ class BCConfig:
     max_grad_norm: float | None = option(
         None, "clip the policy gradient's global norm to this value (none: no clipping)"
     )
+    precision: Literal["fp32", "bf16"] = option(
+        "fp32",
+        "compute precision of the hidden layers in update: 'bf16' runs them in bfloat16 (fast on CPUs with "
+        "AMX/AVX-512 BF16) with float32 master weights, output layer and loss",
+    )
+    compile: Literal["default", "max-autotune-no-cudagraphs"] | None = option(
+        None,
+        "torch.compile mode of the update step (none: eager). Compiling takes minutes on first use and "
+        "measured no faster on CPU (benchmarks/README.md); a frame that fails to compile runs eagerly",
+    )
+
+    def __post_init__(self) -> None:
+        if self.precision not in nets.PRECISIONS:
+            raise ConfigError(
+                f"bc: 'precision' must be one of {sorted(nets.PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.compile is not None and self.compile not in nets.COMPILE_MODES:
+            raise ConfigError(
+                f"bc: 'compile' must be one of {nets.COMPILE_MODES} or none, got {self.compile!r}"
+            )
 
 
 # -- losses ------------------------------------------------------------------------------------------
@@ -110,15 +130,21 @@ class ContinuousBC(OfflineAlgorithm):
         self.optimizers["actor"] = adam(
             actor.parameters(), _lr(config, False), weight_decay=config.weight_decay
         )
+        self._train_step = nets.compiled(self._step, config.compile)
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        with nets.compute_precision(self.config.precision):
+            metrics = self._train_step(batch)
+        self.num_updates += 1
+        return metrics
+
+    def _step(self, batch: Batch) -> dict[str, Tensor]:
         actor = self.nets["actor"]
         if self.config.policy == "gaussian":
             loss = bc_nll_loss(actor.log_prob(batch.obs, batch.actions, ACTION_EPS))  # type: ignore[operator]
         else:
             loss = bc_mse_loss(actor(batch.obs), batch.actions)
         step(self.optimizers["actor"], loss, actor.parameters(), self.config.max_grad_norm)
-        self.num_updates += 1
         return {"loss": loss.detach()}
 
     def policy(self) -> TorchPolicy:
@@ -158,13 +184,19 @@ class DiscreteBC(OfflineAlgorithm):
         self.optimizers["actor"] = adam(
             self.nets["actor"].parameters(), _lr(config, True), weight_decay=config.weight_decay
         )
+        self._train_step = nets.compiled(self._step, config.compile)
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        with nets.compute_precision(self.config.precision):
+            metrics = self._train_step(batch)
+        self.num_updates += 1
+        return metrics
+
+    def _step(self, batch: Batch) -> dict[str, Tensor]:
         actor = self.nets["actor"]
         logits = actor(batch.obs)  # (B, N)
         loss = bc_cross_entropy_loss(logits, batch.actions)
         step(self.optimizers["actor"], loss, actor.parameters(), self.config.max_grad_norm)
-        self.num_updates += 1
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == batch.actions).float().mean()
         return {"loss": loss.detach(), "accuracy": accuracy}

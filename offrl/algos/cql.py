@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.base import OfflineAlgorithm, adam
 from offrl.algos.registry import register
 from offrl.config import option
 from offrl.errors import ConfigError
@@ -70,6 +70,16 @@ class CQLConfig:
     bc_steps: int = option(0, "warm-up updates whose actor loss is the behaviour-cloning log-likelihood")
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std")
     max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+    precision: Literal["fp32", "bf16"] = option(
+        "fp32",
+        "compute precision of the hidden layers in update: 'bf16' runs them in bfloat16 (fast on CPUs with "
+        "AMX/AVX-512 BF16) with float32 master weights, output layers, Q-values and losses",
+    )
+    compile: Literal["default", "max-autotune-no-cudagraphs"] | None = option(
+        None,
+        "torch.compile mode of the update step (none: eager). Compiling takes minutes on first use and "
+        "measured no faster on CPU (benchmarks/README.md); a frame that fails to compile runs eagerly",
+    )
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
@@ -163,6 +173,8 @@ class CQL(OfflineAlgorithm):
             "cql_temperature": cfg.cql_temperature > 0,
             "cql_alpha": cfg.cql_alpha >= 0,
             "bc_steps": cfg.bc_steps >= 0,
+            "precision": cfg.precision in nets.PRECISIONS,
+            "compile": cfg.compile is None or cfg.compile in nets.COMPILE_MODES,
         }
         bad = [f"{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
@@ -187,6 +199,7 @@ class CQL(OfflineAlgorithm):
             self.optimizers["alpha_prime"] = adam(
                 self.nets["log_alpha_prime"].parameters(), cfg.alpha_prime_lr
             )
+        self._train_step = nets.compiled(self._step, cfg.compile)
 
     # -- accessors ---------------------------------------------------------------------------------
     @property
@@ -237,10 +250,8 @@ class CQL(OfflineAlgorithm):
 
         (B, obs_dim), (B, A), (B, M, A) -> q_data (E, B), q_sampled (E, B, M).
         """
-        batch, m = actions.shape[0], actions.shape[1] + 1
-        all_actions = torch.cat([data_actions.unsqueeze(1), actions], dim=1).reshape(batch * m, -1)
-        all_obs = obs.unsqueeze(1).expand(-1, m, -1).reshape(batch * m, -1)
-        q = self.critic(all_obs, all_actions).view(-1, batch, m)
+        all_actions = torch.cat([data_actions.unsqueeze(1), actions], dim=1)  # (B, 1 + M, A)
+        q = self.critic.q_sampled(obs, all_actions)  # the observation projected once per state
         return q[..., 0], q[..., 1:]
 
     @torch.no_grad()
@@ -252,10 +263,8 @@ class CQL(OfflineAlgorithm):
         cfg = self.config
         next_obs = batch.next_obs.flatten(1)
         if cfg.max_q_backup:
-            n = next_actions.shape[1]
-            rep_obs = next_obs.unsqueeze(1).expand(-1, n, -1).reshape(-1, next_obs.shape[1])
-            q_next = self.critic_target(rep_obs, next_actions.reshape(-1, self.act_dim))  # (E, B·N)
-            next_v, best = q_next.min(0).values.view(-1, n).max(-1)
+            q_next = self.critic_target.q_sampled(next_obs, next_actions)  # (E, B, N)
+            next_v, best = q_next.min(0).values.max(-1)
             next_lp = next_log_prob.gather(1, best.unsqueeze(1)).squeeze(1)
         else:
             next_v = self.critic_target(next_obs, next_actions[:, 0]).min(0).values
@@ -297,13 +306,17 @@ class CQL(OfflineAlgorithm):
         )
         return terms, metrics
 
-    def _actor_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _actor_terms(
+        self, batch: Batch, bc_phase: bool | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         cfg = self.config
+        if bc_phase is None:
+            bc_phase = self.num_updates < cfg.bc_steps
         obs = batch.obs.flatten(1)
         pi, log_pi = self.actor.sample(obs, self.generator)
         log_alpha = self.nets["log_alpha"]()
         alpha = log_alpha.detach().exp()
-        if self.num_updates < cfg.bc_steps:
+        if bc_phase:
             loss = (alpha * log_pi - self.actor.log_prob(obs, batch.actions)).mean()
         else:
             # critic weights enter as constants: the actor loss can only move the actor
@@ -320,21 +333,41 @@ class CQL(OfflineAlgorithm):
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         """Every loss term, graphs attached, nothing stepped; each key names the optimiser it drives."""
-        critic_terms, _ = self._critic_terms(batch)
-        actor_terms, _ = self._actor_terms(batch)
+        with nets.compute_precision(self.config.precision):
+            critic_terms, _ = self._critic_terms(batch)
+            actor_terms, _ = self._actor_terms(batch)
         return {**critic_terms, **actor_terms}
 
     # -- update --------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        with nets.compute_precision(self.config.precision):
+            metrics = self._train_step(batch, self.num_updates < self.config.bc_steps)
+        self.num_updates += 1
+        return metrics
+
+    def _step(self, batch: Batch, bc_phase: bool) -> dict[str, Tensor]:
+        """Everything one update computes; host-side counters stay outside (it may be compiled)."""
         cfg = self.config
         terms, metrics = self._critic_terms(batch)
-        step(self.optimizers["critic"], terms["critic"], self.critic.parameters(), cfg.max_grad_norm)
-        if cfg.lagrange:
-            step(self.optimizers["alpha_prime"], terms["alpha_prime"])
-        terms, actor_metrics = self._actor_terms(batch)
-        step(self.optimizers["actor"], terms["actor"], self.actor.parameters(), cfg.max_grad_norm)
-        if cfg.auto_alpha:
-            step(self.optimizers["alpha"], terms["alpha"])
+        self._step_jointly(terms, self.critic)
+        terms, actor_metrics = self._actor_terms(batch, bc_phase)
+        self._step_jointly(terms, self.actor)
         nets.soft_update(self.critic_target, self.critic, cfg.tau)
-        self.num_updates += 1
         return {**metrics, **actor_metrics}
+
+    def _step_jointly(self, terms: dict[str, Tensor], net: nn.Module) -> None:
+        """Step every optimiser named in ``terms`` after one backward pass of their sum (``net``: the
+        network whose gradient norm ``max_grad_norm`` clips).
+
+        The terms reach disjoint parameters (the temperature terms see the other losses detached,
+        which the contract tests check), so each optimiser gets exactly its own term's gradient. One
+        backward pass is cheaper, and a compiled step needs it: a compiled graph can be backpropagated
+        only once.
+        """
+        for name in terms:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        torch.stack(list(terms.values())).sum().backward()
+        if self.config.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(list(net.parameters()), self.config.max_grad_norm, foreach=True)
+        for name in terms:
+            self.optimizers[name].step()

@@ -86,6 +86,16 @@ class DiscreteCQLConfig:
         10.0, "clip the Q-network's gradient norm to this (none: no clipping)"
     )
     reward_scale: float = option(1.0, "multiply rewards by this before the TD target")
+    precision: Literal["fp32", "bf16"] = option(
+        "fp32",
+        "compute precision of the hidden layers in update: 'bf16' runs them in bfloat16 (fast on CPUs with "
+        "AMX/AVX-512 BF16) with float32 master weights, output layer, Q-values and losses",
+    )
+    compile: Literal["default", "max-autotune-no-cudagraphs"] | None = option(
+        None,
+        "torch.compile mode of the update step (none: eager). Compiling takes minutes on first use and "
+        "measured no faster on CPU (benchmarks/README.md); a frame that fails to compile runs eagerly",
+    )
     normalize_obs: bool = option(True, "standardise observations with the dataset's mean and std")
 
     def __post_init__(self) -> None:
@@ -108,6 +118,14 @@ class DiscreteCQLConfig:
             )
         if self.loss not in ("huber", "mse"):
             raise ConfigError(f"cql (discrete): 'loss' must be 'huber' or 'mse', got {self.loss!r}")
+        if self.compile is not None and self.compile not in nets.COMPILE_MODES:
+            raise ConfigError(
+                f"cql (discrete): 'compile' must be one of {nets.COMPILE_MODES} or none, got {self.compile!r}"
+            )
+        if self.precision not in nets.PRECISIONS:
+            raise ConfigError(
+                f"cql (discrete): 'precision' must be one of {sorted(nets.PRECISIONS)}, got {self.precision!r}"
+            )
 
 
 # -- algorithm -----------------------------------------------------------------------------------
@@ -138,6 +156,7 @@ class DiscreteCQL(OfflineAlgorithm):
         self.nets["q_target"] = nets.freeze(copy.deepcopy(q))
         self.nets.to(self.device)
         self.optimizers["q"] = adam(self.q.parameters(), config.lr)
+        self._train_step = nets.compiled(self._step, config.compile)
 
     @property
     def q(self) -> nets.DiscreteHead:
@@ -169,19 +188,27 @@ class DiscreteCQL(OfflineAlgorithm):
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         """The minimised terms with their graphs: loss = td_loss + cql_alpha · cql_penalty."""
-        td, penalty, _, _ = self._losses(batch)
+        with nets.compute_precision(self.config.precision):
+            td, penalty, _, _ = self._losses(batch)
         return {"td_loss": td, "cql_penalty": penalty}
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.config
+        with nets.compute_precision(cfg.precision):
+            metrics = self._train_step(batch)
+        self.num_updates += 1  # host-side counter: the interval check below needs no device sync
+        if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
+            nets.hard_update(self.q_target, self.q)
+        return metrics
+
+    def _step(self, batch: Batch) -> dict[str, Tensor]:
+        """Losses, the gradient step and a soft target update (host-side counters stay outside: it may be compiled)."""
+        cfg = self.config
         td, penalty, q_all, q_data = self._losses(batch)
         loss = td + cfg.cql_alpha * penalty if cfg.cql_alpha != 0 else td
         step(self.optimizers["q"], loss, self.q.parameters(), cfg.max_grad_norm)
-        self.num_updates += 1  # host-side counter: the interval check below needs no device sync
         if cfg.target_update == "soft":
             nets.soft_update(self.q_target, self.q, cfg.tau)
-        elif self.num_updates % cfg.target_update_interval == 0:
-            nets.hard_update(self.q_target, self.q)
         return {
             "loss": loss.detach(),
             "td_loss": td.detach(),

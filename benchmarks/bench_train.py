@@ -1,0 +1,487 @@
+"""Training speed of offrl side by side with d3rlpy: gradient steps per second of BC, CQL and discrete CQL.
+
+    python benchmarks/bench_train.py [--d3rlpy-python /tmp/d3venv/bin/python] [--algos bc cql cql-discrete]
+        [--threads 2] [--rounds 5] [--seconds 3] [--profile] [--compile] [--json OUT] [--quick]
+
+Every implementation runs in its own worker process (d3rlpy in its own virtualenv, as it pins an older
+gymnasium: ``python3 -m venv /tmp/d3venv && /tmp/d3venv/bin/pip install torch==2.13.0 &&
+/tmp/d3venv/bin/pip install d3rlpy``), on the same synthetic dataset (continuous: 11 observations, 3
+actions in [-1, 1]; discrete: 4 observations, 2 actions; 100k transitions) with matched networks:
+d3rlpy's defaults, i.e. 2×256 relu MLPs, 2 critics and 10 sampled actions per proposal for CQL, batch
+256 for every algorithm. offrl is measured through its real ``update`` on batches drawn by a
+``FullPassSampler`` from a ``TransitionDataset`` (as the trainer does), d3rlpy through
+``sample_transition_batch`` + ``update`` (as its ``fit`` does).
+
+The parent process only orchestrates: each round runs every implementation in turn for about
+``--seconds``, so load from other processes hits all of them alike; ratios are taken per round and
+the median is reported. Rates are given per wall second and per CPU second of the worker (all its
+threads); on a loaded machine the CPU-time rate is the steadier one. Peak memory is the worker's
+peak resident set (``ru_maxrss``) and, in brackets, its growth after imports. ``--profile`` adds, per
+offrl variant, where one step's time goes (torch.profiler self times, grouped).
+
+Figures are ratios against d3rlpy measured in the same run, never assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+ALGOS = ("bc", "cql", "cql-discrete")
+ROWS, BATCH = 100_000, 256
+CONT_OBS, CONT_ACT, DISC_OBS, DISC_ACT = 11, 3, 4, 2
+WARMUP_STEPS = 5
+GOALS = {"bc": 5.0, "cql": 3.5, "cql-discrete": 5.0}  # offrl / d3rlpy, best precision (issue goals)
+
+
+# -- synthetic data (both workers) ---------------------------------------------------------------
+
+
+def synthetic_arrays(discrete: bool, rows: int = ROWS, seed: int = 0) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    obs_dim = DISC_OBS if discrete else CONT_OBS
+    terminals = np.zeros(rows, dtype=bool)
+    terminals[999::1000] = True
+    return {
+        "observations": rng.standard_normal((rows, obs_dim), dtype=np.float32),
+        "next_observations": rng.standard_normal((rows, obs_dim), dtype=np.float32),
+        "actions": (
+            rng.integers(0, DISC_ACT, rows)
+            if discrete
+            else rng.uniform(-1, 1, (rows, CONT_ACT)).astype(np.float32)
+        ),
+        "rewards": rng.standard_normal(rows, dtype=np.float32),
+        "terminals": terminals,
+    }
+
+
+# -- workers -------------------------------------------------------------------------------------
+
+
+class OfflineRLWorker:
+    """offrl's algorithm fed as the trainer feeds it: sampler indices → ``dataset.batch`` → ``update``."""
+
+    def __init__(self, algo: str, precision: str, compile_mode: str | None) -> None:
+        import gymnasium as gym
+        import numpy as np
+
+        from offrl.algos.bc import BCConfig, ContinuousBC
+        from offrl.algos.cql import CQL, CQLConfig
+        from offrl.algos.cql_discrete import DiscreteCQL, DiscreteCQLConfig
+        from offrl.data import format as fmt
+        from offrl.data.dataset import TransitionDataset
+
+        discrete = algo == "cql-discrete"
+        arrays = synthetic_arrays(discrete)
+        obs_dim = arrays["observations"].shape[1]
+        action_space: gym.Space = (
+            gym.spaces.Discrete(DISC_ACT) if discrete else gym.spaces.Box(-1.0, 1.0, (CONT_ACT,), np.float32)
+        )
+        raw = fmt.RawDataset(
+            path="<memory>",
+            timeouts=np.zeros(ROWS, dtype=bool),
+            episode_ends=np.arange(1000, ROWS + 1, 1000, dtype=np.int64),
+            observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32),
+            action_space=action_space,
+            **arrays,
+        )
+        dataset = TransitionDataset(raw)
+        # only name the new fields when they differ from their defaults, so older checkouts run too
+        extra: dict[str, Any] = {}
+        if precision != "fp32":
+            extra["precision"] = precision
+        if compile_mode is not None:
+            extra["compile"] = compile_mode
+        # d3rlpy's defaults: 2×256 MLPs everywhere, 2 critics, 10 sampled actions, Lagrange α' on
+        cls: Any
+        if algo == "bc":
+            cls, cfg = ContinuousBC, BCConfig(batch_size=BATCH, hidden=(256, 256), **extra)
+        elif algo == "cql":
+            cfg = CQLConfig(
+                actor_hidden=(256, 256),
+                critic_hidden=(256, 256),
+                n_critics=2,
+                n_actions=10,
+                batch_size=BATCH,
+                lagrange=True,
+                **extra,
+            )
+            cls = CQL
+        else:
+            # d3rlpy's DiscreteCQL does not clip gradients: offrl's default clip (norm 10) is turned off
+            cfg = DiscreteCQLConfig(hidden=(256, 256), batch_size=BATCH, max_grad_norm=None, **extra)
+            cls = DiscreteCQL
+        self.algo = cls(cfg, dataset.observation_space, dataset.action_space, seed=0)
+        self.dataset = self.algo.prepare_dataset(dataset)
+        self.sampler = self.dataset.sampler(BATCH, seed=0, drop_last=True)
+        self.algo.train_mode(True)
+
+    def step(self) -> None:
+        self.algo.update(self.dataset.batch(self.sampler.next_batch()))
+
+
+class D3rlpyWorker:
+    """d3rlpy's algorithm fed as its ``fit`` feeds it: ``sample_transition_batch`` → ``update``."""
+
+    def __init__(self, algo: str) -> None:
+        import d3rlpy
+
+        discrete = algo == "cql-discrete"
+        a = synthetic_arrays(discrete)
+        # d3rlpy takes next observations from the following row; the arrays are the same draws
+        self.dataset = d3rlpy.dataset.MDPDataset(
+            a["observations"],
+            a["actions"],
+            a["rewards"],
+            a["terminals"].astype("float32"),
+            action_space=d3rlpy.ActionSpace.DISCRETE if discrete else d3rlpy.ActionSpace.CONTINUOUS,
+            action_size=DISC_ACT if discrete else CONT_ACT,
+        )
+        config: Any = {
+            "bc": lambda: d3rlpy.algos.BCConfig(batch_size=BATCH),
+            "cql": lambda: d3rlpy.algos.CQLConfig(batch_size=BATCH),
+            "cql-discrete": lambda: d3rlpy.algos.DiscreteCQLConfig(batch_size=BATCH),
+        }[algo]()
+        self.algo = config.create(device="cpu:0")
+        self.algo.build_with_dataset(self.dataset)
+
+    def step(self) -> None:
+        self.algo.update(self.dataset.sample_transition_batch(BATCH))
+
+
+def _rss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+MATMUL_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::addmv",
+    "aten::mv",
+    "mkldnn::_linear_pointwise",
+}
+COPY_OPS = {
+    "aten::copy_",
+    "aten::_to_copy",
+    "aten::clone",
+    "aten::cat",
+    "aten::stack",
+    "aten::index_select",
+    "aten::index",
+    "aten::repeat_interleave",
+    "aten::fill_",
+    "aten::zero_",
+}
+
+
+def profile_summary(step: Any, steps: int) -> dict[str, float]:
+    """Milliseconds per step by kind, from torch.profiler self CPU times.
+
+    ``optimizer``: everything under ``Optimizer.step``/``zero_grad``; ``matmul``, ``copy/cast`` and
+    ``elementwise/reduce`` (every other aten op) elsewhere; ``overhead``: the rest of the step (Python,
+    dispatch, autograd engine).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t0
+    out = dict.fromkeys(("matmul", "elementwise/reduce", "copy/cast", "optimizer"), 0.0)
+    for ev in prof.events():
+        if ev.name.startswith("Optimizer.") or not (ev.name.startswith(("aten::", "mkldnn::"))):
+            if ev.name.startswith("Optimizer.") and not _has_ancestor(ev, "Optimizer."):
+                out["optimizer"] += ev.cpu_time_total
+            continue
+        if _has_ancestor(ev, "Optimizer."):
+            continue
+        kind = (
+            "matmul"
+            if ev.name in MATMUL_OPS
+            else "copy/cast"
+            if ev.name in COPY_OPS
+            else "elementwise/reduce"
+        )
+        out[kind] += ev.self_cpu_time_total
+    per_step = {k: v / 1e3 / steps for k, v in out.items()}
+    total = wall * 1e3 / steps
+    per_step["overhead"] = max(0.0, total - sum(per_step.values()))
+    per_step["total"] = total
+    return {k: round(v, 3) for k, v in per_step.items()}
+
+
+def _has_ancestor(ev: Any, prefix: str) -> bool:
+    parent = ev.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(prefix):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Build the algorithm, report ready, then answer ``{"steps": n}`` / ``{"profile": n}`` lines on stdin."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rss0 = _rss_kb()
+    t0 = time.perf_counter()
+    impl: Any = (
+        D3rlpyWorker(args.algo)
+        if args.worker == "d3rlpy"
+        else OfflineRLWorker(args.algo, args.precision, args.compile)
+    )
+    for _ in range(WARMUP_STEPS):
+        impl.step()
+    _reply({"ready": True, "build_s": round(time.perf_counter() - t0, 2), "rss_import_kb": rss0})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if "profile" in cmd:
+            _reply({"profile": profile_summary(impl.step, int(cmd["profile"]))})
+            continue
+        n = int(cmd["steps"])
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            impl.step()
+        _reply({"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0, "maxrss_kb": _rss_kb()})
+    return 0
+
+
+REPLY = "@@bench "  # marks protocol lines: libraries may print to stdout too
+
+
+def _reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(REPLY + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    label: str
+    proc: subprocess.Popen[str]
+    ready: dict[str, Any] = field(default_factory=dict)
+    wall: list[float] = field(default_factory=list)  # steps per wall second, per round
+    cpu: list[float] = field(default_factory=list)  # steps per CPU second, per round
+    maxrss_kb: int = 0
+    profile: dict[str, float] | None = None
+
+    def ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        stdin: TextIO = self.proc.stdin  # type: ignore[assignment]
+        stdin.write(json.dumps(cmd) + "\n")
+        stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict[str, Any]:
+        stdout: TextIO = self.proc.stdout  # type: ignore[assignment]
+        while True:
+            line = stdout.readline()
+            if not line:
+                raise RuntimeError(f"worker '{self.label}' exited (code {self.proc.wait()})")
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY) :])  # type: ignore[no-any-return]
+            sys.stderr.write(line)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def start_worker(label: str, python: str, argv: list[str], env: dict[str, str] | None = None) -> Worker:
+    proc = subprocess.Popen(
+        [python, str(Path(__file__).resolve()), *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    w = Worker(label, proc)
+    w.ready = w._read()
+    return w
+
+
+def run_algo(algo: str, args: argparse.Namespace) -> list[Worker]:
+    common = ["--algo", algo, "--threads", str(args.threads)]
+    specs: list[tuple[str, str, list[str], dict[str, str] | None]] = [
+        ("offrl fp32", sys.executable, ["--worker", "offrl", "--precision", "fp32", *common], None),
+        ("offrl bf16", sys.executable, ["--worker", "offrl", "--precision", "bf16", *common], None),
+    ]
+    if args.compile:
+        specs.append(
+            (
+                "offrl fp32 compiled",
+                sys.executable,
+                ["--worker", "offrl", "--compile-mode", "default", *common],
+                None,
+            )
+        )
+    if args.offrl_src is not None:
+        env = {**os.environ, "PYTHONPATH": str(args.offrl_src)}
+        specs.append(
+            (f"offrl@{args.offrl_src.name} fp32", sys.executable, ["--worker", "offrl", *common], env)
+        )
+    if args.d3rlpy_python is not None:
+        specs.append(("d3rlpy", str(args.d3rlpy_python), ["--worker", "d3rlpy", *common], None))
+    workers: list[Worker] = []
+    try:
+        for label, py, argv, env in specs:
+            workers.append(start_worker(label, py, argv, env))
+        steps = {}
+        for w in workers:  # calibrate: rounds of about args.seconds each
+            r = w.ask({"steps": 3})
+            steps[w.label] = max(3, int(args.seconds * 3 / max(r["wall"], 1e-9)))
+        for rnd in range(args.rounds):
+            order = workers[rnd % len(workers) :] + workers[: rnd % len(workers)]
+            for w in order:
+                r = w.ask({"steps": steps[w.label]})
+                w.wall.append(steps[w.label] / r["wall"])
+                w.cpu.append(steps[w.label] / max(r["cpu"], 1e-9))
+                w.maxrss_kb = r["maxrss_kb"]
+        if args.profile:
+            for w in workers:
+                if w.label.startswith("offrl"):
+                    w.profile = w.ask({"profile": max(3, steps[w.label] // 2)})["profile"]
+    finally:
+        for w in workers:
+            w.close()
+    return workers
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a/b (rounds pair measurements taken under the same load)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def report(results: dict[str, list[Worker]], args: argparse.Namespace) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    header = (
+        f"{'algorithm':13s} {'implementation':24s} {'steps/s':>9s} {'steps/CPU-s':>12s} "
+        f"{'× d3rlpy':>9s} {'× (CPU)':>8s} {'peak RSS MB (+after import)':>28s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for algo, workers in results.items():
+        ref = next((w for w in workers if w.label == "d3rlpy"), None)
+        for w in workers:
+            row: dict[str, Any] = {
+                "algorithm": algo,
+                "implementation": w.label,
+                "steps_per_s": round(statistics.median(w.wall), 2),
+                "steps_per_cpu_s": round(statistics.median(w.cpu), 2),
+                "peak_rss_mb": round(w.maxrss_kb / 1024, 1),
+                "rss_growth_mb": round((w.maxrss_kb - w.ready["rss_import_kb"]) / 1024, 1),
+            }
+            if ref is not None:
+                row["ratio"] = round(paired_ratio(w.wall, ref.wall), 2)
+                row["ratio_cpu"] = round(paired_ratio(w.cpu, ref.cpu), 2)
+            if w.profile is not None:
+                row["profile_ms_per_step"] = w.profile
+            rows.append(row)
+            ratio = (
+                f"{row['ratio']:9.2f} {row['ratio_cpu']:8.2f}" if ref is not None else f"{'-':>9s} {'-':>8s}"
+            )
+            print(
+                f"{algo:13s} {w.label:24s} {row['steps_per_s']:9.1f} {row['steps_per_cpu_s']:12.1f} {ratio} "
+                f"{row['peak_rss_mb']:17.0f} (+{row['rss_growth_mb']:.0f})"
+            )
+    if args.profile:
+        print("\nwhere a step's time goes (ms per step, torch.profiler self times; profiling adds overhead)")
+        for row in rows:
+            if "profile_ms_per_step" in row:
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in row["profile_ms_per_step"].items())
+                print(f"  {row['algorithm']:13s} {row['implementation']:24s} {parts}")
+    return {"rows": rows, "goals": GOALS}
+
+
+def machine(threads: int) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "threads": threads,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in every worker")
+    p.add_argument("--rounds", type=int, default=5, help="measurement rounds; medians are reported")
+    p.add_argument("--seconds", type=float, default=3.0, help="wall seconds per implementation per round")
+    p.add_argument(
+        "--d3rlpy-python",
+        type=Path,
+        default=Path("/tmp/d3venv/bin/python"),
+        help="python of a virtualenv with d3rlpy installed (skipped with a message if absent)",
+    )
+    p.add_argument(
+        "--offrl-src", type=Path, default=None, help="also run the offrl package found in this folder"
+    )
+    p.add_argument("--compile", action="store_true", help="also run offrl with torch.compile (slow to start)")
+    p.add_argument("--profile", action="store_true", help="also break one offrl step down by kind of work")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 1 s: a smoke run")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=("offrl", "d3rlpy"), help=argparse.SUPPRESS)
+    p.add_argument("--algo", choices=ALGOS, help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--compile-mode", dest="compile_mode", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        args.compile = args.compile_mode
+        return worker_main(args)
+    if args.quick:
+        args.rounds, args.seconds = 2, 1.0
+    if args.d3rlpy_python is not None and not args.d3rlpy_python.exists():
+        print(
+            f"d3rlpy: {args.d3rlpy_python} not found, so offrl runs alone. Install it in its own venv:\n"
+            "  python3 -m venv /tmp/d3venv && /tmp/d3venv/bin/pip install torch==2.13.0 && "
+            "/tmp/d3venv/bin/pip install d3rlpy",
+            file=sys.stderr,
+        )
+        args.d3rlpy_python = None
+    info = machine(args.threads)
+    print(
+        f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads, "
+        f"load average {info['load_average']}"
+    )
+    results = {algo: run_algo(algo, args) for algo in args.algos}
+    out = report(results, args)
+    if args.json is not None:
+        out["machine"] = info
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
