@@ -1,0 +1,614 @@
+"""The one environment-interaction loop of the online baselines (SAC, DQN, PPO).
+
+The loop owns the environments, the storage (replay or rollout buffer), evaluation, logging,
+checkpoints and the run directory; an algorithm only answers three hooks:
+
+    make_storage()                                   -> ReplayBuffer | RolloutBuffer
+    act_for_collection(obs, env_steps, total_steps)  -> actions in learning units, extras to store
+    learn(storage, env_steps, total_steps)           -> metrics of the updates now due (maybe none)
+
+One iteration steps every sub-environment once, stores the transition, and calls ``learn``: an
+off-policy algorithm updates every ``train_freq`` iterations from its replay buffer, an on-policy
+one updates when its rollout is full and then empties it. Sub-environments run with gymnasium's
+same-step autoreset: the step that ends an episode reports the true final observation in
+``infos["final_obs"]`` (stored as ``next_obs``) and the reset observation as the next ``obs``, so
+no stored transition crosses an episode boundary; time-limit truncations are stored as timeouts,
+which targets bootstrap through. Evaluation and checkpoints happen only where the storage can be
+saved (always for a replay buffer, between rollouts for PPO), logging against environment steps.
+
+Run directory (as the offline trainer's, see docs/online.md):
+
+    RUN_DIR/config.toml  RUN_DIR/run.json  RUN_DIR/checkpoints/step_NNNNNNNNN/  RUN_DIR/policy/
+    RUN_DIR/metrics.jsonl  RUN_DIR/tb/  RUN_DIR/eval.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from offrl import config as cfgmod
+from offrl.algos.base import OfflineAlgorithm
+from offrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_latest
+from offrl.config import option
+from offrl.errors import CheckpointError, ConfigError, OfflineRLError
+from offrl.logger import JsonlLogger, Logger, MultiLogger, TensorboardLogger, progress_enabled
+from offrl.online.buffer import ReplayBuffer, RolloutBuffer, Transition
+from offrl.utils import atomic_write_json, atomic_write_text, package_versions
+
+Storage = ReplayBuffer | RolloutBuffer
+
+
+class OnlineDiverged(OfflineRLError):
+    """A loss became NaN or infinite; the run directory stays at its last checkpoint."""
+
+
+class OnlineAlgorithm(OfflineAlgorithm):
+    """Base of the online baselines: networks, optimisers, generator, state and policy export come
+    from :class:`OfflineAlgorithm`; the loop calls the hooks below. Every config has ``num_envs``.
+    """
+
+    on_policy: ClassVar[bool] = False
+
+    @property
+    def num_envs(self) -> int:
+        return int(self.config.num_envs)
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Environment steps between the points where the storage can be checkpointed."""
+        return self.num_envs
+
+    def make_storage(self) -> Storage:
+        raise NotImplementedError
+
+    def act_for_collection(
+        self, obs: Tensor, env_steps: int, total_steps: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Exploratory actions for (N, obs_dim) observations, in learning units, plus per-step extras
+        (e.g. log-probabilities) that the storage keeps with the transition."""
+        raise NotImplementedError
+
+    def learn(self, storage: Storage, env_steps: int, total_steps: int) -> list[dict[str, Tensor]]:
+        """Run the updates due after ``env_steps`` environment steps; one metrics dict per update."""
+        raise NotImplementedError
+
+
+# -- algorithms by name ---------------------------------------------------------------------------
+_MODULES = {"sac": "offrl.online.sac", "dqn": "offrl.online.dqn", "ppo": "offrl.online.ppo"}
+
+
+def algorithm_names() -> list[str]:
+    return sorted(_MODULES)
+
+
+def algorithm_class(name: str, action_space: gym.Space) -> type[OnlineAlgorithm]:
+    """The online algorithm ``name`` for an action space (PPO has both variants)."""
+    if name not in _MODULES:
+        raise ConfigError(f"unknown online algorithm {name!r}; available: {', '.join(algorithm_names())}")
+    module = importlib.import_module(_MODULES[name])
+    discrete = isinstance(action_space, gym.spaces.Discrete)
+    for cls in module.ALGORITHMS:
+        if cls.discrete == discrete:
+            return cls
+    kind = "discrete" if discrete else "continuous"
+    raise ConfigError(f"online algorithm {name!r} has no {kind} variant; the action space is {action_space}")
+
+
+# -- configuration ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OnlineTrainConfig:
+    steps: int | None = option(None, "environment steps to train for (summed over sub-environments)")
+    eval_every: int = option(5000, "evaluate every k environment steps (0: only at the end)")
+    eval_episodes: int = option(10, "episodes per evaluation (deterministic actions)")
+    eval_envs: int = option(5, "parallel environments used by evaluation (results do not depend on it)")
+    eval_seed: int = option(10_000, "seed of evaluation episodes (separate from the training seed)")
+    checkpoint_every: int = option(
+        50_000, "checkpoint and export the policy every k environment steps (0: only at the end)"
+    )
+    keep_checkpoints: int = option(
+        1, "how many most recent checkpoints to keep (each holds the replay buffer)"
+    )
+    log_every: int = option(1000, "environment steps between metric reads (the loop's only metric syncs)")
+    threads: int = option(1, "torch intra-op threads (small networks run fastest on one)")
+    max_episode_steps: int | None = option(
+        None, "time limit of training and evaluation episodes; none: the environment's own"
+    )
+    stop_return: float | None = option(
+        None, "stop once an evaluation's mean return reaches this value; none: run all steps"
+    )
+
+
+@dataclass(frozen=True)
+class OnlineRunConfig:
+    """An online run: algorithm, environment, seed, device, the loop's and the algorithm's settings."""
+
+    algo: str
+    env: str
+    seed: int = 0
+    device: str = "cpu"
+    train: OnlineTrainConfig = OnlineTrainConfig()
+    algo_config: Any = None
+
+    def to_toml(self) -> str:
+        return cfgmod.dumps_toml(
+            {
+                "algo": self.algo,
+                "env": self.env,
+                "seed": self.seed,
+                "device": self.device,
+                "train": cfgmod.to_dict(self.train),
+                "algo_config": cfgmod.to_dict(self.algo_config),
+            }
+        )
+
+
+def _spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+    try:
+        probe = gym.make(env_id)
+    except gym.error.Error as exc:
+        raise ConfigError(f"cannot make environment {env_id!r}: {exc}") from None
+    spaces = probe.observation_space, probe.action_space
+    probe.close()
+    return spaces
+
+
+_TOP_KEYS = ("algo", "env", "seed", "device")
+
+
+def resolve_online_config(
+    algo: str | None,
+    env: str | None,
+    *,
+    seed: int | None = None,
+    device: str | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> OnlineRunConfig:
+    """Defaults ← config file ← arguments and ``overrides`` (``--set``), validated.
+
+    Plain override keys are looked up in the algorithm's config, then the loop's; ``train.k`` and
+    ``algo.k`` address one explicitly. Unknown keys are errors that list the valid ones.
+    """
+    doc: dict[str, Any] = {}
+    if config_file is not None:
+        doc = cfgmod.read_toml(config_file)
+        unknown = set(doc) - {*_TOP_KEYS, "train", "algo_config"}
+        if unknown:
+            raise ConfigError(
+                f"{config_file}: unknown top-level key(s) {sorted(unknown)}; "
+                f"valid: {sorted([*_TOP_KEYS, 'train', 'algo_config'])}"
+            )
+    src = str(config_file) if config_file is not None else "arguments"
+    if algo is not None and doc.get("algo", algo) != algo:
+        raise ConfigError(f"{config_file}: configures algorithm {doc['algo']!r}, but --algo is {algo!r}")
+    top: dict[str, Any] = {k: doc[k] for k in _TOP_KEYS if k in doc}
+    top.update(
+        {k: v for k, v in (("algo", algo), ("env", env), ("seed", seed), ("device", device)) if v is not None}
+    )
+    train_d: dict[str, Any] = dict(doc.get("train", {}))
+    algo_d: dict[str, Any] = dict(doc.get("algo_config", {}))
+    overrides = dict(overrides or {})
+    for k in ("seed", "device", "env"):
+        if k in overrides:
+            top[k] = overrides.pop(k)
+    if "algo" not in top or "env" not in top:
+        raise ConfigError(f"{src}: the algorithm and the environment are required (--algo, --env)")
+    train_keys = {f.name for f in dataclasses.fields(OnlineTrainConfig)}
+    _, act_space = _spaces(str(top["env"]))
+    algo_cls = algorithm_class(str(top["algo"]), act_space)
+    algo_keys = {f.name for f in dataclasses.fields(algo_cls.Config)}
+    for key, value in overrides.items():
+        if key.startswith("train."):
+            train_d[key[6:]] = value
+        elif key.startswith(("algo.", "algo_config.")):
+            algo_d[key.split(".", 1)[1]] = value
+        elif key in algo_keys:
+            algo_d[key] = value
+        elif key in train_keys:
+            train_d[key] = value
+        else:
+            valid = ["seed", "device", "env", *sorted(f"train.{k}" for k in train_keys), *sorted(algo_keys)]
+            raise ConfigError(
+                f"unknown setting {key!r} for online '{top['algo']}'; valid: {', '.join(valid)}"
+            )
+    try:
+        run_seed = int(top.get("seed", 0))
+    except ValueError:
+        raise ConfigError(f"{src}: seed must be an integer, got {top['seed']!r}") from None
+    return OnlineRunConfig(
+        algo=str(top["algo"]),
+        env=str(top["env"]),
+        seed=run_seed,
+        device=str(top.get("device", "cpu")),
+        train=cfgmod.from_dict(OnlineTrainConfig, train_d, f"{src} [train]"),
+        algo_config=cfgmod.from_dict(algo_cls.Config, algo_d, f"{src} [algo_config] ('{top['algo']}')"),
+    )
+
+
+def load_online_config(run_dir: str | os.PathLike[str]) -> OnlineRunConfig:
+    """The config a run directory was started with."""
+    return resolve_online_config(None, None, config_file=Path(run_dir) / "config.toml")
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def reset_seed(seed: int, env_steps: int, index: int) -> int:
+    """Reset seed of sub-environment ``index`` when episodes (re)start after ``env_steps`` steps."""
+    return int(np.random.SeedSequence(seed, spawn_key=(env_steps, index)).generate_state(1)[0])
+
+
+class _Accumulator:
+    """Sums per-update metrics on the device; :meth:`read` is the one host sync per log interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.keys: list[str] | None = None
+        self.sums: Tensor | None = None
+        self.count = 0
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        if self.keys is None:
+            self.keys = list(metrics)
+        vals = torch.stack(
+            [torch.as_tensor(metrics[k], device=self.device).float().reshape(()) for k in self.keys]
+        )
+        self.sums = vals if self.sums is None else self.sums + vals
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        if self.sums is None or self.keys is None:
+            return {}
+        means = dict(zip(self.keys, (self.sums / self.count).tolist()))
+        self.sums, self.count = None, 0
+        return means
+
+
+@dataclass
+class OnlineResult:
+    run_dir: Path
+    env_steps: int
+    updates: int
+    final_eval: dict[str, Any] | None
+    steps_per_second: float
+    stopped_early: bool
+
+
+class OnlineTrainer:
+    """Trains one online run. Construct with a config and a run directory; call :meth:`run`."""
+
+    def __init__(self, cfg: OnlineRunConfig, run_dir: str | os.PathLike[str]) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+        if cfg.train.steps is None or cfg.train.steps <= 0:
+            raise ConfigError(f"give a positive number of environment steps (--steps), got {cfg.train.steps}")
+        torch.set_num_threads(cfg.train.threads)
+        obs_space, act_space = _spaces(cfg.env)
+        algo_cls = algorithm_class(cfg.algo, act_space)
+        self.algo = algo_cls(cfg.algo_config, obs_space, act_space, device=self.device, seed=cfg.seed)
+        self.storage = self.algo.make_storage()
+        unit = self.algo.steps_per_iteration
+        self.total_steps = math.ceil(cfg.train.steps / unit) * unit
+        self.env_steps = 0
+        self.episodes = 0
+        self.logger: Logger | None = None
+
+    def describe_schedule(self) -> str:
+        a, t = self.algo, self.cfg.train
+        msg = f"{self.cfg.algo} on {self.cfg.env}: {self.total_steps} environment steps in {a.num_envs} sub-env(s)"
+        if self.algo.on_policy:
+            msg += f", rollouts of {a.steps_per_iteration} steps"
+        if self.total_steps != t.steps:
+            msg += (
+                f" ({t.steps} asked for, rounded up to whole {'rollouts' if a.on_policy else 'vector steps'})"
+            )
+        return msg
+
+    # -- environments ----------------------------------------------------------------------------------
+    def _make_envs(self) -> gym.vector.SyncVectorEnv:
+        kwargs: dict[str, Any] = {}
+        if self.cfg.train.max_episode_steps is not None:
+            kwargs["max_episode_steps"] = self.cfg.train.max_episode_steps
+        env_id = self.cfg.env
+        return gym.vector.SyncVectorEnv(
+            [lambda: gym.make(env_id, **kwargs) for _ in range(self.algo.num_envs)],
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        )
+
+    def _obs_tensor(self, obs: np.ndarray) -> Tensor:
+        return torch.as_tensor(obs, dtype=torch.float32).reshape(obs.shape[0], -1).to(self.device)
+
+    def _to_env(self, actions: Tensor) -> np.ndarray:
+        space = self.algo.action_space
+        if isinstance(space, gym.spaces.Discrete):
+            return actions.cpu().numpy().astype(np.int64) + int(space.start)
+        scaler = self.algo.action_scaler
+        assert scaler is not None and isinstance(space, gym.spaces.Box)
+        out = scaler.from_unit(actions).cpu().numpy().astype(space.dtype)
+        return out.reshape(out.shape[0], *space.shape)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        ckdir = self.run_dir / "checkpoints"
+        name = f"step_{self.env_steps:09d}"
+        state = {
+            "algo": self.algo.state_dict(),
+            "storage": self.storage.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+        }
+        meta = {"algo": self.cfg.algo, "env_id": self.cfg.env, "env_steps": self.env_steps}
+        save_checkpoint(ckdir / name, state, meta)
+        write_latest(ckdir, name, {"env_steps": self.env_steps})
+        extra = {
+            "algo": self.cfg.algo,
+            "online": True,
+            "env_id": self.cfg.env,
+            "env_steps": self.env_steps,
+            "max_episode_steps": self.cfg.train.max_episode_steps,
+        }
+        self.algo.policy().save(self.run_dir / "policy", extra=extra)
+        keep = self.cfg.train.keep_checkpoints
+        if keep > 0:
+            for old in sorted(p for p in ckdir.glob("step_*") if p.is_dir())[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, folder: Path) -> None:
+        state, meta = load_checkpoint(folder, self.device)
+        if meta.get("algo") != self.cfg.algo:
+            raise CheckpointError(f"{folder}: a checkpoint of '{meta.get('algo')}', not '{self.cfg.algo}'")
+        self.algo.load_state_dict(state["algo"])
+        self.storage.load_state_dict(state["storage"])
+        torch.set_rng_state(state["torch_rng"])
+        self.env_steps = int(state["env_steps"])
+        self.episodes = int(state["episodes"])
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False, show_progress: bool | None = None) -> OnlineResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_json = self.run_dir / "run.json"
+        if resume:
+            ck = latest_checkpoint(self.run_dir / "checkpoints")
+            if ck is None:
+                raise ConfigError(f"{self.run_dir}: no checkpoint to resume from")
+            self._restore(ck)
+            info = json.loads(run_json.read_text()) if run_json.exists() else {}
+        else:
+            if (self.run_dir / "checkpoints").exists():
+                raise ConfigError(f"{self.run_dir} already holds a run; use --resume or another --out")
+            info = {
+                "env_id": cfg.env,
+                "online": True,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "package_versions": package_versions(),
+            }
+        atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
+        info.update({"status": "running", "total_env_steps": self.total_steps})
+        atomic_write_json(run_json, info)
+        self.logger = MultiLogger(
+            [JsonlLogger(self.run_dir / "metrics.jsonl"), TensorboardLogger(self.run_dir / "tb")]
+        )
+        show = progress_enabled() if show_progress is None else show_progress
+        bar = tqdm(
+            total=self.total_steps, initial=self.env_steps, disable=not show, unit="step", dynamic_ncols=True
+        )
+        envs = self._make_envs()
+        try:
+            final_eval, sps, stopped = self._loop(envs, bar)
+        except OnlineDiverged as exc:
+            info.update({"status": "diverged", "error": str(exc)})
+            atomic_write_json(run_json, info)
+            raise
+        finally:
+            envs.close()
+            bar.close()
+            self.logger.close()
+        if final_eval is not None:
+            atomic_write_json(self.run_dir / "eval.json", final_eval)
+        info.update(
+            {
+                "status": "finished",
+                "env_steps_done": self.env_steps,
+                "updates_done": self.algo.num_updates,
+                "stopped_early": stopped,
+            }
+        )
+        atomic_write_json(run_json, info)
+        return OnlineResult(self.run_dir, self.env_steps, self.algo.num_updates, final_eval, sps, stopped)
+
+    def _loop(self, envs: gym.vector.SyncVectorEnv, bar: tqdm) -> tuple[dict[str, Any] | None, float, bool]:
+        t, algo, storage = self.cfg.train, self.algo, self.storage
+        n = algo.num_envs
+        # episodes (re)start here with seeds derived from the step, so a resume restarts them afresh
+        obs_np, _ = envs.reset(seed=[reset_seed(self.cfg.seed, self.env_steps, i) for i in range(n)])
+        obs = self._obs_tensor(obs_np)
+        ep_return, ep_length = np.zeros(n), np.zeros(n, dtype=np.int64)
+        finished_returns: list[float] = []
+        finished_lengths: list[int] = []
+        acc = _Accumulator(self.device)
+        start_steps = self.env_steps
+        last_eval = last_ckpt = last_log = self.env_steps
+        final_eval: dict[str, Any] | None = None
+        t_start = time.perf_counter()
+        last_log_t, pause_total = t_start, 0.0
+        stopped = False
+        algo.train_mode(True)
+        while self.env_steps < self.total_steps:
+            actions, extras = algo.act_for_collection(obs, self.env_steps, self.total_steps)
+            next_obs_np, rewards, terminated, truncated, infos = envs.step(self._to_env(actions))
+            ended = terminated | truncated
+            true_next = next_obs_np
+            if ended.any():
+                true_next = np.array(next_obs_np)
+                for i in np.flatnonzero(ended):
+                    true_next[i] = infos["final_obs"][i]
+            storage.add(
+                Transition(
+                    obs=obs,
+                    actions=actions,
+                    rewards=torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
+                    next_obs=self._obs_tensor(true_next),
+                    terminals=torch.as_tensor(terminated, dtype=torch.float32, device=self.device),
+                    timeouts=torch.as_tensor(
+                        truncated & ~terminated, dtype=torch.float32, device=self.device
+                    ),
+                    extras=extras,
+                )
+            )
+            obs = self._obs_tensor(next_obs_np)
+            self.env_steps += n
+            ep_return += rewards
+            ep_length += 1
+            if ended.any():
+                for i in np.flatnonzero(ended):
+                    finished_returns.append(float(ep_return[i]))
+                    finished_lengths.append(int(ep_length[i]))
+                ep_return[ended], ep_length[ended] = 0.0, 0
+                self.episodes += int(ended.sum())
+            for metrics in algo.learn(storage, self.env_steps, self.total_steps):
+                acc.add(metrics)
+            bar.update(n)
+
+            if self.env_steps - last_log >= t.log_every:
+                now = time.perf_counter()
+                sps = (self.env_steps - last_log) / max(now - last_log_t, 1e-9)
+                self._log(acc, finished_returns, finished_lengths, sps, bar)
+                finished_returns, finished_lengths = [], []
+                last_log, last_log_t = self.env_steps, now
+            if not storage.can_checkpoint:
+                continue
+            t_pause = time.perf_counter()
+            is_last = self.env_steps >= self.total_steps
+            if (t.eval_every and self.env_steps // t.eval_every > last_eval // t.eval_every) or is_last:
+                final_eval = self._evaluate()
+                last_eval = self.env_steps
+                stopped = t.stop_return is not None and final_eval["mean"] >= t.stop_return
+            if (
+                stopped
+                or is_last
+                or (
+                    t.checkpoint_every
+                    and self.env_steps // t.checkpoint_every > last_ckpt // t.checkpoint_every
+                )
+            ):
+                self._save()
+                last_ckpt = self.env_steps
+            paused = time.perf_counter() - t_pause
+            last_log_t += paused  # steps/s counts collection and learning only
+            pause_total += paused
+            if stopped:
+                break
+        if acc.count or finished_returns:
+            now = time.perf_counter()
+            self._log(
+                acc,
+                finished_returns,
+                finished_lengths,
+                (self.env_steps - last_log) / max(now - last_log_t, 1e-9),
+                bar,
+            )
+        elapsed = time.perf_counter() - t_start - pause_total
+        sps = (self.env_steps - start_steps) / elapsed if elapsed > 0 else 0.0
+        return final_eval, sps, stopped
+
+    def _log(
+        self,
+        acc: _Accumulator,
+        returns: Sequence[float],
+        lengths: Sequence[int],
+        sps: float,
+        bar: tqdm,
+    ) -> None:
+        means = acc.read()
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise OnlineDiverged(
+                f"non-finite {', '.join(repr(k) for k in bad)} before environment step {self.env_steps}; "
+                f"the run is left at its last checkpoint in {self.run_dir}"
+            )
+        out = {f"train/{k}": v for k, v in means.items()}
+        out["train/updates"] = float(self.algo.num_updates)
+        out["train/episodes"] = float(self.episodes)
+        if returns:
+            out["train/episode_return"] = float(np.mean(returns))
+            out["train/episode_length"] = float(np.mean(lengths))
+        out["time/steps_per_second"] = sps
+        assert self.logger is not None
+        self.logger.log(self.env_steps, out)
+        postfix = {"steps/s": f"{sps:.0f}"}
+        if returns:
+            postfix["return"] = f"{np.mean(returns):.1f}"
+        bar.set_postfix(postfix, refresh=False)
+
+    def _evaluate(self) -> dict[str, Any]:
+        from offrl.evaluation import evaluate
+
+        t = self.cfg.train
+        self.algo.train_mode(False)
+        result = evaluate(
+            self.algo.policy(),
+            self.cfg.env,
+            episodes=t.eval_episodes,
+            seed=t.eval_seed,
+            num_envs=t.eval_envs,
+            max_episode_steps=t.max_episode_steps,
+        )
+        self.algo.train_mode(True)
+        assert self.logger is not None
+        self.logger.log(self.env_steps, {"eval/return_mean": result.mean, "eval/return_std": result.std})
+        return {**result.to_dict(), "env_steps": self.env_steps}
+
+
+# -- entry points ---------------------------------------------------------------------------------------
+def train_online(
+    algo: str | None,
+    env: str | None,
+    out: str | os.PathLike[str],
+    *,
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    show_progress: bool | None = None,
+    **settings: Any,
+) -> OnlineResult:
+    """Train ``algo`` online in ``env``; ``settings`` are algorithm or ``train.``-prefixed loop settings,
+    e.g. ``train_online("sac", "Pendulum-v1", "runs/sac", steps=20_000, learning_starts=1000,
+    **{"train.eval_every": 2000})``."""
+    overrides = dict(settings)
+    if steps is not None:
+        overrides["train.steps"] = steps
+    cfg = resolve_online_config(
+        algo, env, seed=seed, device=device, config_file=config_file, overrides=overrides
+    )
+    return OnlineTrainer(cfg, out).run(show_progress=show_progress)
+
+
+def resume_online(
+    run_dir: str | os.PathLike[str], *, steps: int | None = None, show_progress: bool | None = None
+) -> OnlineResult:
+    """Continue a run from its newest checkpoint up to its configured length (or ``steps`` in total)."""
+    cfg = load_online_config(run_dir)
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    return OnlineTrainer(cfg, run_dir).run(resume=True, show_progress=show_progress)

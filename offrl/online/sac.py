@@ -1,0 +1,204 @@
+"""Soft Actor-Critic (Haarnoja et al. 2018, with automatic entropy tuning), online, continuous actions.
+
+Defaults follow Stable-Baselines3 and CleanRL (``sac_continuous_action.py``): Adam 3e-4, batch 256,
+buffer 10⁶, 5000 uniform-random steps before learning, τ = 5e-3, γ = 0.99, twin (256, 256) critics,
+α tuned towards entropy −|A|. One update, in order: critic step on the soft TD target, actor step
+against the updated critics, α step, Polyak update of the target critics. One actor pass over
+``[s; s′]`` serves both the TD target (s′ half, detached) and the actor loss (s half): the critic
+step does not touch the actor, so the samples are still the current policy's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gymnasium as gym
+import torch
+from torch import Tensor, nn
+
+from offrl import nets
+from offrl.algos.base import adam, step
+from offrl.config import option
+from offrl.online.buffer import ReplayBuffer
+from offrl.online.loop import OnlineAlgorithm, Storage
+from offrl.policies.artifact import TorchPolicy
+from offrl.preprocess import ObsNormalizer
+from offrl.types import Batch
+
+
+@dataclass(frozen=True)
+class SACConfig:
+    """Defaults: Stable-Baselines3 SAC and CleanRL ``sac_continuous_action.py``."""
+
+    actor_hidden: tuple[int, ...] = option((256, 256), "actor MLP hidden sizes (SB3/CleanRL: 256, 256)")
+    critic_hidden: tuple[int, ...] = option((256, 256), "critic MLP hidden sizes (SB3/CleanRL: 256, 256)")
+    n_critics: int = option(2, "critics in the Q-ensemble (twin critics); targets use their minimum")
+    actor_lr: float = option(3e-4, "actor Adam learning rate (SB3 3e-4)")
+    critic_lr: float = option(3e-4, "critic Adam learning rate (SB3 3e-4; CleanRL 1e-3)")
+    alpha_lr: float = option(3e-4, "entropy temperature Adam learning rate")
+    batch_size: int = option(256, "transitions per gradient step")
+    buffer_size: int = option(1_000_000, "replay buffer capacity")
+    learning_starts: int = option(5000, "environment steps of uniform random actions before learning")
+    train_freq: int = option(1, "vector-env steps between training phases")
+    gradient_steps: int = option(1, "gradient steps per training phase")
+    gamma: float = option(0.99, "discount factor")
+    tau: float = option(5e-3, "Polyak rate of the target critics")
+    auto_alpha: bool = option(True, "tune the entropy temperature α towards the target entropy")
+    init_alpha: float = option(1.0, "initial entropy temperature α")
+    target_entropy: float | None = option(None, "target policy entropy for α tuning; none: −|A|")
+    num_envs: int = option(1, "parallel training sub-environments")
+    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+
+
+# -- losses (pure) -------------------------------------------------------------------------------
+def soft_td_target(
+    rewards: Tensor, terminals: Tensor, next_q: Tensor, next_log_prob: Tensor, alpha: Tensor, gamma: float
+) -> Tensor:
+    """r + γ(1 − terminal)·(min_e Q′_e(s′, a′) − α log π(a′|s′)): (B,), (B,), (E,B), (B,), () -> (B,)."""
+    return rewards + gamma * (1.0 - terminals) * (next_q.min(0).values - alpha * next_log_prob)
+
+
+def critic_loss(q: Tensor, target: Tensor) -> Tensor:
+    """Mean squared TD error, summed over critics: (E,B), (B,) -> ()."""
+    return (q - target).pow(2).mean(-1).sum()
+
+
+def actor_loss(q_pi: Tensor, log_prob: Tensor, alpha: Tensor) -> Tensor:
+    """E[α log π(a|s) − min_e Q_e(s, a)], a ~ π(·|s): (E,B), (B,), () -> ()."""
+    return (alpha * log_prob - q_pi.min(0).values).mean()
+
+
+def alpha_loss(log_alpha: Tensor, log_prob: Tensor, target_entropy: float) -> Tensor:
+    """Temperature loss; its gradient raises α while the entropy is below target: (), (B,) -> ()."""
+    return -(log_alpha * (log_prob + target_entropy).detach()).mean()
+
+
+class LogAlpha(nn.Module):
+    """log α as a module, so it is saved with the networks."""
+
+    def __init__(self, alpha: float, learn: bool) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(math.log(alpha)), requires_grad=learn)
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
+class SAC(OnlineAlgorithm):
+    """Soft Actor-Critic with twin critics and automatic entropy tuning (continuous actions)."""
+
+    name: ClassVar[str] = "sac"
+    discrete: ClassVar[bool] = False
+    Config: ClassVar[type] = SACConfig
+    config: SACConfig
+
+    def __init__(
+        self,
+        config: SACConfig,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        *,
+        normalizer: ObsNormalizer | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
+        )
+        cfg = config
+        self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
+        self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
+        self.nets["critic_target"] = nets.QEnsemble(
+            cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden
+        )
+        nets.hard_update(self.nets["critic_target"], self.nets["critic"])
+        nets.freeze(self.nets["critic_target"])
+        self.nets["log_alpha"] = LogAlpha(cfg.init_alpha, learn=cfg.auto_alpha)
+        self.nets.to(self.device)
+        self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
+        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
+        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
+        if cfg.auto_alpha:
+            self.optimizers["alpha"] = adam(self.nets["log_alpha"].parameters(), cfg.alpha_lr)
+
+    @property
+    def actor(self) -> nets.TanhGaussianActor:
+        return self.nets["actor"]  # type: ignore[return-value]
+
+    @property
+    def critic(self) -> nets.QEnsemble:
+        return self.nets["critic"]  # type: ignore[return-value]
+
+    @property
+    def critic_target(self) -> nets.QEnsemble:
+        return self.nets["critic_target"]  # type: ignore[return-value]
+
+    def target_networks(self) -> list[nn.Module]:
+        return [self.critic_target]
+
+    def policy(self) -> TorchPolicy:
+        return self._policy("tanh_gaussian", self.actor, self.config.actor_hidden)
+
+    # -- loop hooks --------------------------------------------------------------------------------
+    def make_storage(self) -> ReplayBuffer:
+        return ReplayBuffer(
+            self.config.buffer_size, self.obs_dim, self.act_dim, discrete=False, device=self.device
+        )
+
+    @torch.no_grad()
+    def act_for_collection(
+        self, obs: Tensor, env_steps: int, total_steps: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if env_steps < self.config.learning_starts:
+            shape = (obs.shape[0], self.act_dim)
+            return torch.rand(shape, generator=self.generator, device=self.device) * 2.0 - 1.0, {}
+        return self.actor.sample(self.normalizer(obs), self.generator)[0], {}
+
+    def learn(self, storage: Storage, env_steps: int, total_steps: int) -> list[dict[str, Tensor]]:
+        cfg = self.config
+        assert isinstance(storage, ReplayBuffer)
+        if env_steps < cfg.learning_starts or (env_steps // self.num_envs) % cfg.train_freq:
+            return []
+        return [
+            self.update(storage.sample(cfg.batch_size, self.generator)) for _ in range(cfg.gradient_steps)
+        ]
+
+    # -- update ------------------------------------------------------------------------------------
+    def update(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.config
+        obs, next_obs = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
+        b = obs.shape[0]
+        pi, log_pi = self.actor.sample(torch.cat([obs, next_obs]), self.generator)  # (2B, A), (2B,)
+        log_alpha = self.nets["log_alpha"]()
+        alpha = log_alpha.detach().exp()
+        with torch.no_grad():
+            next_q = self.critic_target(next_obs, pi[b:])
+            target = soft_td_target(batch.rewards, batch.terminals, next_q, log_pi[b:], alpha, cfg.gamma)
+        q = self.critic(obs, batch.actions)
+        c_loss = critic_loss(q, target)
+        step(self.optimizers["critic"], c_loss, self.critic.parameters(), cfg.max_grad_norm)
+
+        # the critic's weights enter as constants: the actor loss moves the actor only
+        frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
+        q_pi = torch.func.functional_call(self.critic, frozen, (obs, pi[:b]))
+        a_loss = actor_loss(q_pi, log_pi[:b], alpha)
+        step(self.optimizers["actor"], a_loss, self.actor.parameters(), cfg.max_grad_norm)
+        metrics = {
+            "critic_loss": c_loss.detach(),
+            "actor_loss": a_loss.detach(),
+            "q_mean": q.detach().mean(),
+            "alpha": alpha,
+            "entropy": -log_pi[:b].detach().mean(),
+        }
+        if cfg.auto_alpha:
+            al = alpha_loss(log_alpha, log_pi[:b], self.target_entropy)
+            step(self.optimizers["alpha"], al)
+            metrics["alpha_loss"] = al.detach()
+        nets.soft_update(self.critic_target, self.critic, cfg.tau)
+        self.num_updates += 1
+        return metrics
+
+
+ALGORITHMS = (SAC,)
