@@ -9,17 +9,11 @@ Files are cached in the data directory (``$OFFRL_DATA_DIR``, default ``~/.offrl/
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import gymnasium as gym
-
-from offrl.data.format import read_raw
-from offrl.data.recorder import record
-from offrl.data.writer import DatasetWriter
 from offrl.errors import DatasetError
-from offrl.policies import resolve_policy
+from offrl.suites import record_components
 
 
 @dataclass(frozen=True)
@@ -98,44 +92,17 @@ def build(name: str, out: str | os.PathLike[str] | None = None, *, progress: boo
         raise DatasetError(name, f"unknown built-in dataset; known: {', '.join(RECIPES)}")
     recipe = RECIPES[name]
     dest = Path(out) if out is not None else dataset_path(name)
-    probe = gym.make(recipe.env_id)
-    obs_space, act_space = probe.observation_space, probe.action_space
-    probe.close()
-    with tempfile.TemporaryDirectory(prefix="offrl-build-") as tmp:
-        parts = []
-        for i, comp in enumerate(recipe.components):
-            seed = recipe.seed * 1000 + i * 100
-            policy = resolve_policy(comp.policy, obs_space, act_space, seed=seed)
-            part = Path(tmp) / f"part{i}.h5"
-            record(
-                recipe.env_id,
-                policy,
-                episodes=comp.episodes,
-                seed=seed,
-                out=part,
-                num_envs=1,
-                deterministic=False,
-                progress=progress,
-                policy_description=comp.policy,
-            )
-            parts.append(part)
-        with DatasetWriter(
-            dest,
-            obs_space,
-            act_space,
-            env_id=recipe.env_id,
-            metadata={"recipe": recipe.name, "description": recipe.description, "seed": recipe.seed},
-            ref_min_return=recipe.ref_min_return,
-            ref_max_return=recipe.ref_max_return,
-        ) as w:
-            raws = [read_raw(part) for part in parts]
-            if any(
-                r.action_log_probs is None for r in raws
-            ):  # a deterministic component: none can carry them
-                for r in raws:
-                    r.action_log_probs = None
-            for r in raws:
-                w.add_raw(r)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    record_components(
+        recipe.env_id,
+        recipe.components,
+        recipe.seed,
+        dest,
+        metadata={"recipe": recipe.name, "description": recipe.description, "seed": recipe.seed},
+        ref_min_return=recipe.ref_min_return,
+        ref_max_return=recipe.ref_max_return,
+        progress=progress,
+    )
     return dest
 
 

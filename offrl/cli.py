@@ -193,19 +193,53 @@ def _cmd_algos(args: argparse.Namespace) -> int:
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    from offrl import builtin
+    from offrl import builtin, suites
 
+    specs = suites.all_specs()
     if args.action == "list":
+        print(f"{'name':<44} {'env':<26} {'level':<14} {'transitions':>11} {'score':>6}  local")
         for name, recipe in builtin.RECIPES.items():
-            built = "built" if builtin.dataset_path(name).exists() else "not built"
-            print(f"{name:<28} {recipe.env_id:<14} {built:<10} {recipe.description}")
-        print(f"\ndata directory: {builtin.data_dir()} (set OFFRL_DATA_DIR to move it)")
+            built = "yes" if builtin.dataset_path(name).exists() else "-"
+            print(f"{name:<44} {recipe.env_id:<26} {'mixed':<14} {'':>11} {'':>6}  {built}")
+        for name, spec in specs.items():
+            local = "yes" if builtin.dataset_path(name).exists() else "-"
+            score = spec.built.get("normalized_score")
+            score_s = f"{score:6.1f}" if score is not None else f"{'?':>6}"
+            print(
+                f"{name:<44} {spec.env.env_id:<26} {spec.level:<14} {spec.transitions:>11,} {score_s}  {local}"
+            )
+        print(
+            f"\nscore: normalised score of the behaviour data (0 random, 100 expert reference)."
+            f"\ndata directory: {builtin.data_dir()} (set OFFRL_DATA_DIR to move it); "
+            f"manifests: {suites.suites_dir()}"
+        )
         return 0
     if not args.name:
-        raise OfflineRLError("datasets build: name the dataset (see `offrl datasets list`)")
-    path = builtin.build(args.name, args.out)
-    print(f"wrote {path}")
-    return 0
+        raise OfflineRLError("datasets build: name a dataset or a suite (see `offrl datasets list`)")
+    if args.name in builtin.RECIPES:
+        print(f"wrote {builtin.build(args.name, args.out)}")
+        return 0
+    names = [n for n in specs if n == args.name or n.startswith(args.name.rstrip("/") + "/")]
+    if not names:
+        known = ", ".join([*builtin.RECIPES, *sorted({s.suite for s in specs.values()})])
+        raise OfflineRLError(f"datasets build {args.name}: no such dataset or suite; known: {known}, …")
+    if args.out and len(names) > 1:
+        raise OfflineRLError(f"datasets build {args.name}: --out takes one dataset, this names {len(names)}")
+    failed = 0
+    for name in names:
+        if args.out is None and builtin.dataset_path(name).exists() and not args.force:
+            print(f"{name}: already built at {builtin.dataset_path(name)} (--force rebuilds)")
+            continue
+        path, record = suites.build(name, args.out)
+        print(
+            f"{name}: {record['transitions']:,} transitions, {record['episodes']} episodes, mean return "
+            f"{record['mean_return']:.1f}, normalised score {record['normalized_score']:.1f} -> {path}"
+        )
+        problem = suites.mismatch(specs[name], record)
+        if problem:
+            failed += 1
+            print(f"{name}: WARNING {problem}", file=sys.stderr)
+    return 1 if failed and args.strict else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -381,8 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="list or build the named datasets offrl can make itself")
     p.add_argument("action", choices=["list", "build"])
-    p.add_argument("name", nargs="?")
+    p.add_argument(
+        "name", nargs="?", help="a dataset (classic/cartpole-medium), a suite (classic) or builtin/…"
+    )
     p.add_argument("--out", help="destination file (default: the data directory)")
+    p.add_argument("--force", action="store_true", help="rebuild datasets already in the data directory")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 if a build's arrays differ from the manifest's SHA-256"
+    )
     p.set_defaults(func=_cmd_datasets)
 
     p = sub.add_parser("bench", help="run a benchmark grid (algorithms × datasets × seeds) into records")
@@ -440,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="torch intra-op threads for FQE (small nets: 1 is fastest)"
     )
     p.set_defaults(func=_cmd_ope)
+
+    from offrl.iterate import add_parser as add_iterate_parser
+
+    add_iterate_parser(sub)  # `offrl iterate`; dispatched through func like the others
     return parser
 
 

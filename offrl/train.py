@@ -202,6 +202,26 @@ def build_algorithm(cfg: RunConfig, dataset: TransitionDataset) -> OfflineAlgori
     return algo
 
 
+def load_initial_weights(algo: OfflineAlgorithm, source: str | os.PathLike[str]) -> Path:
+    """Copy the networks (normaliser included) of a finished run's newest checkpoint, or of a checkpoint
+    folder, into ``algo``; optimisers, RNG and counters stay fresh. Returns the checkpoint used."""
+    folder = Path(source)
+    if (folder / "checkpoints").is_dir():
+        ck = latest_checkpoint(folder / "checkpoints")
+        if ck is None:
+            raise ConfigError(f"{source}: the run has no complete checkpoint to start from")
+        folder = ck
+    state, _ = load_checkpoint(folder, algo.device)
+    try:
+        algo.nets.load_state_dict(state["algo"]["nets"])
+    except (KeyError, RuntimeError) as exc:
+        raise ConfigError(
+            f"{folder}: its weights do not fit this '{algo.name}' configuration (same algorithm and "
+            f"network sizes needed to start from them): {exc}"
+        ) from None
+    return folder
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -215,7 +235,12 @@ class Trainer:
     """Trains one run in full passes. Construct with a config, call :meth:`run`; or :meth:`resume`."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: str | os.PathLike[str], *, dataset: TransitionDataset | None = None
+        self,
+        cfg: RunConfig,
+        run_dir: str | os.PathLike[str],
+        *,
+        dataset: TransitionDataset | None = None,
+        init_from: str | os.PathLike[str] | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -225,6 +250,8 @@ class Trainer:
         torch.set_num_threads(cfg.train.threads)
         self.dataset = dataset if dataset is not None else TransitionDataset.load(cfg.dataset, self.device)
         self.algo = build_algorithm(cfg, self.dataset)
+        # warm start: before prepare_dataset, which applies the (then loaded) observation normaliser
+        self.init_from = None if init_from is None else load_initial_weights(self.algo, init_from)
         self.train_data = self.algo.prepare_dataset(self.dataset)
         batch_size = int(cfg.algo_config.batch_size)
         self.sampler = self.train_data.sampler(batch_size, seed=cfg.seed, drop_last=cfg.train.drop_last)
@@ -328,6 +355,8 @@ class Trainer:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "package_versions": package_versions(),
             }
+            if self.init_from is not None:
+                info["init_from"] = str(self.init_from)
         atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
         info.update({"status": "running", "total_passes": self.total_passes})
         atomic_write_json(run_json, info)
@@ -486,10 +515,12 @@ def fit(
     device: str = "cpu",
     config_file: str | os.PathLike[str] | None = None,
     show_progress: bool | None = None,
+    init_from: str | os.PathLike[str] | None = None,
     **settings: Any,
 ) -> RunResult:
     """Train ``algo`` on a dataset file in full passes; ``settings`` are algorithm or ``train.``-prefixed
-    trainer settings, e.g. ``fit("cql", "data.h5", "runs/cql", epochs=10, cql_alpha=5.0, eval_every=0)``."""
+    trainer settings, e.g. ``fit("cql", "data.h5", "runs/cql", epochs=10, cql_alpha=5.0, eval_every=0)``.
+    ``init_from`` (a run directory or checkpoint folder) warm-starts the networks from its weights."""
     from offrl.data.format import read_raw
 
     action_space = read_raw(dataset).action_space
@@ -507,7 +538,7 @@ def fit(
         config_file=config_file,
         overrides=overrides,
     )
-    return Trainer(cfg, out).run(show_progress=show_progress)
+    return Trainer(cfg, out, init_from=init_from).run(show_progress=show_progress)
 
 
 def resume(

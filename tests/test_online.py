@@ -283,6 +283,17 @@ def test_periodic_checkpoints_are_pruned(tmp_path: Path) -> None:
     assert kept == ["step_000000300", "step_000000350"]
 
 
+def test_snapshots_keep_every_evaluated_policy(tmp_path: Path) -> None:
+    more = {"train.eval_every": 64, "train.snapshots": True}
+    OnlineTrainer(_config(("ppo", "CartPole-v1"), 192, **more), tmp_path / "r").run(show_progress=False)
+    snaps = sorted(p.name for p in (tmp_path / "r" / "snapshots").glob("step_*"))
+    assert snaps == ["step_000000064", "step_000000128", "step_000000192"]
+    info = json.loads((tmp_path / "r" / "snapshots" / snaps[0] / "policy.json").read_text())
+    assert info["env_steps"] == 64 and info["evaluation"]["env_steps"] == 64 and "mean" in info["evaluation"]
+    first, last = load_policy(tmp_path / "r" / "snapshots" / snaps[0]), load_policy(tmp_path / "r" / "policy")
+    assert not torch.equal(first.net.state_dict()["net.0.weight"], last.net.state_dict()["net.0.weight"])
+
+
 def test_sac_update_leaves_targets_to_polyak(tmp_path: Path) -> None:
     cfg = _config(("sac", "Pendulum-v1"), 1)
     algo = sac.SAC(cfg.algo_config, *_pendulum_spaces())

@@ -29,7 +29,7 @@ def pendulum(name: str = "pendulum", seed: int | None = 0):
 
 
 def test_registry_lists_every_controller() -> None:
-    assert set(SCRIPTED) == {"cartpole", "pendulum", "cartpole_anti"}
+    assert set(SCRIPTED) == {"cartpole", "pendulum", "cartpole_anti", "mountaincar"}
     assert all(isinstance(v, str) and v for v in SCRIPTED.values())
 
 
@@ -45,6 +45,14 @@ def test_pendulum_swings_up_and_random_does_not() -> None:
     assert scripted.min >= -450.0
     random = evaluate(RandomPolicy(PENDULUM.action_space, seed=0), "Pendulum-v1", episodes=10, seed=0)
     assert random.mean <= -900.0
+
+
+def test_mountaincar_reaches_the_flag_above_the_threshold() -> None:
+    env = gym.make("MountainCarContinuous-v0")
+    policy = make_scripted("mountaincar", env.observation_space, env.action_space)
+    result = evaluate(policy, "MountainCarContinuous-v0", episodes=10, seed=3, num_envs=5)
+    assert min(result.returns) > 90.0  # reward_threshold; each episode reaches the flag (+100)
+    assert max(result.lengths) < 999
 
 
 def test_pendulum_torque_within_bounds() -> None:

@@ -232,17 +232,36 @@ def execute_cell(cell_data: dict[str, Any], results_dir: str, attempt: int) -> d
             }
         )
         return record
+    record = finished_record(
+        cell, run_dir, results, outcome, attempt=attempt, resumed=resume, wall_time_s=time.perf_counter() - t0
+    )
+    atomic_write_json(results / "records" / f"{cell.cell_id}.json", record)
+    return record
+
+
+def finished_record(
+    cell: Cell,
+    run_dir: Path,
+    results: Path,
+    outcome: CellOutcome,
+    *,
+    attempt: int = 1,
+    resumed: bool = False,
+    wall_time_s: float,
+) -> dict[str, Any]:
+    """The record of ``cell`` whose run finished in ``run_dir`` (also written by ``offrl iterate``)."""
     evaluations = read_evaluations(run_dir)
     run_info = _read_json(run_dir / "run.json") or {}
+    record = _base_record(cell, attempt)
     record.update(
         {
             "status": "finished",
             "error": None,
-            "resumed": resume,
+            "resumed": resumed,
             "x_unit": outcome.x_unit,
             "steps": outcome.steps,
             "steps_per_second": outcome.steps_per_second,
-            "wall_time_s": time.perf_counter() - t0,
+            "wall_time_s": wall_time_s,
             "evaluations": evaluations,
             "final": _final(run_dir, evaluations),
             "best_during_training": _best(evaluations),
@@ -252,7 +271,6 @@ def execute_cell(cell_data: dict[str, Any], results_dir: str, attempt: int) -> d
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
     )
-    atomic_write_json(results / "records" / f"{cell.cell_id}.json", record)
     return record
 
 

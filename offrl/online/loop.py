@@ -133,6 +133,11 @@ class OnlineTrainConfig:
     stop_return: float | None = option(
         None, "stop once an evaluation's mean return reaches this value; none: run all steps"
     )
+    snapshots: bool = option(
+        False,
+        "keep the policy of every evaluation in RUN_DIR/snapshots/step_N/ with that evaluation's "
+        "result (the sequence behind medium-replay datasets)",
+    )
 
 
 @dataclass(frozen=True)
@@ -359,18 +364,24 @@ class OnlineTrainer:
         meta = {"algo": self.cfg.algo, "env_id": self.cfg.env, "env_steps": self.env_steps}
         save_checkpoint(ckdir / name, state, meta)
         write_latest(ckdir, name, {"env_steps": self.env_steps})
-        extra = {
+        self.algo.policy().save(self.run_dir / "policy", extra=self._policy_extra())
+        keep = self.cfg.train.keep_checkpoints
+        if keep > 0:
+            for old in sorted(p for p in ckdir.glob("step_*") if p.is_dir())[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _policy_extra(self) -> dict[str, Any]:
+        return {
             "algo": self.cfg.algo,
             "online": True,
             "env_id": self.cfg.env,
             "env_steps": self.env_steps,
             "max_episode_steps": self.cfg.train.max_episode_steps,
         }
-        self.algo.policy().save(self.run_dir / "policy", extra=extra)
-        keep = self.cfg.train.keep_checkpoints
-        if keep > 0:
-            for old in sorted(p for p in ckdir.glob("step_*") if p.is_dir())[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+
+    def _snapshot(self, evaluation: dict[str, Any]) -> None:
+        folder = self.run_dir / "snapshots" / f"step_{self.env_steps:09d}"
+        self.algo.policy().save(folder, extra={**self._policy_extra(), "evaluation": evaluation})
 
     def _restore(self, folder: Path) -> None:
         state, meta = load_checkpoint(folder, self.device)
@@ -502,6 +513,8 @@ class OnlineTrainer:
             if (t.eval_every and self.env_steps // t.eval_every > last_eval // t.eval_every) or is_last:
                 final_eval = self._evaluate()
                 last_eval = self.env_steps
+                if t.snapshots:
+                    self._snapshot(final_eval)
                 stopped = t.stop_return is not None and final_eval["mean"] >= t.stop_return
             if (
                 stopped

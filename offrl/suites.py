@@ -1,0 +1,365 @@
+"""Dataset suites: named datasets of known quality, rebuilt locally from committed behaviour policies.
+
+A suite is one manifest, ``datasets/<suite>.json`` (format in ``datasets/README.md``): the
+environments with their reference returns, and the datasets, each a list of components (a
+behaviour policy and how many transitions it records) plus a seed. Behaviour policies are policy
+artefacts under ``datasets/policies/`` (or ``random`` / ``scripted:NAME``), so building a dataset
+needs no training and no download: ``offrl datasets build classic/cartpole-medium``.
+
+Building is deterministic for a given platform and package versions: every component is recorded
+with a seed derived from the dataset's seed, policies act stochastically through their own seeded
+generators, and torch runs single-threaded while recording. The manifest keeps the SHA-256 of the
+arrays a maintainer's build produced (:func:`arrays_sha256`) and the package versions used, so a
+rebuild can be checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from offrl.data import format as fmt
+from offrl.data.recorder import record
+from offrl.data.writer import DatasetWriter
+from offrl.errors import DatasetError
+from offrl.utils import atomic_write_text, package_versions
+
+MANIFEST_VERSION = 1
+LEVELS = ("random", "medium-replay", "medium", "medium-expert", "expert")
+# The packages whose versions decide the bytes of a build (recorded in the manifest, compared on rebuild).
+_VERSIONED = ("offrl", "numpy", "torch", "gymnasium", "mujoco", "box2d")
+
+
+def suites_dir() -> Path:
+    """Where the manifests and behaviour policies live: ``$OFFRL_SUITES_DIR`` or the checkout's ``datasets/``."""
+    env = os.environ.get("OFFRL_SUITES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "datasets"
+
+
+@dataclass(frozen=True)
+class Component:
+    policy: str  # "random", "scripted:NAME[-epsX|-noiseX]" or an artefact folder relative to the suites dir
+    transitions: int
+
+
+@dataclass(frozen=True)
+class SuiteEnv:
+    key: str
+    env_id: str
+    ref_min_return: float  # mean return of the uniform random policy
+    ref_max_return: float  # expert reference: gymnasium's reward_threshold, else our best policy
+    ref_notes: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str  # "<suite>/<env key>-<level>"
+    suite: str
+    env: SuiteEnv
+    level: str
+    components: tuple[Component, ...]
+    seed: int
+    num_envs: int
+    description: str
+    built: dict[str, Any] = field(default_factory=dict)  # what the maintainer's build produced
+
+    @property
+    def transitions(self) -> int:
+        return sum(c.transitions for c in self.components)
+
+
+def _manifest_error(path: Path, where: str, message: str) -> DatasetError:
+    return DatasetError(str(path), f"{where}: {message}")
+
+
+def load_manifest(path: Path) -> list[DatasetSpec]:
+    """The datasets of one suite manifest, checked for the fields each needs."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(str(path), f"cannot read the manifest: {exc}") from exc
+    if data.get("manifest_version") != MANIFEST_VERSION:
+        raise _manifest_error(
+            path, "manifest_version", f"expected {MANIFEST_VERSION}, got {data.get('manifest_version')!r}"
+        )
+    suite = str(data.get("suite") or path.stem)
+    envs: dict[str, SuiteEnv] = {}
+    for key, e in dict(data.get("envs", {})).items():
+        try:
+            envs[key] = SuiteEnv(
+                key,
+                str(e["env_id"]),
+                float(e["ref_min_return"]),
+                float(e["ref_max_return"]),
+                e.get("notes", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _manifest_error(
+                path, f"envs.{key}", f"needs env_id, ref_min_return, ref_max_return ({exc})"
+            ) from exc
+    out = []
+    for i, d in enumerate(data.get("datasets", [])):
+        where = f"datasets[{i}] ({d.get('name', '?')})"
+        try:
+            env = envs[d["env"]]
+            components = tuple(Component(str(c["policy"]), int(c["transitions"])) for c in d["components"])
+            spec = DatasetSpec(
+                name=str(d["name"]),
+                suite=suite,
+                env=env,
+                level=str(d["level"]),
+                components=components,
+                seed=int(d["seed"]),
+                num_envs=int(d.get("num_envs", 1)),
+                description=str(d.get("description", "")),
+                built=dict(d.get("built", {})),
+            )
+        except KeyError as exc:
+            raise _manifest_error(path, where, f"missing or unknown {exc}") from exc
+        if spec.level not in LEVELS:
+            raise _manifest_error(path, where, f"level {spec.level!r} is not one of {', '.join(LEVELS)}")
+        if not spec.components or any(c.transitions < 1 for c in components):
+            raise _manifest_error(path, where, "needs at least one component with transitions ≥ 1")
+        out.append(spec)
+    return out
+
+
+def all_specs() -> dict[str, DatasetSpec]:
+    """Every dataset of every manifest in the suites directory, by name."""
+    specs: dict[str, DatasetSpec] = {}
+    root = suites_dir()
+    for path in sorted(root.glob("*.json")) if root.is_dir() else []:
+        for spec in load_manifest(path):
+            if spec.name in specs:
+                raise _manifest_error(path, spec.name, "a dataset of this name is defined twice")
+            specs[spec.name] = spec
+    return specs
+
+
+def get_spec(name: str) -> DatasetSpec:
+    specs = all_specs()
+    if name not in specs:
+        raise DatasetError(name, f"not a suite dataset; known: {', '.join(specs) or 'none'}")
+    return specs[name]
+
+
+# -- building ---------------------------------------------------------------------------------------
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Policies' float results (hence their sampled actions) can depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_component_policy(spec: str, obs_space: gym.Space, act_space: gym.Space, seed: int) -> Any:
+    from offrl.policies import resolve_policy
+
+    if spec == "random" or spec.startswith("scripted:"):
+        return resolve_policy(spec, obs_space, act_space, seed=seed)
+    path = suites_dir() / spec
+    if not path.exists():
+        raise DatasetError(str(path), "behaviour policy artefact not found (is the checkout complete?)")
+    return resolve_policy(str(path), obs_space, act_space, seed=seed)
+
+
+def record_components(
+    env_id: str,
+    components: Sequence[Any],
+    seed: int,
+    dest: str | os.PathLike[str],
+    *,
+    num_envs: int = 1,
+    metadata: dict[str, Any] | None = None,
+    ref_min_return: float | None = None,
+    ref_max_return: float | None = None,
+    progress: bool = True,
+    policy_resolver: Any = None,
+) -> Path:
+    """Record each component (``.policy`` plus ``.transitions`` or ``.episodes``) stochastically with
+    seed ``seed·1000 + 100·i`` and merge them, in order, into ``dest`` (written atomically)."""
+    resolver = policy_resolver or resolve_component_policy
+    probe = gym.make(env_id)
+    obs_space, act_space = probe.observation_space, probe.action_space
+    probe.close()
+    with tempfile.TemporaryDirectory(prefix="offrl-build-") as tmp, _single_thread():
+        parts = []
+        for i, comp in enumerate(components):
+            part_seed = seed * 1000 + i * 100
+            policy = resolver(comp.policy, obs_space, act_space, part_seed)
+            part = Path(tmp) / f"part{i}.h5"
+            record(
+                env_id,
+                policy,
+                episodes=getattr(comp, "episodes", None),
+                steps=getattr(comp, "transitions", None),
+                seed=part_seed,
+                out=part,
+                num_envs=num_envs,
+                deterministic=False,
+                progress=progress,
+                policy_description=comp.policy,
+            )
+            parts.append(part)
+        with DatasetWriter(
+            dest,
+            obs_space,
+            act_space,
+            env_id=env_id,
+            metadata=metadata or {},
+            ref_min_return=ref_min_return,
+            ref_max_return=ref_max_return,
+        ) as w:
+            raws = [fmt.read_raw(part) for part in parts]
+            if any(r.action_log_probs is None for r in raws):  # one deterministic part: none can carry them
+                for r in raws:
+                    r.action_log_probs = None
+            for r in raws:
+                w.add_raw(r)
+    return Path(dest)
+
+
+_HASHED_KEYS = (
+    fmt.OBSERVATIONS,
+    fmt.ACTIONS,
+    fmt.REWARDS,
+    fmt.NEXT_OBSERVATIONS,
+    fmt.TERMINALS,
+    fmt.TIMEOUTS,
+    fmt.EPISODE_ENDS,
+    fmt.ACTION_LOG_PROBS,
+)
+
+
+def arrays_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 over the transition arrays (name, dtype, shape, bytes), not the file: HDF5 files also
+    hold creation times and layout details that differ between identical builds."""
+    import hashlib
+
+    raw = fmt.read_raw(path)
+    h = hashlib.sha256()
+    for key in _HASHED_KEYS:
+        value = getattr(raw, key, None)
+        if value is None:
+            continue
+        arr = np.ascontiguousarray(value)
+        h.update(f"{key}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def behaviour_stats(path: str | os.PathLike[str], max_episode_steps: int | None) -> dict[str, float]:
+    """Mean return and episode count of the recorded episodes, leaving out episodes cut short by a
+    component's transition quota (a timeout before the environment's own time limit)."""
+    raw = fmt.read_raw(path)
+    ends = raw.episode_ends
+    starts = np.concatenate([[0], ends[:-1]])
+    returns = np.add.reduceat(raw.rewards.astype(np.float64), starts) if len(ends) else np.zeros(0)
+    lengths = ends - starts
+    cut = raw.timeouts[ends - 1] & (lengths < (max_episode_steps or np.iinfo(np.int64).max))
+    whole = returns[~cut] if (~cut).any() else returns
+    return {"episodes": len(ends), "mean_return": float(whole.mean()), "whole_episodes": len(whole)}
+
+
+def build_platform() -> str:
+    """What besides package versions can change a build's bytes: the machine and torch's CPU kernels."""
+    import platform
+
+    return f"{platform.system()}-{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+
+
+def normalized(spec: DatasetSpec, value: float) -> float:
+    return 100.0 * (value - spec.env.ref_min_return) / (spec.env.ref_max_return - spec.env.ref_min_return)
+
+
+def build(
+    name: str, out: str | os.PathLike[str] | None = None, *, progress: bool = True
+) -> tuple[Path, dict[str, Any]]:
+    """Build suite dataset ``name`` into ``out`` (default: the data directory); returns the path and the
+    build record (transitions, episodes, mean return, normalised score, arrays' SHA-256, versions)."""
+    from offrl.builtin import dataset_path
+
+    spec = get_spec(name)
+    dest = Path(out) if out is not None else dataset_path(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    record_components(
+        spec.env.env_id,
+        spec.components,
+        spec.seed,
+        dest,
+        num_envs=spec.num_envs,
+        metadata={
+            "dataset": spec.name,
+            "suite": spec.suite,
+            "level": spec.level,
+            "seed": spec.seed,
+            "description": spec.description,
+            "components": [{"policy": c.policy, "transitions": c.transitions} for c in spec.components],
+        },
+        ref_min_return=spec.env.ref_min_return,
+        ref_max_return=spec.env.ref_max_return,
+        progress=progress,
+    )
+    env_spec = gym.spec(spec.env.env_id)
+    stats = behaviour_stats(dest, env_spec.max_episode_steps)
+    built: dict[str, Any] = {
+        "transitions": spec.transitions,
+        **stats,
+        "normalized_score": round(normalized(spec, stats["mean_return"]), 2),
+        "sha256": arrays_sha256(dest),
+        "package_versions": {k: v for k, v in package_versions().items() if k in _VERSIONED},
+        "platform": build_platform(),
+    }
+    built["mean_return"] = round(built["mean_return"], 3)
+    return dest, built
+
+
+def mismatch(spec: DatasetSpec, built: dict[str, Any]) -> str | None:
+    """Why a build differs from the manifest's record (None if it matches or there is no record)."""
+    want = spec.built.get("sha256")
+    if not want or want == built["sha256"]:
+        return None
+    then, now = dict(spec.built.get("package_versions", {})), dict(built["package_versions"])
+    then["platform"], now["platform"] = spec.built.get("platform"), built["platform"]
+    changed = [
+        f"{k} {then.get(k)} → {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)
+    ]
+    why = f"differences: {', '.join(changed)}" if changed else "same versions and platform: a bug"
+    return f"arrays' SHA-256 {built['sha256'][:12]}… differs from the manifest's {want[:12]}… ({why})"
+
+
+def update_manifest(name: str, built: dict[str, Any]) -> Path:
+    """Store a build record in the dataset's manifest entry (maintainers, after rebuilding a suite)."""
+    spec = get_spec(name)
+    path = suites_dir() / f"{spec.suite}.json"
+    data = json.loads(path.read_text())
+    for d in data["datasets"]:
+        if d["name"] == name:
+            d["built"] = built
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def ensure(name: str, *, progress: bool = True) -> Path:
+    """The cached file of suite dataset ``name``, built on first use."""
+    from offrl.builtin import dataset_path
+
+    path = dataset_path(name)
+    if not path.exists():
+        if progress:
+            print(f"building {name} into {path} (first use) …", flush=True)
+        build(name, path, progress=progress)
+    return path
