@@ -1,5 +1,6 @@
-"""The README's main job: build the built-in mixed datasets, train BC and CQL on each, evaluate
-both and print a comparison table. A few minutes on 2 CPU cores.
+"""The README's main job: build two named classic datasets from their committed behaviour
+policies, train BC and CQL on each, evaluate both and print a comparison table. A few minutes on
+2 CPU cores.
 
     python -m offrl.demo --out runs/demo
 """
@@ -14,16 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from offrl import builtin
+from offrl import builtin, suites
 from offrl.data.inspect import format_summary, summarize
+from offrl.datasets_registry import resolve_dataset
 from offrl.train import fit
 
 # (dataset, algorithm, passes, settings): small networks and budgets that fit the time box.
 PLAN: tuple[tuple[str, str, int, dict[str, Any]], ...] = (
-    ("builtin/cartpole-mixed", "bc", 20, {"hidden": (64, 64)}),
-    ("builtin/cartpole-mixed", "cql", 80, {"hidden": (64, 64), "lr": 1e-3, "target_update_interval": 500}),
-    ("builtin/pendulum-mixed", "bc", 20, {"hidden": (64, 64)}),
-    ("builtin/pendulum-mixed", "cql", 40, {"actor_hidden": (64, 64), "critic_hidden": (64, 64)}),
+    ("classic/cartpole-medium-replay", "bc", 10, {"hidden": (64, 64)}),
+    (
+        "classic/cartpole-medium-replay",
+        "cql",
+        20,
+        {"hidden": (64, 64), "lr": 1e-3, "target_update_interval": 500},
+    ),
+    ("classic/pendulum-medium-replay", "bc", 10, {"hidden": (64, 64)}),
+    ("classic/pendulum-medium-replay", "cql", 10, {"actor_hidden": (64, 64), "critic_hidden": (64, 64)}),
 )
 
 
@@ -43,10 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     rows = []
+    paths = {}
     for name in dict.fromkeys(d for d, *_ in PLAN):
-        path = builtin.ensure(name)
-        print(f"\n== {name}: {builtin.RECIPES[name].description}")
-        print(format_summary(summarize(path)).split("\nobservations")[0])
+        paths[name] = resolve_dataset(name)
+        about = (
+            builtin.RECIPES[name].description
+            if name in builtin.RECIPES
+            else suites.get_spec(name).description
+        )
+        print(f"\n== {name}: {about}")
+        print(format_summary(summarize(paths[name])).split("\nobservations")[0])
     for dataset, algo, passes, settings in PLAN:
         run_dir = out / f"{dataset.split('/')[-1]}-{algo}-seed{args.seed}"
         if run_dir.exists():
@@ -57,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n== training {algo} on {dataset} for {epochs} passes -> {run_dir}")
         result = fit(
             algo,
-            builtin.dataset_path(dataset),
+            paths[dataset],
             run_dir,
             epochs=epochs,
             seed=args.seed,
@@ -81,16 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(
         "\n== results (final checkpoint, deterministic actions, "
-        f"{args.episodes} evaluation episodes; normalised: 0 = random, 100 = scripted expert)"
+        f"{args.episodes} evaluation episodes; normalised: 0 = random, 100 = expert reference)"
     )
-    header = f"{'dataset':<24} {'algo':<5} {'passes':>6} {'steps':>6} {'steps/s':>8} {'return':>18} {'normalised':>10}"
+    header = f"{'dataset':<32} {'algo':<5} {'passes':>6} {'steps':>6} {'steps/s':>8} {'return':>18} {'normalised':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
         ret = f"{r['return_mean']:.1f} ± {r['return_std']:.1f}" if r["return_mean"] is not None else "-"
         norm = f"{r['normalized']:.1f}" if r["normalized"] is not None else "-"
         print(
-            f"{r['dataset']:<24} {r['algo']:<5} {r['passes']:>6} {r['steps']:>6} {r['steps_per_s']:>8} {ret:>18} {norm:>10}"
+            f"{r['dataset']:<32} {r['algo']:<5} {r['passes']:>6} {r['steps']:>6} {r['steps_per_s']:>8} {ret:>18} {norm:>10}"
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -369,3 +369,9 @@ def test_report_numbers_from_records(tmp_path: Path) -> None:
     assert f"| a | 2/2 | 5 | {iqm_a.format()} | {mean_a.format()} |" in text
     assert "| b | 1/2 | 3 |" in text and "Not comparable across all tasks: b" in text
     assert "| c |" not in text and "`c__t1__s0`" in text  # listed as left out, not reported
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml")))
+def test_shipped_grids_parse(path: Path) -> None:
+    grid = load_grid(path)
+    assert grid.seeds and (grid.datasets or grid.online)

@@ -21,6 +21,7 @@ from offrl.online import dqn, ppo, sac
 from offrl.online.buffer import ReplayBuffer, Transition
 from offrl.online.loop import OnlineTrainer, resolve_online_config, resume_online, train_online
 from offrl.policies.artifact import load_policy
+from offrl.types import Batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -339,6 +340,26 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         resolve_online_config("dqn", None, config_file=bad)
     with pytest.raises(ConfigError, match="n_minibatches"):
         OnlineTrainer(_config(("ppo", "CartPole-v1"), 100, n_minibatches=3), tmp_path / "r")
+    with pytest.raises(ConfigError, match="'precision': 'fp16' is not one of"):
+        resolve_online_config("sac", "Pendulum-v1", overrides={"precision": "fp16"})
+
+
+def test_sac_bf16_update_stays_close_to_fp32(tmp_path: Path) -> None:
+    """bf16 hidden layers (float32 master weights, heads and losses) change one update only slightly."""
+    algos = [
+        sac.SAC(_config(("sac", "Pendulum-v1"), 1, precision=p).algo_config, *_pendulum_spaces())
+        for p in ("fp32", "bf16")
+    ]
+    algos[1].load_state_dict(algos[0].state_dict())
+    g = torch.Generator().manual_seed(0)
+    obs, nxt = torch.randn(64, 3, generator=g), torch.randn(64, 3, generator=g)
+    batch = Batch(
+        obs, torch.rand(64, 1, generator=g) * 2 - 1, torch.randn(64, generator=g), nxt, torch.zeros(64)
+    )
+    metrics = [a.update(batch) for a in algos]
+    assert metrics[0]["critic_loss"] == pytest.approx(float(metrics[1]["critic_loss"]), rel=0.05)
+    for pa, pb in zip(algos[0].critic.parameters(), algos[1].critic.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-3)
 
 
 def test_experiment_configs_resolve() -> None:

@@ -1,0 +1,269 @@
+"""Maintainer tool: turn training runs into committed behaviour policies and a suite manifest.
+
+Users never need this: they run ``offrl datasets build NAME``. Maintainers run, per suite:
+
+    python datasets/curate.py select classic cartpole runs/behaviour/cartpole   # pick policies from snapshots
+    python datasets/curate.py manifest classic                                  # (re)write datasets/classic.json
+    python datasets/curate.py record classic                                    # build each dataset, store SHA-256
+
+``select`` evaluates every snapshot of a run (``train.snapshots = true``) acting stochastically, as it
+will when collecting data, on seeds that the references do not use, then copies into
+``datasets/policies/<suite>/<env>/``: ``expert`` (the best snapshot), ``medium`` (the snapshot whose
+normalised score is nearest 35, the first such if several) and ``replay/NN`` (up to 10 snapshots
+evenly spaced from the first to ``medium``), with ``selection.json`` holding every score.
+``manifest`` measures the random reference (100 episodes) and writes the five levels of each env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from offrl import suites
+from offrl.evaluation import evaluate
+from offrl.policies import resolve_policy
+from offrl.utils import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent
+REF_SEED = 0  # random reference episodes
+SELECT_SEED = 50_000  # snapshot scoring episodes (not used by the references)
+MEDIUM_TARGET = 35.0
+MAX_REPLAY = 10
+TRANSITIONS = {"classic": 100_000, "locomotion": 1_000_000}
+
+# env key -> (env id, expert reference: gymnasium's reward_threshold or None for "our best policy",
+#             how the behaviour policies were made, recording sub-environments)
+ENVS: dict[str, dict[str, tuple[str, Any, str, int]]] = {
+    "classic": {
+        "cartpole": ("CartPole-v1", "threshold", "PPO, datasets/train/cartpole.toml", 4),
+        "acrobot": ("Acrobot-v1", "threshold", "PPO, datasets/train/acrobot.toml", 4),
+        "lunarlander": ("LunarLander-v3", "threshold", "PPO, datasets/train/lunarlander.toml", 4),
+        "pendulum": ("Pendulum-v1", None, "SAC, datasets/train/pendulum.toml", 4),
+        "mountaincar-continuous": (
+            "MountainCarContinuous-v0",
+            "threshold",
+            "scripted energy pumping with squashed Gaussian noise (offrl/policies/scripted.py)",
+            4,
+        ),
+        "lunarlander-continuous": (
+            "LunarLanderContinuous-v3",
+            "threshold",
+            "PPO, datasets/train/lunarlander-continuous.toml",
+            4,
+        ),
+    },
+    "locomotion": {
+        "hopper": ("Hopper-v5", "threshold", "SAC, datasets/train/hopper.toml", 4),
+        "halfcheetah": ("HalfCheetah-v5", "threshold", "SAC, datasets/train/halfcheetah.toml", 4),
+        "walker2d": ("Walker2d-v5", None, "SAC, datasets/train/walker2d.toml", 4),
+    },
+}
+
+# Environments whose behaviour policies are scripted rather than selected from training snapshots.
+SCRIPTED = {
+    "mountaincar-continuous": {
+        "expert": "scripted:mountaincar-noise0.3",
+        "medium": "scripted:mountaincar-noise4.5",
+        # a curriculum from nearly random to medium, standing in for a learner's snapshots
+        "replay": [f"scripted:mountaincar-noise{x}" for x in ("8", "7", "6", "5.5", "5", "4.5")],
+    }
+}
+
+
+def _score(policy_spec: str, env_id: str, episodes: int, seed: int) -> float:
+    env = gym.make(env_id)
+    policy = resolve_policy(policy_spec, env.observation_space, env.action_space, seed=seed)
+    env.close()
+    return evaluate(policy, env_id, episodes=episodes, seed=seed, num_envs=5, deterministic=False).mean
+
+
+def _refs(suite: str, key: str) -> tuple[float, float, str]:
+    env_id, expert, _, _ = ENVS[suite][key]
+    random_mean = _score("random", env_id, 100, REF_SEED)
+    if expert == "threshold":
+        threshold = gym.spec(env_id).reward_threshold
+        assert threshold is not None, env_id
+        return (
+            random_mean,
+            float(threshold),
+            "min: uniform random policy, 100 episodes; max: reward_threshold",
+        )
+    sel = json.loads((ROOT / "policies" / suite / key / "selection.json").read_text())
+    return (
+        random_mean,
+        float(sel["expert_return"]),
+        "min: uniform random policy, 100 episodes; max: the expert behaviour policy (no reward_threshold)",
+    )
+
+
+def select(suite: str, key: str, run_dir: Path, episodes: int) -> None:
+    env_id, expert_ref, _, _ = ENVS[suite][key]
+    snaps = sorted(p for p in (run_dir / "snapshots").glob("step_*") if p.is_dir())
+    if not snaps:
+        sys.exit(f"{run_dir}/snapshots: no snapshots (train with train.snapshots = true)")
+    random_mean = _score("random", env_id, 100, REF_SEED)
+    scores = []
+    for s in snaps:
+        scores.append(_score(str(s), env_id, episodes, SELECT_SEED))
+        print(f"{s.name}: {scores[-1]:.1f}", flush=True)
+    best = int(np.argmax(scores))
+    ref_max = float(gym.spec(env_id).reward_threshold) if expert_ref == "threshold" else scores[best]
+    norm = [100 * (x - random_mean) / (ref_max - random_mean) for x in scores]
+    medium = int(np.argmin([abs(n - MEDIUM_TARGET) for n in norm[: best + 1]]))
+    replay = sorted(set(np.linspace(0, medium, min(MAX_REPLAY, medium + 1)).round().astype(int).tolist()))
+    out = ROOT / "policies" / suite / key
+    shutil.rmtree(out, ignore_errors=True)
+    for name, idx in [("expert", best), ("medium", medium)]:
+        shutil.copytree(snaps[idx], out / name)
+    for j, idx in enumerate(replay):
+        shutil.copytree(snaps[idx], out / "replay" / f"{j:02d}")
+    selection = {
+        "run": str(run_dir),
+        "scored_on": f"{episodes} stochastic episodes from seed {SELECT_SEED}",
+        "random_return": random_mean,
+        "expert_return": scores[best],
+        "snapshots": [
+            {"snapshot": s.name, "return": round(x, 3), "normalized": round(n, 2)}
+            for s, x, n in zip(snaps, scores, norm, strict=True)
+        ],
+        "expert": snaps[best].name,
+        "medium": snaps[medium].name,
+        "replay": [snaps[i].name for i in replay],
+    }
+    atomic_write_text(out / "selection.json", json.dumps(selection, indent=2) + "\n")
+    print(f"expert {snaps[best].name} ({norm[best]:.1f}), medium {snaps[medium].name} ({norm[medium]:.1f})")
+
+
+def _components(suite: str, key: str, level: str, n: int) -> list[dict[str, Any]]:
+    if key in SCRIPTED:
+        pol: dict[str, Any] = SCRIPTED[key]
+    else:
+        base = f"policies/{suite}/{key}"
+        replay_dirs = sorted(p.name for p in (ROOT / base / "replay").iterdir())
+        pol = {
+            "expert": f"{base}/expert",
+            "medium": f"{base}/medium",
+            "replay": [f"{base}/replay/{d}" for d in replay_dirs],
+        }
+    if level == "random":
+        return [{"policy": "random", "transitions": n}]
+    if level in ("medium", "expert"):
+        return [{"policy": pol[level], "transitions": n}]
+    if level == "medium-expert":
+        return [
+            {"policy": pol["medium"], "transitions": n // 2},
+            {"policy": pol["expert"], "transitions": n // 2},
+        ]
+    k = len(pol["replay"])
+    shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    return [{"policy": p, "transitions": s} for p, s in zip(pol["replay"], shares, strict=True)]
+
+
+_DESCRIPTIONS = {
+    "random": "uniform random actions",
+    "medium": "one policy at a normalised score of about 35, acting stochastically",
+    "expert": "the best policy, acting stochastically",
+    "medium-expert": "half medium, half expert (in that order)",
+    "medium-replay": (
+        "equal shares from a sequence of policy snapshots taken while training up to medium, oldest first "
+        "(rebuilt from the committed snapshots, not a raw replay buffer)"
+    ),
+}
+
+
+def manifest(suite: str, keys: list[str] | None) -> None:
+    path = ROOT / f"{suite}.json"
+    old = json.loads(path.read_text()) if path.exists() else {"envs": {}, "datasets": []}
+    built = {d["name"]: d.get("built", {}) for d in old["datasets"]}
+    envs = dict(old["envs"])
+    datasets = [d for d in old["datasets"] if keys and d["env"] not in keys]
+    n = TRANSITIONS[suite]
+    for i, (key, (env_id, _, made, num_envs)) in enumerate(ENVS[suite].items()):
+        if keys and key not in keys:
+            continue
+        if key not in SCRIPTED and not (ROOT / "policies" / suite / key / "expert").exists():
+            print(f"skip {key}: no behaviour policies yet")
+            continue
+        lo, hi, notes = _refs(suite, key)
+        envs[key] = {
+            "env_id": env_id,
+            "ref_min_return": round(lo, 3),
+            "ref_max_return": round(hi, 3),
+            "notes": notes,
+            "behaviour": made,
+        }
+        for j, level in enumerate(suites.LEVELS):
+            name = f"{suite}/{key}-{level}"
+            datasets.append(
+                {
+                    "name": name,
+                    "env": key,
+                    "level": level,
+                    "seed": 1000 * (i + 1) + j,
+                    "num_envs": num_envs,
+                    "description": _DESCRIPTIONS[level],
+                    "components": _components(suite, key, level, n),
+                    "built": built.get(name, {}),
+                }
+            )
+    order = {k: i for i, k in enumerate(ENVS[suite])}
+    datasets.sort(key=lambda d: (order[d["env"]], suites.LEVELS.index(d["level"])))
+    data = {
+        "manifest_version": suites.MANIFEST_VERSION,
+        "suite": suite,
+        "envs": {k: envs[k] for k in ENVS[suite] if k in envs},
+        "datasets": datasets,
+    }
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {path}: {len(datasets)} datasets")
+
+
+def record_builds(suite: str, keys: list[str] | None, out_dir: Path | None) -> None:
+    for name, spec in suites.all_specs().items():
+        if spec.suite != suite or (keys and spec.env.key not in keys):
+            continue
+        t0 = time.perf_counter()
+        dest = (out_dir / f"{name}.h5") if out_dir else None
+        _, built = suites.build(name, dest, progress=False)
+        suites.update_manifest(name, built)
+        print(
+            f"{name}: {built['transitions']} transitions, return {built['mean_return']:.1f}, "
+            f"score {built['normalized_score']:.1f}, {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("select")
+    s.add_argument("suite")
+    s.add_argument("env")
+    s.add_argument("run_dir", type=Path)
+    s.add_argument("--episodes", type=int, default=20)
+    m = sub.add_parser("manifest")
+    m.add_argument("suite")
+    m.add_argument("--env", action="append")
+    r = sub.add_parser("record")
+    r.add_argument("suite")
+    r.add_argument("--env", action="append")
+    r.add_argument("--out-dir", type=Path)
+    a = p.parse_args()
+    if a.cmd == "select":
+        select(a.suite, a.env, a.run_dir, a.episodes)
+    elif a.cmd == "manifest":
+        manifest(a.suite, a.env)
+    else:
+        record_builds(a.suite, a.env, a.out_dir)
+
+
+if __name__ == "__main__":
+    main()
