@@ -29,7 +29,7 @@ import numpy as np
 
 from offrl import suites
 from offrl.evaluation import evaluate
-from offrl.policies import resolve_policy
+from offrl.policies import EpsilonGreedy, resolve_policy
 from offrl.utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
@@ -78,9 +78,11 @@ SCRIPTED = {
 }
 
 
-def _score(policy_spec: str, env_id: str, episodes: int, seed: int) -> float:
+def _score(policy_spec: str, env_id: str, episodes: int, seed: int, epsilon: float | None = None) -> float:
     env = gym.make(env_id)
     policy = resolve_policy(policy_spec, env.observation_space, env.action_space, seed=seed)
+    if epsilon is not None:
+        policy = EpsilonGreedy(policy, env.action_space, epsilon, seed=seed + 1)
     env.close()
     return evaluate(policy, env_id, episodes=episodes, seed=seed, num_envs=5, deterministic=False).mean
 
@@ -104,7 +106,7 @@ def _refs(suite: str, key: str) -> tuple[float, float, str]:
     )
 
 
-def select(suite: str, key: str, run_dir: Path, episodes: int) -> None:
+def select(suite: str, key: str, run_dir: Path, episodes: int, epsilon: float | None) -> None:
     env_id, expert_ref, _, _ = ENVS[suite][key]
     snaps = sorted(p for p in (run_dir / "snapshots").glob("step_*") if p.is_dir())
     if not snaps:
@@ -112,7 +114,7 @@ def select(suite: str, key: str, run_dir: Path, episodes: int) -> None:
     random_mean = _score("random", env_id, 100, REF_SEED)
     scores = []
     for s in snaps:
-        scores.append(_score(str(s), env_id, episodes, SELECT_SEED))
+        scores.append(_score(str(s), env_id, episodes, SELECT_SEED, epsilon))
         print(f"{s.name}: {scores[-1]:.1f}", flush=True)
     best = int(np.argmax(scores))
     ref_max = float(gym.spec(env_id).reward_threshold) if expert_ref == "threshold" else scores[best]
@@ -128,6 +130,7 @@ def select(suite: str, key: str, run_dir: Path, episodes: int) -> None:
     selection = {
         "run": str(run_dir),
         "scored_on": f"{episodes} stochastic episodes from seed {SELECT_SEED}",
+        "epsilon": epsilon,
         "random_return": random_mean,
         "expert_return": scores[best],
         "snapshots": [
@@ -143,28 +146,34 @@ def select(suite: str, key: str, run_dir: Path, episodes: int) -> None:
 
 
 def _components(suite: str, key: str, level: str, n: int) -> list[dict[str, Any]]:
+    epsilon = None
     if key in SCRIPTED:
         pol: dict[str, Any] = SCRIPTED[key]
     else:
         base = f"policies/{suite}/{key}"
         replay_dirs = sorted(p.name for p in (ROOT / base / "replay").iterdir())
+        epsilon = json.loads((ROOT / base / "selection.json").read_text()).get("epsilon")
         pol = {
             "expert": f"{base}/expert",
             "medium": f"{base}/medium",
             "replay": [f"{base}/replay/{d}" for d in replay_dirs],
         }
+
+    def comp(policy: str, transitions: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"policy": policy, "transitions": transitions}
+        if epsilon is not None:
+            out["epsilon"] = epsilon
+        return out
+
     if level == "random":
         return [{"policy": "random", "transitions": n}]
     if level in ("medium", "expert"):
-        return [{"policy": pol[level], "transitions": n}]
+        return [comp(pol[level], n)]
     if level == "medium-expert":
-        return [
-            {"policy": pol["medium"], "transitions": n // 2},
-            {"policy": pol["expert"], "transitions": n // 2},
-        ]
+        return [comp(pol["medium"], n // 2), comp(pol["expert"], n // 2)]
     k = len(pol["replay"])
     shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
-    return [{"policy": p, "transitions": s} for p, s in zip(pol["replay"], shares, strict=True)]
+    return [comp(p, s) for p, s in zip(pol["replay"], shares, strict=True)]
 
 
 _DESCRIPTIONS = {
@@ -249,6 +258,11 @@ def main() -> None:
     s.add_argument("env")
     s.add_argument("run_dir", type=Path)
     s.add_argument("--episodes", type=int, default=20)
+    s.add_argument(
+        "--epsilon",
+        type=float,
+        help="Discrete: collect ε-greedily around the greedy action instead of sampling",
+    )
     m = sub.add_parser("manifest")
     m.add_argument("suite")
     m.add_argument("--env", action="append")
@@ -258,7 +272,7 @@ def main() -> None:
     r.add_argument("--out-dir", type=Path)
     a = p.parse_args()
     if a.cmd == "select":
-        select(a.suite, a.env, a.run_dir, a.episodes)
+        select(a.suite, a.env, a.run_dir, a.episodes, a.epsilon)
     elif a.cmd == "manifest":
         manifest(a.suite, a.env)
     else:

@@ -50,6 +50,11 @@ def suites_dir() -> Path:
 class Component:
     policy: str  # "random", "scripted:NAME[-epsX|-noiseX]" or an artefact folder relative to the suites dir
     transitions: int
+    epsilon: float | None = None  # Discrete only: act ε-greedily around the policy's greedy action
+
+    @property
+    def description(self) -> str:
+        return self.policy if self.epsilon is None else f"{self.policy} (ε-greedy {self.epsilon:g})"
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,14 @@ def load_manifest(path: Path) -> list[DatasetSpec]:
         where = f"datasets[{i}] ({d.get('name', '?')})"
         try:
             env = envs[d["env"]]
-            components = tuple(Component(str(c["policy"]), int(c["transitions"])) for c in d["components"])
+            components = tuple(
+                Component(
+                    str(c["policy"]),
+                    int(c["transitions"]),
+                    None if c.get("epsilon") is None else float(c["epsilon"]),
+                )
+                for c in d["components"]
+            )
             spec = DatasetSpec(
                 name=str(d["name"]),
                 suite=suite,
@@ -165,15 +177,21 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def resolve_component_policy(spec: str, obs_space: gym.Space, act_space: gym.Space, seed: int) -> Any:
-    from offrl.policies import resolve_policy
+def resolve_component_policy(comp: Any, obs_space: gym.Space, act_space: gym.Space, seed: int) -> Any:
+    """The behaviour policy of a component: ``random``, ``scripted:…`` or an artefact under the suites
+    directory, made ε-greedy when the component has an ``epsilon``."""
+    from offrl.policies import EpsilonGreedy, resolve_policy
 
+    spec = comp.policy
     if spec == "random" or spec.startswith("scripted:"):
-        return resolve_policy(spec, obs_space, act_space, seed=seed)
-    path = suites_dir() / spec
-    if not path.exists():
-        raise DatasetError(str(path), "behaviour policy artefact not found (is the checkout complete?)")
-    return resolve_policy(str(path), obs_space, act_space, seed=seed)
+        policy = resolve_policy(spec, obs_space, act_space, seed=seed)
+    else:
+        path = suites_dir() / spec
+        if not path.exists():
+            raise DatasetError(str(path), "behaviour policy artefact not found (is the checkout complete?)")
+        policy = resolve_policy(str(path), obs_space, act_space, seed=seed)
+    epsilon = getattr(comp, "epsilon", None)
+    return policy if epsilon is None else EpsilonGreedy(policy, act_space, epsilon, seed=seed + 1)
 
 
 def record_components(
@@ -187,11 +205,9 @@ def record_components(
     ref_min_return: float | None = None,
     ref_max_return: float | None = None,
     progress: bool = True,
-    policy_resolver: Any = None,
 ) -> Path:
     """Record each component (``.policy`` plus ``.transitions`` or ``.episodes``) stochastically with
     seed ``seed·1000 + 100·i`` and merge them, in order, into ``dest`` (written atomically)."""
-    resolver = policy_resolver or resolve_component_policy
     probe = gym.make(env_id)
     obs_space, act_space = probe.observation_space, probe.action_space
     probe.close()
@@ -199,7 +215,7 @@ def record_components(
         parts = []
         for i, comp in enumerate(components):
             part_seed = seed * 1000 + i * 100
-            policy = resolver(comp.policy, obs_space, act_space, part_seed)
+            policy = resolve_component_policy(comp, obs_space, act_space, part_seed)
             part = Path(tmp) / f"part{i}.h5"
             record(
                 env_id,
@@ -211,7 +227,7 @@ def record_components(
                 num_envs=num_envs,
                 deterministic=False,
                 progress=progress,
-                policy_description=comp.policy,
+                policy_description=getattr(comp, "description", comp.policy),
             )
             parts.append(part)
         with DatasetWriter(
@@ -307,7 +323,10 @@ def build(
             "level": spec.level,
             "seed": spec.seed,
             "description": spec.description,
-            "components": [{"policy": c.policy, "transitions": c.transitions} for c in spec.components],
+            "components": [
+                {"policy": c.policy, "transitions": c.transitions, "epsilon": c.epsilon}
+                for c in spec.components
+            ],
         },
         ref_min_return=spec.env.ref_min_return,
         ref_max_return=spec.env.ref_max_return,

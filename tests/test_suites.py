@@ -16,7 +16,6 @@ from offrl.data import format as fmt
 from offrl.datasets_registry import resolve_dataset
 from offrl.errors import DatasetError
 from offrl.evaluation import evaluate, normalized_score
-from offrl.policies import resolve_policy
 
 REPO_SUITES = Path(__file__).resolve().parents[1] / "datasets"
 TRAINED_POLICY = "policies/classic/acrobot/medium"
@@ -38,6 +37,7 @@ def _tiny_manifest(root: Path) -> Path:
                 "num_envs": 2,
                 "components": [
                     {"policy": TRAINED_POLICY, "transitions": 600},
+                    {"policy": TRAINED_POLICY, "transitions": 300, "epsilon": 0.2},
                     {"policy": "random", "transitions": 400},
                 ],
             },
@@ -72,13 +72,24 @@ def test_build_twice_gives_identical_arrays_and_digest(tiny_suite: Path, tmp_pat
         np.testing.assert_array_equal(getattr(ra, key), getattr(rb, key), err_msg=key)
     np.testing.assert_array_equal(ra.action_log_probs, rb.action_log_probs)
     assert rec_a["sha256"] == rec_b["sha256"] == suites.arrays_sha256(a)
-    assert ra.num_transitions == rec_a["transitions"] == 1000
+    assert ra.num_transitions == rec_a["transitions"] == 1300
     # the trained policy acted stochastically: its log-probabilities are those of the executed actions
     assert ra.action_log_probs is not None and np.all(ra.action_log_probs <= 0.0)
-    assert ra.policies == [TRAINED_POLICY, "random"]
+    assert ra.policies == [TRAINED_POLICY, f"{TRAINED_POLICY} (ε-greedy 0.2)", "random"]
     assert fmt.validate(a) == []
     assert (ra.ref_min_return, ra.ref_max_return) == (-500.0, -100.0)
     assert ra.metadata["level"] == "medium-expert" and ra.metadata["dataset"] == "tiny/acrobot-medium-expert"
+
+
+def test_epsilon_greedy_component_logs_its_own_probabilities(tiny_suite: Path, tmp_path: Path) -> None:
+    path, _ = suites.build("tiny/acrobot-medium-expert", tmp_path / "a.h5", progress=False)
+    raw = fmt.read_raw(path)
+    rows = slice(600, 900)  # the ε-greedy component (episodes end at the quota, so rows line up)
+    assert raw.action_log_probs is not None
+    greedy = np.log(0.8 + 0.2 / 3)
+    lp = raw.action_log_probs[rows]
+    assert set(np.round(lp, 5)) <= {np.float32(round(greedy, 5)), np.float32(round(np.log(0.2 / 3), 5))}
+    assert (np.isclose(lp, greedy)).mean() > 0.7
 
 
 def test_another_seed_changes_the_digest(tiny_suite: Path, tmp_path: Path) -> None:
@@ -122,7 +133,7 @@ def test_names_resolve_and_build_on_first_use(tiny_suite: Path, tmp_path: Path) 
 def test_cli_list_and_build(tiny_suite: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["datasets", "list"]) == 0
     out = capsys.readouterr().out
-    assert "tiny/acrobot-medium-expert" in out and "medium-expert" in out and "1,000" in out
+    assert "tiny/acrobot-medium-expert" in out and "medium-expert" in out and "1,300" in out
     assert cli_main(["datasets", "build", "tiny/acrobot-random", "--out", str(tmp_path / "r.h5")]) == 0
     assert "300 transitions" in capsys.readouterr().out and fmt.validate(tmp_path / "r.h5") == []
     assert cli_main(["datasets", "build", "tiny"]) == 0  # a whole suite into the data directory
@@ -191,10 +202,6 @@ def test_committed_manifests_are_complete() -> None:
         assert score["medium-replay"] < score["expert"], (env, score)
 
 
-def _expert_spec(spec: suites.DatasetSpec) -> str:
-    return spec.components[0].policy
-
-
 @pytest.mark.parametrize(
     "env_key", sorted({s.env.key for s in _repo_specs().values() if s.suite == "classic"})
 )
@@ -208,9 +215,8 @@ def test_references_hold_on_fresh_seeds(env_key: str) -> None:
     expert = next(s for s in specs if s.level == "expert")
     probe = gym.make(env.env_id)
     scores = {}
-    for label, spec in [("random", "random"), ("expert", _expert_spec(expert))]:
-        path = spec if spec == "random" or spec.startswith("scripted:") else str(REPO_SUITES / spec)
-        policy = resolve_policy(path, probe.observation_space, probe.action_space, seed=4242)
+    for label, comp in [("random", suites.Component("random", 1)), ("expert", expert.components[0])]:
+        policy = suites.resolve_component_policy(comp, probe.observation_space, probe.action_space, 4242)
         result = evaluate(policy, env.env_id, episodes=10, seed=4242, num_envs=5, deterministic=False)
         scores[label] = float(normalized_score(result.mean, env.ref_min_return, env.ref_max_return))
     assert abs(scores["random"]) <= 15.0, scores

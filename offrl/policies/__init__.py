@@ -50,6 +50,44 @@ class RandomPolicy:
         return np.full(obs.shape[0], self._log_prob, dtype=np.float32)
 
 
+class EpsilonGreedy:
+    """Any policy's greedy (deterministic) action, replaced with probability ε by a uniform random one
+    (which may be the greedy one again); Discrete actions only. Log-probabilities are exact:
+    (1 − ε)·[a = greedy] + ε/n."""
+
+    is_stochastic = True
+
+    def __init__(
+        self, policy: Policy, action_space: gym.Space, epsilon: float, seed: int | None = None
+    ) -> None:
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise OfflineRLError(f"ε-greedy needs Discrete actions, got {action_space}")
+        if not 0.0 <= epsilon <= 1.0:
+            raise OfflineRLError(f"ε must lie in [0, 1], got {epsilon}")
+        self.policy, self.epsilon = policy, float(epsilon)
+        self._n, self._start = int(action_space.n), int(action_space.start)
+        self.rng = np.random.default_rng(seed)
+
+    def __repr__(self) -> str:
+        return f"{self.policy!r} ε-greedy({self.epsilon})"
+
+    def act(self, obs: np.ndarray, *, deterministic: bool = True) -> np.ndarray:
+        greedy = np.asarray(self.policy.act(obs, deterministic=True)).astype(np.int64).reshape(-1)
+        if deterministic:
+            return greedy
+        explore = self.rng.random(greedy.shape[0]) < self.epsilon
+        uniform = self.rng.integers(0, self._n, size=greedy.shape[0]) + self._start
+        return np.where(explore, uniform, greedy).astype(np.int64)
+
+    def log_prob(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        actions = np.asarray(actions).reshape(-1)
+        greedy = np.asarray(self.policy.act(obs, deterministic=True)).reshape(-1)
+        prob = (1.0 - self.epsilon) * (actions == greedy) + self.epsilon / self._n
+        valid = (actions >= self._start) & (actions < self._start + self._n)
+        with np.errstate(divide="ignore"):
+            return np.where(valid, np.log(prob), -np.inf).astype(np.float32)
+
+
 def resolve_policy(
     spec: str, observation_space: gym.Space, action_space: gym.Space, *, seed: int | None = None
 ) -> Policy:

@@ -23,6 +23,7 @@ import gymnasium as gym
 import numpy as np
 
 from offrl.errors import OfflineRLError
+from offrl.policies import EpsilonGreedy
 from offrl.types import Policy
 
 SCRIPTED: dict[str, str] = {
@@ -117,10 +118,8 @@ class ScriptedPolicy:
         return self._controller.fn(obs, self.action_space)
 
 
-class EpsilonGreedyPolicy(ScriptedPolicy):
+class EpsilonGreedyPolicy(EpsilonGreedy):
     """With probability ε a uniform random action (the greedy one included), else the controller's."""
-
-    is_stochastic = True
 
     def __init__(
         self,
@@ -130,28 +129,11 @@ class EpsilonGreedyPolicy(ScriptedPolicy):
         epsilon: float,
         seed: int | None,
     ) -> None:
-        super().__init__(name, controller, action_space)
-        self.epsilon = epsilon
-        self._n = int(action_space.n)
-        self._start = int(action_space.start)
-        self.rng = np.random.default_rng(seed)
+        super().__init__(ScriptedPolicy(name, controller, action_space), action_space, epsilon, seed)
+        self.name = name
 
-    def act(self, obs: np.ndarray, *, deterministic: bool = True) -> np.ndarray:
-        greedy = super().act(obs)
-        if deterministic:
-            return greedy
-        n = greedy.shape[0]
-        explore = self.rng.random(n) < self.epsilon
-        uniform = self.rng.integers(0, self._n, size=n) + self._start
-        return np.where(explore, uniform, greedy).astype(np.int64)
-
-    def log_prob(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        actions = np.asarray(actions).reshape(-1)
-        greedy = super().act(obs)
-        prob = (1.0 - self.epsilon) * (actions == greedy) + self.epsilon / self._n
-        valid = (actions >= self._start) & (actions < self._start + self._n)
-        with np.errstate(divide="ignore"):
-            return np.where(valid, np.log(prob), -np.inf).astype(np.float32)
+    def __repr__(self) -> str:
+        return f"scripted:{self.name}"
 
 
 class SquashedNoisePolicy(ScriptedPolicy):
