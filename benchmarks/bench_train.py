@@ -174,6 +174,8 @@ MATMUL_OPS = {
     "aten::mv",
     "mkldnn::_linear_pointwise",
 }
+# the kernels of a fused Adam step (step counters, update), also when called without Optimizer.step
+OPTIMIZER_OPS = ("aten::_fused_adam_", "aten::_fused_adamw_", "aten::_foreach_add_")
 COPY_OPS = {
     "aten::copy_",
     "aten::_to_copy",
@@ -191,9 +193,10 @@ COPY_OPS = {
 def profile_summary(step: Any, steps: int) -> dict[str, float]:
     """Milliseconds per step by kind, from torch.profiler self CPU times.
 
-    ``optimizer``: everything under ``Optimizer.step``/``zero_grad``; ``matmul``, ``copy/cast`` and
-    ``elementwise/reduce`` (every other aten op) elsewhere; ``overhead``: the rest of the step (Python,
-    dispatch, autograd engine).
+    ``optimizer``: everything under ``Optimizer.step``/``zero_grad``, and the fused Adam kernels where
+    the hand-written steps call them directly; ``matmul``, ``copy/cast`` and ``elementwise/reduce``
+    (every other aten op) elsewhere; ``overhead``: the rest of the step (Python, dispatch, autograd
+    engine).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -204,11 +207,14 @@ def profile_summary(step: Any, steps: int) -> dict[str, float]:
         wall = time.perf_counter() - t0
     out = dict.fromkeys(("matmul", "elementwise/reduce", "copy/cast", "optimizer"), 0.0)
     for ev in prof.events():
+        if ev.name in OPTIMIZER_OPS and not _has_ancestor(ev, "Optimizer.", *OPTIMIZER_OPS):
+            out["optimizer"] += ev.cpu_time_total  # a fused Adam called without Optimizer.step
+            continue
         if ev.name.startswith("Optimizer.") or not (ev.name.startswith(("aten::", "mkldnn::"))):
             if ev.name.startswith("Optimizer.") and not _has_ancestor(ev, "Optimizer."):
                 out["optimizer"] += ev.cpu_time_total
             continue
-        if _has_ancestor(ev, "Optimizer."):
+        if _has_ancestor(ev, "Optimizer.", *OPTIMIZER_OPS):
             continue
         kind = (
             "matmul"
@@ -225,10 +231,10 @@ def profile_summary(step: Any, steps: int) -> dict[str, float]:
     return {k: round(v, 3) for k, v in per_step.items()}
 
 
-def _has_ancestor(ev: Any, prefix: str) -> bool:
+def _has_ancestor(ev: Any, *prefixes: str) -> bool:
     parent = ev.cpu_parent
     while parent is not None:
-        if parent.name.startswith(prefix):
+        if parent.name.startswith(prefixes):
             return True
         parent = parent.cpu_parent
     return False

@@ -360,6 +360,104 @@ def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
     return y if tail is None else tail(y)
 
 
+# -- hand-written training passes of one relu MLP ------------------------------------------------
+# A BC or discrete-CQL step trains one 2×256 MLP on 256 rows: three 256×256×256 matmuls. Through eager
+# autograd, building and walking the graph and Optimizer.step's bookkeeping cost about as much again.
+# These passes run the same maths as explicit matmuls outside autograd: the forward keeps the hidden
+# activations, the algorithm computes its loss gradient w.r.t. the outputs analytically, and the
+# backward writes every parameter's ``.grad`` (as ``zero_grad(set_to_none=True)`` + ``backward``
+# would). Hidden layers compute in the :func:`compute_precision` dtype, the output layer in float32.
+
+HAND_BACKWARD = True  # False routes BC and discrete CQL through autograd (tests compare the two)
+
+
+def relu_linears(seq: nn.Module, output_activation: type[nn.Module] | None = None) -> list[nn.Linear] | None:
+    """The Linear layers of ``seq`` if it is ``Linear, ReLU, …, Linear`` with float32 parameters, followed
+    by an ``output_activation`` module when one is given (the caller applies it); otherwise None."""
+    if not isinstance(seq, nn.Sequential):
+        return None
+    mods = list(seq)
+    if output_activation is not None:
+        if not mods or type(mods[-1]) is not output_activation:
+            return None
+        mods.pop()
+    linears = mods[::2]
+    if len(mods) < 3 or len(mods) % 2 == 0 or not all(type(m) is nn.ReLU for m in mods[1::2]):
+        return None
+    if not all(type(m) is nn.Linear and m.bias is not None for m in linears):
+        return None
+    if any(p.dtype != torch.float32 for m in linears for p in m.parameters()):
+        return None
+    return linears  # type: ignore[return-value]
+
+
+class MLPTape:
+    """What :func:`relu_mlp_backward` needs from :func:`relu_mlp_train_forward`, for the rows that
+    receive gradient: every layer's input in the dtype the layer computes in (a hidden layer's relu
+    output is the next layer's input) and the hidden weights in that dtype."""
+
+    __slots__ = ("inputs", "low_w")
+
+    def __init__(self, inputs: list[Tensor], low_w: list[Tensor]) -> None:
+        self.inputs, self.low_w = inputs, low_w
+
+
+@torch.no_grad()
+def relu_mlp_train_forward(
+    layers: Sequence[nn.Linear], x: Tensor, grad_rows: int | None = None
+) -> tuple[Tensor, MLPTape]:
+    """Outputs (R, out) float32 of the relu MLP ``layers`` on ``x`` (R, in), and the tape of its first
+    ``grad_rows`` rows (None: all; 0: no tape) for :func:`relu_mlp_backward`. Equal to ``seq(x)``
+    (without a trailing activation) up to float rounding; no autograd graph is built."""
+    if _allocator_tuned is None and x.device.type == "cpu":
+        keep_freed_memory()  # the (R, 256) activations would otherwise come back as fresh pages each step
+    dt = _low_dtype(x.device)
+    fused = _MKLDNN_LINEAR and x.device.type == "cpu"
+    tape = MLPTape([], [])
+    h = x
+    for lin in layers[:-1]:
+        if dt == torch.float32:
+            w, inp = lin.weight, h
+            h = F.linear(inp, w, lin.bias).relu_()  # MKL's matmul beats oneDNN's fused relu in float32
+        elif fused:  # oneDNN adds a float32 bias to the low-precision matmul
+            w, inp = lin.weight.to(dt), h.to(dt)
+            h = torch.ops.mkldnn._linear_pointwise(inp, w, lin.bias, "relu", [], "")
+        else:
+            w, inp = lin.weight.to(dt), h.to(dt)
+            h = F.linear(inp, w, lin.bias.to(dt)).relu_()
+        if grad_rows != 0:
+            tape.low_w.append(w)
+            tape.inputs.append(inp if grad_rows is None else inp[:grad_rows])
+    out, inp = layers[-1], h.float()
+    if grad_rows != 0:
+        tape.inputs.append(inp if grad_rows is None else inp[:grad_rows])
+    return F.linear(inp, out.weight, out.bias), tape
+
+
+@torch.no_grad()
+def relu_mlp_backward(layers: Sequence[nn.Linear], tape: MLPTape, grad: Tensor) -> None:
+    """Set every parameter's ``.grad`` of the MLP of :func:`relu_mlp_train_forward` to the gradient of a
+    loss whose gradient w.r.t. the kept rows' outputs is ``grad`` (rows, out) float32. Overwrites
+    (does not accumulate), like ``backward`` after ``zero_grad(set_to_none=True)``."""
+    g = grad  # gradient w.r.t. layer i's output, in the dtype layer i computes in
+    for i in range(len(layers) - 1, -1, -1):
+        lin, inp = layers[i], tape.inputs[i]
+        g = g.to(inp.dtype)
+        w_grad, b_grad = lin.weight.grad, lin.bias.grad
+        if w_grad is None or b_grad is None:
+            lin.weight.grad = torch.mm(g.t(), inp).float()
+            lin.bias.grad = g.sum(0).float()
+        elif inp.dtype == torch.float32:  # straight into the gradients' memory
+            torch.mm(g.t(), inp, out=w_grad)
+            torch.sum(g, 0, out=b_grad)
+        else:
+            w_grad.copy_(torch.mm(g.t(), inp))
+            b_grad.copy_(g.sum(0))
+        if i > 0:
+            w = lin.weight if i == len(layers) - 1 else tape.low_w[i]
+            g = _relu_grad_(torch.mm(g, w), inp)  # inp: the relu output of layer i − 1, same dtype
+
+
 class EnsembleLinear(nn.Module):
     """``E`` independent linear layers applied as one batched matmul.
 

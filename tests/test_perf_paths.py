@@ -17,10 +17,24 @@ import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import adam
-from offrl.algos.bc import BCConfig, ContinuousBC
+from offrl.algos.base import _fused_adam_step, adam, apply_gradients
+from offrl.algos.bc import (
+    BCConfig,
+    ContinuousBC,
+    DiscreteBC,
+    bc_cross_entropy_loss,
+    bc_mse_loss,
+    cross_entropy_loss_and_grad,
+    tanh_mse_loss_and_grad,
+)
 from offrl.algos.cql import CQL, CQLConfig
-from offrl.algos.cql_discrete import DiscreteCQL, DiscreteCQLConfig
+from offrl.algos.cql_discrete import (
+    DiscreteCQL,
+    DiscreteCQLConfig,
+    cql_loss_and_grad,
+    discrete_cql_penalty,
+    td_loss,
+)
 from offrl.types import Batch
 
 needs_bf16 = pytest.mark.skipif(not nets.bf16_supported(), reason="no native bfloat16 matmuls on this CPU")
@@ -331,3 +345,246 @@ def test_compiled_update_equals_eager(algo: str) -> None:
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert dataclasses.asdict(compiled.config)["compile"] == "default"
+
+
+# -- hand-written passes of one relu MLP (BC, discrete CQL) ------------------------------------------
+def plain_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """The MLP through F.linear + relu with autograd, no trailing activation."""
+    linears = [m for m in seq if isinstance(m, nn.Linear)]
+    for i, lin in enumerate(linears):
+        x = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        if i < len(linears) - 1:
+            x = torch.relu(x)
+    return x
+
+
+@pytest.mark.parametrize(("hidden", "grad_rows"), [((32, 24), None), ((16,), None), ((8, 8, 8), 5)])
+def test_hand_mlp_passes_equal_autograd(hidden: tuple[int, ...], grad_rows: int | None) -> None:
+    torch.manual_seed(0)
+    seq = nets.mlp(6, 3, hidden, output_activation="tanh")
+    layers = nets.relu_linears(seq, nn.Tanh)
+    assert layers is not None and len(layers) == len(hidden) + 1
+    x = torch.randn(11, 6)
+    out, tape = nets.relu_mlp_train_forward(layers, x, grad_rows)
+    assert not out.requires_grad
+    ref = plain_mlp(seq, x)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    rows = x.shape[0] if grad_rows is None else grad_rows
+    upstream = torch.randn(rows, 3)
+    for p in seq.parameters():  # stale gradients must be overwritten, not accumulated
+        p.grad = torch.full_like(p, 7.0)
+    nets.relu_mlp_backward(layers, tape, upstream)
+    expected = torch.autograd.grad(ref[:rows], list(seq.parameters()), upstream)
+    for p, g in zip(seq.parameters(), expected, strict=True):
+        assert p.grad is not None
+        assert rel_err(p.grad, g) < 1e-5
+
+
+def test_hand_mlp_first_backward_creates_float32_grads() -> None:
+    torch.manual_seed(1)
+    seq = nets.mlp(4, 2, (8, 8))
+    layers = nets.relu_linears(seq)
+    assert layers is not None
+    x = torch.randn(5, 4)
+    out, tape = nets.relu_mlp_train_forward(layers, x)
+    nets.relu_mlp_backward(layers, tape, torch.ones_like(out))
+    plain_mlp(seq, x).sum().backward()  # accumulates onto the hand-written gradients: twice the value
+    for p in seq.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32
+    ref = copy.deepcopy(seq)
+    ref.zero_grad(set_to_none=True)
+    plain_mlp(ref, x).sum().backward()
+    for p, q in zip(seq.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-5, atol=1e-6)  # type: ignore[operator]
+
+
+def test_relu_linears_only_accepts_plain_relu_mlps() -> None:
+    assert nets.relu_linears(nets.mlp(3, 2, (4, 4), activation="tanh")) is None
+    assert nets.relu_linears(nn.Sequential(nn.Linear(3, 2))) is None
+    assert nets.relu_linears(nets.mlp(3, 2, (4,)).double()) is None
+    assert nets.relu_linears(nn.Linear(3, 2)) is None
+    assert nets.relu_linears(nets.mlp(3, 2, (4,), output_activation="tanh")) is None  # tail not expected
+    assert nets.relu_linears(nets.mlp(3, 2, (4,)), nn.Tanh) is None  # expected tail missing
+    assert nets.relu_linears(nets.mlp(3, 2, (4,), output_activation="tanh"), nn.Tanh) is not None
+    assert nets.relu_linears(nets.mlp(3, 2, (4, 5))) is not None
+
+
+@needs_bf16
+def test_hand_mlp_bf16_close_to_fp32() -> None:
+    torch.manual_seed(2)
+    seq = nets.mlp(5, 3, (64, 64))
+    layers = nets.relu_linears(seq)
+    assert layers is not None
+    x = torch.randn(32, 5)
+    ref = plain_mlp(seq, x)
+    upstream = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, list(seq.parameters()), upstream)
+    with nets.compute_precision("bf16"):
+        out, tape = nets.relu_mlp_train_forward(layers, x)
+        nets.relu_mlp_backward(layers, tape, upstream)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 2e-2
+    for p, g in zip(seq.parameters(), expected, strict=True):
+        assert p.grad is not None and p.grad.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(p.grad.flatten(), g.flatten(), dim=0) > 0.99
+
+
+def test_loss_gradients_equal_autograd() -> None:
+    g = torch.Generator().manual_seed(3)
+    pre = (2 * torch.randn(9, 3, generator=g)).requires_grad_()
+    target = torch.rand(9, 3, generator=g) * 2 - 1
+    loss, grad = tanh_mse_loss_and_grad(pre.detach(), target)
+    ref = bc_mse_loss(torch.tanh(pre), target)
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, pre)[0], rtol=1e-5, atol=1e-7)
+
+    logits = (3 * torch.randn(9, 4, generator=g)).requires_grad_()
+    actions = torch.randint(0, 4, (9,), generator=g)
+    loss, grad = cross_entropy_loss_and_grad(logits.detach(), actions)
+    ref = bc_cross_entropy_loss(logits, actions)
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, logits)[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["huber", "mse"])
+@pytest.mark.parametrize("alpha", [0.0, 2.5])
+def test_cql_loss_gradient_equals_autograd(kind: Any, alpha: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    q_all = (3 * torch.randn(16, 3, generator=g)).requires_grad_()  # |δ| on both sides of Huber's 1
+    actions = torch.randint(0, 3, (16,), generator=g)
+    target = 2 * torch.randn(16, generator=g)
+    td, penalty, q_data, q_max, grad = cql_loss_and_grad(q_all.detach(), actions, target, kind, alpha)
+    ref_q_data = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
+    ref_td, ref_penalty = td_loss(ref_q_data, target, kind), discrete_cql_penalty(q_all, actions)
+    torch.testing.assert_close(td, ref_td.detach())
+    torch.testing.assert_close(penalty, ref_penalty.detach())
+    torch.testing.assert_close(q_data, ref_q_data.detach())
+    torch.testing.assert_close(q_max, q_all.detach().amax(1))
+    ref_grad = torch.autograd.grad(ref_td + alpha * ref_penalty, q_all)[0]
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_adam_step_is_the_optimizer_step() -> None:
+    torch.manual_seed(5)
+    a = nets.mlp(3, 2, (8,))
+    b = copy.deepcopy(a)
+    opt_a, opt_b = (
+        adam(a.parameters(), lr=1e-2, weight_decay=0.1),
+        adam(b.parameters(), lr=1e-2, weight_decay=0.1),
+    )
+    for i in range(3):
+        x = torch.randn(4, 3)
+        for net in (a, b):
+            net.zero_grad(set_to_none=True)
+            net(x).square().sum().backward()
+        opt_a.step()
+        assert _fused_adam_step(opt_b) is (i > 0)  # the first step initialises state: the plain step runs
+        if i == 0:
+            opt_b.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    calls: list[int] = []
+    opt_b.register_step_post_hook(lambda *_: calls.append(1))
+    assert _fused_adam_step(opt_b) is False  # hooks must run: the plain step is left to do it
+    apply_gradients(opt_b)
+    assert calls == [1]
+
+
+def _hand_vs_autograd(monkeypatch: pytest.MonkeyPatch, make: Any, discrete: bool) -> None:
+    hand, plain = make(), make()
+    for b in _batches(discrete, 3, size=24):
+        m_hand = hand.update(b)
+        monkeypatch.setattr(nets, "HAND_BACKWARD", False)
+        m_plain = plain.update(b)
+        monkeypatch.setattr(nets, "HAND_BACKWARD", True)
+        assert set(m_hand) == set(m_plain)
+        for k, v in m_plain.items():
+            assert not m_hand[k].requires_grad and m_hand[k].dim() == 0
+            torch.testing.assert_close(m_hand[k], v, rtol=1e-5, atol=1e-6)
+    a, b_ = hand.state_dict(), plain.state_dict()
+    for k, v in b_["nets"].items():
+        assert rel_err(a["nets"][k], v) < 1e-5, k
+    for name, opt in b_["optimizers"].items():
+        for i, st in opt["state"].items():
+            for key, v in st.items():
+                assert rel_err(a["optimizers"][name]["state"][i][key], v) < 1e-5, (name, i, key)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"max_grad_norm": 0.05, "weight_decay": 0.01}], ids=["default", "clip+decay"]
+)
+def test_bc_hand_update_equals_autograd_update(monkeypatch: pytest.MonkeyPatch, overrides: Any) -> None:
+    cfg = BCConfig(hidden=(32, 32), lr=1e-2, **overrides)
+    _hand_vs_autograd(monkeypatch, lambda: ContinuousBC(cfg, OBS, BOX, seed=6), discrete=False)
+    dcfg = BCConfig(hidden=(32, 32), **overrides)
+    n3 = gym.spaces.Discrete(3)
+    _hand_vs_autograd(monkeypatch, lambda: DiscreteBC(dcfg, OBS, n3, seed=6), discrete=True)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "loss": "mse",
+            "target_update": "soft",
+            "max_grad_norm": None,
+            "cql_alpha": 0.0,
+            "reward_scale": 0.5,
+        },
+    ],
+    ids=["default", "mse-soft-dqn"],
+)
+def test_discrete_cql_hand_update_equals_autograd_update(
+    monkeypatch: pytest.MonkeyPatch, overrides: Any
+) -> None:
+    cfg = DiscreteCQLConfig(hidden=(32, 32), lr=1e-2, target_update_interval=2, **overrides)
+    _hand_vs_autograd(
+        monkeypatch, lambda: DiscreteCQL(cfg, OBS, gym.spaces.Discrete(3), seed=6), discrete=True
+    )
+
+
+def test_hand_paths_are_taken_and_leave_targets_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = nets.relu_mlp_backward
+
+    def spy(*args: Any) -> None:
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(nets, "relu_mlp_backward", spy)
+    algos: list[Any] = [
+        ContinuousBC(BCConfig(hidden=(16, 16)), OBS, BOX, seed=0),
+        DiscreteBC(BCConfig(hidden=(16, 16)), OBS, gym.spaces.Discrete(3), seed=0),
+        DiscreteCQL(DiscreteCQLConfig(hidden=(16, 16)), OBS, gym.spaces.Discrete(3), seed=0),
+    ]
+    for algo in algos:
+        algo.update(_batches(algo.discrete, 1, size=8)[0])
+    assert calls == [1, 1, 1]
+    assert all(p.grad is None for p in algos[2].q_target.parameters())
+    # the Gaussian policy has no hand-written pass: it keeps the autograd path
+    gaussian = ContinuousBC(BCConfig(hidden=(16, 16), policy="gaussian"), OBS, BOX, seed=0)
+    gaussian.update(_batches(False, 1, size=8)[0])
+    assert calls == [1, 1, 1]
+
+
+@needs_bf16
+@pytest.mark.parametrize("algo", ["bc", "cql-discrete"])
+def test_bf16_hand_update_tracks_bf16_autograd_update(monkeypatch: pytest.MonkeyPatch, algo: str) -> None:
+    def make() -> Any:
+        if algo == "bc":
+            return ContinuousBC(BCConfig(hidden=(32, 32), precision="bf16"), OBS, BOX, seed=7)
+        cfg = DiscreteCQLConfig(hidden=(32, 32), precision="bf16")
+        return DiscreteCQL(cfg, OBS, gym.spaces.Discrete(3), seed=7)
+
+    hand, plain = make(), make()
+    for b in _batches(algo != "bc", 3):
+        m_hand = hand.update(b)
+        monkeypatch.setattr(nets, "HAND_BACKWARD", False)
+        m_plain = plain.update(b)
+        monkeypatch.setattr(nets, "HAND_BACKWARD", True)
+        for k, v in m_plain.items():
+            assert abs(float(m_hand[k]) - float(v)) <= 0.02 * abs(float(v)) + 0.02, k
+    a, b_ = hand.nets.state_dict(), plain.nets.state_dict()
+    assert max(float((a[k] - b_[k]).abs().max()) for k in a if a[k].is_floating_point()) < 1e-2

@@ -5,12 +5,13 @@ state (de)serialisation and export of its acting policy. Algorithms only update;
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim import optimizer as optim_mod
 
 from offrl.data.dataset import TransitionDataset
 from offrl.errors import CheckpointError, ConfigError
@@ -193,3 +194,65 @@ def step(
     if max_grad_norm is not None and params is not None:
         nn.utils.clip_grad_norm_(list(params), max_grad_norm, foreach=True)
     optimizer.step()
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> None:
+    """Optional clip → step for gradients already in ``.grad`` (set by a hand-written backward); clips
+    the global norm over the optimiser's parameters."""
+    if max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    if not _fused_adam_step(optimizer):
+        optimizer.step()
+
+
+def _fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
+    """``optimizer.step()`` of a fused Adam as the two kernels it runs, without its Python bookkeeping
+    (as long as the kernels on a policy-sized network). Same kernels and arguments, so the same numbers.
+    False (nothing done) wherever that would not be the plain step: first step, hooks, other options."""
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    g = optimizer.param_groups[0]
+    if (
+        not g["fused"]
+        or g["amsgrad"]
+        or g["maximize"]
+        or g["capturable"]
+        or g["differentiable"]
+        or g.get("decoupled_weight_decay", False)
+        or not isinstance(g["lr"], float)
+        or optimizer._optimizer_step_pre_hooks
+        or optimizer._optimizer_step_post_hooks
+        or optim_mod._global_optimizer_pre_hooks
+        or optim_mod._global_optimizer_post_hooks
+    ):
+        return False
+    params: list[Tensor] = g["params"]
+    states: list[dict[str, Tensor]] = [optimizer.state.get(p, {}) for p in params]
+    grads = [p.grad for p in params]
+    if any(
+        "step" not in s or grad is None or p.device != params[0].device or p.dtype != params[0].dtype
+        for p, s, grad in zip(params, states, grads, strict=True)
+    ):
+        return False
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    beta1, beta2 = g["betas"]
+    torch._fused_adam_(
+        params,
+        cast(list[Tensor], grads),
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [],
+        steps,
+        amsgrad=False,
+        lr=g["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=g["weight_decay"],
+        eps=g["eps"],
+        maximize=False,
+        grad_scale=None,
+        found_inf=None,
+    )
+    return True

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.base import OfflineAlgorithm, adam, apply_gradients, step
 from offrl.algos.registry import register
 from offrl.config import option
 from offrl.errors import ConfigError
@@ -54,6 +54,35 @@ def td_loss(q_data: Tensor, target: Tensor, kind: Literal["huber", "mse"]) -> Te
     if kind == "mse":
         return F.mse_loss(q_data, target)
     raise ConfigError(f"cql: 'loss' must be 'huber' or 'mse', got {kind!r}")
+
+
+def cql_loss_and_grad(
+    q_all: Tensor, actions: Tensor, target: Tensor, kind: Literal["huber", "mse"], alpha: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # (B, A), (B,), (B,) -> 2 scalars, (B,), (B,), (B, A)
+    """TD loss, CQL penalty, Q(s, a_data), max_a Q(s, a) and the gradient of ``td + alpha · penalty``
+    w.r.t. ``q_all``.
+
+    The penalty's gradient is (softmax(Q) − onehot(a_data))/B; the TD loss's reaches Q(s, a_data) only:
+    clamp(δ, −1, 1)/B for Huber (δ = 1), 2δ/B for the squared error. Written out in elementary ops:
+    torch's softmax, logsumexp and smooth-L1 kernels cost several times more on a few actions.
+    """
+    batch = q_all.shape[0]
+    idx = actions.unsqueeze(1)
+    q_data = q_all.gather(1, idx).squeeze(1)
+    delta = q_data - target
+    if kind == "huber":
+        g_data = delta.clamp(-1.0, 1.0)  # Huber(δ) = c·(δ − c/2) with c = clamp(δ, −1, 1)
+        td = torch.dot(g_data, torch.add(delta, g_data, alpha=-0.5)) / batch
+    else:
+        td = torch.dot(delta, delta) / batch
+        g_data = delta.mul_(2.0)
+    top = q_all.amax(dim=1, keepdim=True)
+    grad = (q_all - top).exp_()
+    total = grad.sum(dim=1, keepdim=True)
+    grad.div_(total).mul_(alpha / batch)  # alpha · softmax(Q) / B
+    penalty = (total.log_().add_(top).squeeze(1) - q_data).mean()  # logsumexp − Q(s, a_data)
+    grad.scatter_add_(1, idx, g_data.sub_(alpha).div_(batch).unsqueeze(1))
+    return td, penalty, q_data, top.squeeze(1), grad
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -93,8 +122,9 @@ class DiscreteCQLConfig:
     )
     compile: Literal["default", "max-autotune-no-cudagraphs"] | None = option(
         None,
-        "torch.compile mode of the update step (none: eager). Compiling takes minutes on first use and "
-        "measured no faster on CPU (benchmarks/README.md); a frame that fails to compile runs eagerly",
+        "torch.compile mode of the update step (none: eager). Compiles the autograd step, which the default "
+        "hand-written step outruns on CPU (benchmarks/README.md); compiling takes minutes on first use, and "
+        "a frame that fails to compile runs eagerly",
     )
     normalize_obs: bool = option(True, "standardise observations with the dataset's mean and std")
 
@@ -157,6 +187,9 @@ class DiscreteCQL(OfflineAlgorithm):
         self.nets.to(self.device)
         self.optimizers["q"] = adam(self.q.parameters(), config.lr)
         self._train_step = nets.compiled(self._step, config.compile)
+        # plain relu Q-networks train through the hand-written passes (same numbers, fewer ops)
+        self._layers = nets.relu_linears(self.q.net)
+        self._target_layers = nets.relu_linears(self.q_target.net)
 
     @property
     def q(self) -> nets.DiscreteHead:
@@ -195,7 +228,15 @@ class DiscreteCQL(OfflineAlgorithm):
     def update(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.config
         with nets.compute_precision(cfg.precision):
-            metrics = self._train_step(batch)
+            if (
+                self._layers is not None
+                and self._target_layers is not None
+                and nets.HAND_BACKWARD
+                and cfg.compile is None
+            ):
+                metrics = self._hand_step(batch, self._layers, self._target_layers)
+            else:
+                metrics = self._train_step(batch)
         self.num_updates += 1  # host-side counter: the interval check below needs no device sync
         if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
             nets.hard_update(self.q_target, self.q)
@@ -215,4 +256,30 @@ class DiscreteCQL(OfflineAlgorithm):
             "cql_penalty": penalty.detach(),
             "q_data_mean": q_data.detach().mean(),
             "q_max_mean": q_all.detach().amax(dim=1).mean(),
+        }
+
+    def _hand_step(
+        self, batch: Batch, layers: list[nn.Linear], target_layers: list[nn.Linear]
+    ) -> dict[str, Tensor]:
+        """:meth:`_step` through the hand-written passes; the online net sees s and s′ in one forward."""
+        cfg = self.config
+        b = batch.obs.shape[0]
+        q_both, tape = nets.relu_mlp_train_forward(layers, torch.cat([batch.obs, batch.next_obs]), b)
+        q_all, next_q_online = q_both[:b], q_both[b:]
+        next_q_target = nets.relu_mlp_train_forward(target_layers, batch.next_obs, 0)[0]
+        rewards = batch.rewards * cfg.reward_scale if cfg.reward_scale != 1.0 else batch.rewards
+        target = double_q_target(rewards, batch.terminals, next_q_online, next_q_target, cfg.gamma)
+        td, penalty, q_data, q_max, grad = cql_loss_and_grad(
+            q_all, batch.actions, target, cfg.loss, cfg.cql_alpha
+        )
+        nets.relu_mlp_backward(layers, tape, grad)
+        apply_gradients(self.optimizers["q"], cfg.max_grad_norm)
+        if cfg.target_update == "soft":
+            nets.soft_update(self.q_target, self.q, cfg.tau)
+        return {
+            "loss": torch.add(td, penalty, alpha=cfg.cql_alpha) if cfg.cql_alpha != 0 else td,
+            "td_loss": td,
+            "cql_penalty": penalty,
+            "q_data_mean": q_data.mean(),
+            "q_max_mean": q_max.mean(),
         }
