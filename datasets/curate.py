@@ -45,7 +45,13 @@ ENVS: dict[str, dict[str, tuple[str, Any, str, int]]] = {
     "classic": {
         "cartpole": ("CartPole-v1", "threshold", "PPO, datasets/train/cartpole.toml", 4),
         "acrobot": ("Acrobot-v1", "threshold", "PPO, datasets/train/acrobot.toml", 4),
-        "lunarlander": ("LunarLander-v3", "threshold", "PPO, datasets/train/lunarlander.toml", 4),
+        "lunarlander": (
+            "LunarLander-v3",
+            "threshold",
+            "PPO, datasets/train/lunarlander.toml (1M steps, resumed to 3M); collected ε-greedily (ε = 0.1) "
+            "around the greedy action, since its sampled actions score well below its greedy ones",
+            4,
+        ),
         "pendulum": ("Pendulum-v1", None, "SAC, datasets/train/pendulum.toml", 4),
         "mountaincar-continuous": (
             "MountainCarContinuous-v0",
@@ -159,9 +165,9 @@ def _components(suite: str, key: str, level: str, n: int) -> list[dict[str, Any]
             "replay": [f"{base}/replay/{d}" for d in replay_dirs],
         }
 
-    def comp(policy: str, transitions: int) -> dict[str, Any]:
+    def comp(policy: str, transitions: int, greedy_mode: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": policy, "transitions": transitions}
-        if epsilon is not None:
+        if epsilon is not None and greedy_mode:
             out["epsilon"] = epsilon
         return out
 
@@ -173,7 +179,8 @@ def _components(suite: str, key: str, level: str, n: int) -> list[dict[str, Any]
         return [comp(pol["medium"], n // 2), comp(pol["expert"], n // 2)]
     k = len(pol["replay"])
     shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
-    return [comp(p, s) for p, s in zip(pol["replay"], shares, strict=True)]
+    # the snapshots act as the learner acted while training (sampling), whatever the other levels use
+    return [comp(p, s, greedy_mode=False) for p, s in zip(pol["replay"], shares, strict=True)]
 
 
 _DESCRIPTIONS = {
