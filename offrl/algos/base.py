@@ -210,21 +210,23 @@ def _fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
     """``optimizer.step()`` of a fused Adam as the two kernels it runs, without its Python bookkeeping
     (as long as the kernels on a policy-sized network). Same kernels and arguments, so the same numbers.
     False (nothing done) wherever that would not be the plain step: first step, hooks, other options."""
-    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+    # private torch API: checked for, so another torch version falls back to the public step
+    fused_adam = getattr(torch, "_fused_adam_", None)
+    if fused_adam is None or type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
         return False
     g = optimizer.param_groups[0]
+    hooks = (
+        getattr(optimizer, "_optimizer_step_pre_hooks", True),
+        getattr(optimizer, "_optimizer_step_post_hooks", True),
+        getattr(optim_mod, "_global_optimizer_pre_hooks", True),
+        getattr(optim_mod, "_global_optimizer_post_hooks", True),
+    )
     if (
-        not g["fused"]
-        or g["amsgrad"]
-        or g["maximize"]
-        or g["capturable"]
-        or g["differentiable"]
+        not g.get("fused")
+        or any(g.get(k, True) for k in ("amsgrad", "maximize", "capturable", "differentiable"))
         or g.get("decoupled_weight_decay", False)
-        or not isinstance(g["lr"], float)
-        or optimizer._optimizer_step_pre_hooks
-        or optimizer._optimizer_step_post_hooks
-        or optim_mod._global_optimizer_pre_hooks
-        or optim_mod._global_optimizer_post_hooks
+        or not isinstance(g.get("lr"), float)
+        or any(hooks)
     ):
         return False
     params: list[Tensor] = g["params"]
@@ -238,7 +240,7 @@ def _fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
     steps = [s["step"] for s in states]
     torch._foreach_add_(steps, 1)
     beta1, beta2 = g["betas"]
-    torch._fused_adam_(
+    fused_adam(
         params,
         cast(list[Tensor], grads),
         [s["exp_avg"] for s in states],
