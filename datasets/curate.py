@@ -62,7 +62,8 @@ ENVS: dict[str, dict[str, tuple[str, Any, str, int]]] = {
         "lunarlander-continuous": (
             "LunarLanderContinuous-v3",
             "threshold",
-            "PPO, datasets/train/lunarlander-continuous.toml",
+            "PPO, datasets/train/lunarlander-continuous.toml (1M steps, resumed to 3M); medium and expert "
+            "collected with the sampling std scaled by 0.1, since plain samples score far below the mean action",
             4,
         ),
     },
@@ -84,9 +85,18 @@ SCRIPTED = {
 }
 
 
-def _score(policy_spec: str, env_id: str, episodes: int, seed: int, epsilon: float | None = None) -> float:
+def _score(
+    policy_spec: str,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    epsilon: float | None = None,
+    std_scale: float | None = None,
+) -> float:
     env = gym.make(env_id)
     policy = resolve_policy(policy_spec, env.observation_space, env.action_space, seed=seed)
+    if std_scale is not None:
+        policy.set_std_scale(std_scale)  # type: ignore[attr-defined]
     if epsilon is not None:
         policy = EpsilonGreedy(policy, env.action_space, epsilon, seed=seed + 1)
     env.close()
@@ -112,7 +122,9 @@ def _refs(suite: str, key: str) -> tuple[float, float, str]:
     )
 
 
-def select(suite: str, key: str, run_dir: Path, episodes: int, epsilon: float | None) -> None:
+def select(
+    suite: str, key: str, run_dir: Path, episodes: int, epsilon: float | None, std_scale: float | None
+) -> None:
     env_id, expert_ref, _, _ = ENVS[suite][key]
     snaps = sorted(p for p in (run_dir / "snapshots").glob("step_*") if p.is_dir())
     if not snaps:
@@ -120,7 +132,7 @@ def select(suite: str, key: str, run_dir: Path, episodes: int, epsilon: float | 
     random_mean = _score("random", env_id, 100, REF_SEED)
     scores = []
     for s in snaps:
-        scores.append(_score(str(s), env_id, episodes, SELECT_SEED, epsilon))
+        scores.append(_score(str(s), env_id, episodes, SELECT_SEED, epsilon, std_scale))
         print(f"{s.name}: {scores[-1]:.1f}", flush=True)
     best = int(np.argmax(scores))
     ref_max = float(gym.spec(env_id).reward_threshold) if expert_ref == "threshold" else scores[best]
@@ -137,6 +149,7 @@ def select(suite: str, key: str, run_dir: Path, episodes: int, epsilon: float | 
         "run": str(run_dir),
         "scored_on": f"{episodes} stochastic episodes from seed {SELECT_SEED}",
         "epsilon": epsilon,
+        "std_scale": std_scale,
         "random_return": random_mean,
         "expert_return": scores[best],
         "snapshots": [
@@ -152,13 +165,14 @@ def select(suite: str, key: str, run_dir: Path, episodes: int, epsilon: float | 
 
 
 def _components(suite: str, key: str, level: str, n: int) -> list[dict[str, Any]]:
-    epsilon = None
+    epsilon = std_scale = None
     if key in SCRIPTED:
         pol: dict[str, Any] = SCRIPTED[key]
     else:
         base = f"policies/{suite}/{key}"
         replay_dirs = sorted(p.name for p in (ROOT / base / "replay").iterdir())
-        epsilon = json.loads((ROOT / base / "selection.json").read_text()).get("epsilon")
+        sel = json.loads((ROOT / base / "selection.json").read_text())
+        epsilon, std_scale = sel.get("epsilon"), sel.get("std_scale")
         pol = {
             "expert": f"{base}/expert",
             "medium": f"{base}/medium",
@@ -169,6 +183,8 @@ def _components(suite: str, key: str, level: str, n: int) -> list[dict[str, Any]
         out: dict[str, Any] = {"policy": policy, "transitions": transitions}
         if epsilon is not None and greedy_mode:
             out["epsilon"] = epsilon
+        if std_scale is not None and greedy_mode:
+            out["std_scale"] = std_scale
         return out
 
     if level == "random":
@@ -179,7 +195,7 @@ def _components(suite: str, key: str, level: str, n: int) -> list[dict[str, Any]
         return [comp(pol["medium"], n // 2), comp(pol["expert"], n // 2)]
     k = len(pol["replay"])
     shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
-    # the snapshots act as the learner acted while training (sampling), whatever the other levels use
+    # the snapshots act as the learner acted while training (plain sampling), whatever the other levels use
     return [comp(p, s, greedy_mode=False) for p, s in zip(pol["replay"], shares, strict=True)]
 
 
@@ -270,6 +286,9 @@ def main() -> None:
         type=float,
         help="Discrete: collect ε-greedily around the greedy action instead of sampling",
     )
+    s.add_argument(
+        "--std-scale", type=float, help="tanh-Gaussian: collect with the sampling std scaled by this"
+    )
     m = sub.add_parser("manifest")
     m.add_argument("suite")
     m.add_argument("--env", action="append")
@@ -279,7 +298,7 @@ def main() -> None:
     r.add_argument("--out-dir", type=Path)
     a = p.parse_args()
     if a.cmd == "select":
-        select(a.suite, a.env, a.run_dir, a.episodes, a.epsilon)
+        select(a.suite, a.env, a.run_dir, a.episodes, a.epsilon, a.std_scale)
     elif a.cmd == "manifest":
         manifest(a.suite, a.env)
     else:

@@ -612,9 +612,14 @@ class TanhGaussianActor(nn.Module):
         mean, log_std = run_mlp(self.net, obs).chunk(2, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
-    def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Reparameterised sample and its log-probability: ``(…, act_dim)``, ``(…)``."""
+    def sample(
+        self, obs: Tensor, generator: torch.Generator | None = None, std_scale: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """Reparameterised sample and its log-probability: ``(…, act_dim)``, ``(…)``. ``std_scale``
+        samples a narrower (< 1) or wider Gaussian than the learned one, with its own exact density."""
         mean, log_std = self(obs)
+        if std_scale != 1.0:
+            log_std = log_std + math.log(std_scale)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         u = mean + noise * log_std.exp()
         log_prob = gaussian_log_prob(u, mean, log_std) - tanh_log_det_jacobian(u).sum(-1)
@@ -623,9 +628,11 @@ class TanhGaussianActor(nn.Module):
     def mode(self, obs: Tensor) -> Tensor:
         return torch.tanh(self(obs)[0])
 
-    def log_prob(self, obs: Tensor, actions: Tensor, eps: float = 1e-6) -> Tensor:
+    def log_prob(self, obs: Tensor, actions: Tensor, eps: float = 1e-6, std_scale: float = 1.0) -> Tensor:
         """Log-density of given actions in (−1, 1) (clamped by ``eps`` away from ±1)."""
         mean, log_std = self(obs)
+        if std_scale != 1.0:
+            log_std = log_std + math.log(std_scale)
         a = actions.clamp(-1.0 + eps, 1.0 - eps)
         u = torch.atanh(a)
         return gaussian_log_prob(u, mean, log_std) - tanh_log_det_jacobian(u).sum(-1)

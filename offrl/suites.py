@@ -51,10 +51,15 @@ class Component:
     policy: str  # "random", "scripted:NAME[-epsX|-noiseX]" or an artefact folder relative to the suites dir
     transitions: int
     epsilon: float | None = None  # Discrete only: act ε-greedily around the policy's greedy action
+    std_scale: float | None = None  # tanh-Gaussian artefacts only: sample with the std scaled by this
 
     @property
     def description(self) -> str:
-        return self.policy if self.epsilon is None else f"{self.policy} (ε-greedy {self.epsilon:g})"
+        if self.epsilon is not None:
+            return f"{self.policy} (ε-greedy {self.epsilon:g})"
+        if self.std_scale is not None:
+            return f"{self.policy} (std × {self.std_scale:g})"
+        return self.policy
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ def load_manifest(path: Path) -> list[DatasetSpec]:
                     str(c["policy"]),
                     int(c["transitions"]),
                     None if c.get("epsilon") is None else float(c["epsilon"]),
+                    None if c.get("std_scale") is None else float(c["std_scale"]),
                 )
                 for c in d["components"]
             )
@@ -190,6 +196,11 @@ def resolve_component_policy(comp: Any, obs_space: gym.Space, act_space: gym.Spa
         if not path.exists():
             raise DatasetError(str(path), "behaviour policy artefact not found (is the checkout complete?)")
         policy = resolve_policy(str(path), obs_space, act_space, seed=seed)
+    std_scale = getattr(comp, "std_scale", None)
+    if std_scale is not None:
+        if not hasattr(policy, "set_std_scale"):
+            raise DatasetError(spec, "std_scale needs a trained tanh-Gaussian policy artefact")
+        policy.set_std_scale(std_scale)
     epsilon = getattr(comp, "epsilon", None)
     return policy if epsilon is None else EpsilonGreedy(policy, act_space, epsilon, seed=seed + 1)
 

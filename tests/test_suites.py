@@ -236,3 +236,30 @@ def test_committed_dataset_rebuilds_to_its_manifest_digest(tmp_path: Path) -> No
     if not same_setup:
         pytest.skip(f"the manifest was built with other versions or platform: {suites.mismatch(spec, rec)}")
     assert rec["sha256"] == spec.built["sha256"], suites.mismatch(spec, rec)
+
+
+def test_std_scale_component_samples_narrower_with_exact_densities() -> None:
+    """A tanh-Gaussian artefact collecting with its std scaled: the stored log-probabilities are those
+    of the scaled distribution (recomputed here), and the spread around the mode shrinks."""
+    env = gym.make("Pendulum-v1")
+    obs = np.stack([env.observation_space.sample() for _ in range(256)]).astype(np.float32)
+    spreads = {}
+    for scale in (1.0, 0.2):
+        comp = suites.Component("policies/classic/pendulum/expert", 1, std_scale=scale)
+        policy = suites.resolve_component_policy(comp, env.observation_space, env.action_space, 3)
+        actions = policy.act(obs, deterministic=False)
+        mode = policy.act(obs, deterministic=True)
+        spreads[scale] = float(np.abs(actions - mode).mean())
+        lp = policy.log_prob(obs, actions)
+        # the density of the same actions under the unscaled policy differs
+        plain = suites.resolve_component_policy(
+            suites.Component(comp.policy, 1), env.observation_space, env.action_space, 3
+        )
+        if scale != 1.0:
+            assert not np.allclose(lp, plain.log_prob(obs, actions))
+        assert np.all(np.isfinite(lp))
+    assert spreads[0.2] < 0.35 * spreads[1.0]
+    with pytest.raises(DatasetError, match="std_scale needs"):
+        suites.resolve_component_policy(
+            suites.Component("random", 1, std_scale=0.5), env.observation_space, env.action_space, 0
+        )

@@ -81,6 +81,7 @@ class TorchPolicy:
         self.normalizer, self.scaler = normalizer, scaler
         self.observation_space, self.action_space = observation_space, action_space
         self.is_stochastic = POLICY_KINDS[kind][1]
+        self.std_scale = 1.0  # tanh_gaussian: scales the sampling std (see set_std_scale)
         self.device = next(net.parameters()).device
         self.generator = torch.Generator(self.device)
         self.seed(seed)
@@ -94,6 +95,16 @@ class TorchPolicy:
             self.generator.seed()
         else:
             self.generator.manual_seed(int(seed))
+
+    def set_std_scale(self, scale: float) -> TorchPolicy:
+        """Sample from the policy's Gaussian with its std multiplied by ``scale`` (log-probabilities are
+        those of the scaled distribution); e.g. a data-collection policy less noisy than the learned one."""
+        if self.kind != "tanh_gaussian":
+            raise CheckpointError(f"std_scale applies to tanh_gaussian policies, not {self.kind}")
+        if not scale > 0.0:
+            raise CheckpointError(f"std_scale must be positive, got {scale}")
+        self.std_scale = float(scale)
+        return self
 
     def _obs(self, obs: np.ndarray | Tensor) -> Tensor:
         x = torch.as_tensor(obs, device=self.device).float()
@@ -114,7 +125,7 @@ class TorchPolicy:
             return self.net(x)
         if self.kind == "tanh_gaussian":
             actor: nets.TanhGaussianActor = self.net  # type: ignore[assignment]
-            return actor.mode(x) if deterministic else actor.sample(x, self.generator)[0]
+            return actor.mode(x) if deterministic else actor.sample(x, self.generator, self.std_scale)[0]
         if hasattr(self.net, "act_unit"):  # composite policies (e.g. BCQ) decide for themselves
             return self.net.act_unit(x, deterministic=deterministic, generator=self.generator)  # type: ignore[operator]
         scores = self.net(x)
@@ -136,7 +147,10 @@ class TorchPolicy:
             assert self.scaler is not None
             a = torch.as_tensor(np.asarray(actions), device=self.device).float().reshape(x.shape[0], -1)
             actor: nets.TanhGaussianActor = self.net  # type: ignore[assignment]
-            lp = actor.log_prob(x, self.scaler.to_unit(a)) - self.scaler.log_abs_det()
+            lp = (
+                actor.log_prob(x, self.scaler.to_unit(a), std_scale=self.std_scale)
+                - self.scaler.log_abs_det()
+            )
         else:
             idx = torch.as_tensor(np.asarray(actions), device=self.device).long().reshape(-1)
             idx = idx - int(getattr(self.action_space, "start", 0))
