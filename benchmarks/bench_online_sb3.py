@@ -175,6 +175,13 @@ def main() -> None:
         action="store_true",
         help="run both sides at the same time, so that they share one machine load (needs ≥ 2 free cores)",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="offrl-only setting, e.g. precision=bf16 (SB3 has no counterpart)",
+    )
     ap.add_argument("--json", help="write the figures to this JSON file")
     ap.add_argument("--workdir", default="/tmp/bench_online_sb3", help="offrl run directories")
     args = ap.parse_args()
@@ -197,6 +204,7 @@ def main() -> None:
             "train.eval_episodes": EVAL_EPISODES,
             "train.eval_seed": EVAL_SEED,
             "train.threads": args.threads,
+            **cfgmod.parse_sets(args.set),
         }
         cfg = resolve_online_config(None, None, seed=args.seed, config_file=cfg_file, overrides=overrides)
         out = Path(args.workdir) / f"{case}_{int(time.time())}"
