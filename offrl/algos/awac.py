@@ -23,14 +23,13 @@ from typing import ClassVar
 
 import gymnasium as gym
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.base import GaussianActorCritic, adam, step
 from offrl.algos.registry import register
 from offrl.config import option
 from offrl.errors import ConfigError
-from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
@@ -78,7 +77,7 @@ def awac_actor_loss(log_prob: Tensor, weights: Tensor) -> Tensor:
 
 
 @register
-class AWAC(OfflineAlgorithm):
+class AWAC(GaussianActorCritic):
     """Offline AWAC with a tanh-Gaussian actor and a vectorised pair of critics."""
 
     name: ClassVar[str] = "awac"
@@ -119,23 +118,6 @@ class AWAC(OfflineAlgorithm):
         self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
 
     # -- accessors ---------------------------------------------------------------------------------
-    @property
-    def actor(self) -> nets.TanhGaussianActor:
-        return self.nets["actor"]  # type: ignore[return-value]
-
-    @property
-    def critic(self) -> nets.QEnsemble:
-        return self.nets["critic"]  # type: ignore[return-value]
-
-    @property
-    def critic_target(self) -> nets.QEnsemble:
-        return self.nets["critic_target"]  # type: ignore[return-value]
-
-    def target_networks(self) -> list[nn.Module]:
-        return [self.critic_target]
-
-    def policy(self) -> TorchPolicy:
-        return self._policy("tanh_gaussian", self.actor, self.config.actor_hidden)
 
     # -- losses ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import optimizer as optim_mod
 
+from offrl import nets
 from offrl.data.dataset import TransitionDataset
 from offrl.errors import CheckpointError, ConfigError
 from offrl.policies.artifact import TorchPolicy
@@ -172,6 +173,33 @@ class OfflineAlgorithm:
             self.num_updates = int(state["num_updates"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"state does not fit algorithm '{self.name}' ({exc})") from None
+
+
+class ActorCritic(OfflineAlgorithm):
+    """Accessors shared by actor-critic algorithms: a Q-ensemble ``nets["critic"]`` with its Polyak
+    target ``nets["critic_target"]``, and an ``actor_target`` where the algorithm keeps one."""
+
+    @property
+    def critic(self) -> nets.QEnsemble:
+        return cast(nets.QEnsemble, self.nets["critic"])
+
+    @property
+    def critic_target(self) -> nets.QEnsemble:
+        return cast(nets.QEnsemble, self.nets["critic_target"])
+
+    def target_networks(self) -> list[nn.Module]:
+        return [self.nets[k] for k in ("actor_target", "critic_target") if k in self.nets]
+
+
+class GaussianActorCritic(ActorCritic):
+    """An actor-critic whose policy is the tanh-Gaussian ``nets["actor"]`` (SAC-style: CQL, AWAC, SAC)."""
+
+    @property
+    def actor(self) -> nets.TanhGaussianActor:
+        return cast(nets.TanhGaussianActor, self.nets["actor"])
+
+    def policy(self) -> TorchPolicy:
+        return self._policy("tanh_gaussian", self.actor, self.config.actor_hidden)
 
 
 def adam(params: Iterable[nn.Parameter], lr: float, **kwargs: Any) -> torch.optim.Adam:

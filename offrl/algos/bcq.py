@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.base import ActorCritic, adam, step
 from offrl.algos.registry import register
 from offrl.config import option
 from offrl.errors import ConfigError
@@ -153,7 +153,7 @@ class ConditionalVAE(nn.Module):
 
 
 @register
-class BCQ(OfflineAlgorithm):
+class BCQ(ActorCritic):
     """Continuous BCQ: VAE behaviour model, perturbation actor, soft clipped double-Q critics."""
 
     name: ClassVar[str] = "bcq"
@@ -207,17 +207,6 @@ class BCQ(OfflineAlgorithm):
     @property
     def actor_target(self) -> PerturbationActor:
         return self.nets["actor_target"]  # type: ignore[return-value]
-
-    @property
-    def critic(self) -> nets.QEnsemble:
-        return self.nets["critic"]  # type: ignore[return-value]
-
-    @property
-    def critic_target(self) -> nets.QEnsemble:
-        return self.nets["critic_target"]  # type: ignore[return-value]
-
-    def target_networks(self) -> list[nn.Module]:
-        return [self.actor_target, self.critic_target]
 
     def policy(self) -> TorchPolicy:
         cfg = self.config

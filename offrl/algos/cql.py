@@ -30,11 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam
+from offrl.algos.base import GaussianActorCritic, adam
 from offrl.algos.registry import register
 from offrl.config import option
 from offrl.errors import ConfigError
-from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
@@ -144,7 +143,7 @@ class Scalar(nn.Module):
 
 
 @register
-class CQL(OfflineAlgorithm):
+class CQL(GaussianActorCritic):
     """Continuous CQL(H) with SAC actor, automatic entropy tuning and optional Lagrange weight."""
 
     name: ClassVar[str] = "cql"
@@ -202,23 +201,6 @@ class CQL(OfflineAlgorithm):
         self._train_step = nets.compiled(self._step, cfg.compile)
 
     # -- accessors ---------------------------------------------------------------------------------
-    @property
-    def actor(self) -> nets.TanhGaussianActor:
-        return self.nets["actor"]  # type: ignore[return-value]
-
-    @property
-    def critic(self) -> nets.QEnsemble:
-        return self.nets["critic"]  # type: ignore[return-value]
-
-    @property
-    def critic_target(self) -> nets.QEnsemble:
-        return self.nets["critic_target"]  # type: ignore[return-value]
-
-    def target_networks(self) -> list[nn.Module]:
-        return [self.critic_target]
-
-    def policy(self) -> TorchPolicy:
-        return self._policy("tanh_gaussian", self.actor, self.config.actor_hidden)
 
     def _alpha_prime(self) -> Tensor:
         return self.nets["log_alpha_prime"]().exp().clamp(0.0, ALPHA_PRIME_MAX)

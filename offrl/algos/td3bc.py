@@ -25,10 +25,10 @@ from typing import ClassVar
 import gymnasium as gym
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.base import ActorCritic, adam, step
 from offrl.algos.registry import register
 from offrl.config import option
 from offrl.errors import ConfigError
@@ -93,7 +93,7 @@ def td3bc_actor_loss(q_pi: Tensor, pi: Tensor, data_actions: Tensor, alpha: floa
 
 
 @register
-class TD3BC(OfflineAlgorithm):
+class TD3BC(ActorCritic):
     """TD3+BC: TD3 with a BC-regularised, Q-normalised deterministic actor."""
 
     name: ClassVar[str] = "td3bc"
@@ -150,17 +150,6 @@ class TD3BC(OfflineAlgorithm):
     @property
     def actor_target(self) -> nets.DeterministicActor:
         return self.nets["actor_target"]  # type: ignore[return-value]
-
-    @property
-    def critic(self) -> nets.QEnsemble:
-        return self.nets["critic"]  # type: ignore[return-value]
-
-    @property
-    def critic_target(self) -> nets.QEnsemble:
-        return self.nets["critic_target"]  # type: ignore[return-value]
-
-    def target_networks(self) -> list[nn.Module]:
-        return [self.actor_target, self.critic_target]
 
     def policy(self) -> TorchPolicy:
         return self._policy("deterministic", self.actor, self.config.actor_hidden)

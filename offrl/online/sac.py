@@ -19,12 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import adam, step
+from offrl.algos.base import GaussianActorCritic, adam, step
 from offrl.config import option
 from offrl.errors import ConfigError
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
-from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
@@ -98,7 +97,7 @@ class LogAlpha(nn.Module):
         return self.value
 
 
-class SAC(OnlineAlgorithm):
+class SAC(GaussianActorCritic, OnlineAlgorithm):
     """Soft Actor-Critic with twin critics and automatic entropy tuning (continuous actions)."""
 
     name: ClassVar[str] = "sac"
@@ -134,24 +133,6 @@ class SAC(OnlineAlgorithm):
         self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
         if cfg.auto_alpha:
             self.optimizers["alpha"] = adam(self.nets["log_alpha"].parameters(), cfg.alpha_lr)
-
-    @property
-    def actor(self) -> nets.TanhGaussianActor:
-        return self.nets["actor"]  # type: ignore[return-value]
-
-    @property
-    def critic(self) -> nets.QEnsemble:
-        return self.nets["critic"]  # type: ignore[return-value]
-
-    @property
-    def critic_target(self) -> nets.QEnsemble:
-        return self.nets["critic_target"]  # type: ignore[return-value]
-
-    def target_networks(self) -> list[nn.Module]:
-        return [self.critic_target]
-
-    def policy(self) -> TorchPolicy:
-        return self._policy("tanh_gaussian", self.actor, self.config.actor_hidden)
 
     # -- loop hooks --------------------------------------------------------------------------------
     def make_storage(self) -> ReplayBuffer:
