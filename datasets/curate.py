@@ -123,23 +123,37 @@ def _refs(suite: str, key: str) -> tuple[float, float, str]:
 
 
 def select(
-    suite: str, key: str, run_dir: Path, episodes: int, epsilon: float | None, std_scale: float | None
+    suite: str,
+    key: str,
+    run_dir: Path,
+    episodes: int,
+    epsilon: float | None,
+    std_scale: float | None,
+    medium_override: str | None = None,
+    reuse_scores: bool = False,
 ) -> None:
     env_id, expert_ref, _, _ = ENVS[suite][key]
     snaps = sorted(p for p in (run_dir / "snapshots").glob("step_*") if p.is_dir())
     if not snaps:
         sys.exit(f"{run_dir}/snapshots: no snapshots (train with train.snapshots = true)")
     random_mean = _score("random", env_id, 100, REF_SEED)
+    out = ROOT / "policies" / suite / key
     scores = []
-    for s in snaps:
+    if reuse_scores:  # keep the recorded scores, e.g. to override the medium choice without rescoring
+        old = json.loads((out / "selection.json").read_text())
+        by_name = {r["snapshot"]: r["return"] for r in old["snapshots"]}
+        scores = [by_name[s.name] for s in snaps]
+        episodes, epsilon, std_scale = int(old["scored_on"].split()[0]), old["epsilon"], old["std_scale"]
+    for s in snaps[len(scores) :]:
         scores.append(_score(str(s), env_id, episodes, SELECT_SEED, epsilon, std_scale))
         print(f"{s.name}: {scores[-1]:.1f}", flush=True)
     best = int(np.argmax(scores))
     ref_max = float(gym.spec(env_id).reward_threshold) if expert_ref == "threshold" else scores[best]
     norm = [100 * (x - random_mean) / (ref_max - random_mean) for x in scores]
     medium = int(np.argmin([abs(n - MEDIUM_TARGET) for n in norm[: best + 1]]))
+    if medium_override is not None:
+        medium = [s.name for s in snaps].index(medium_override)
     replay = sorted(set(np.linspace(0, medium, min(MAX_REPLAY, medium + 1)).round().astype(int).tolist()))
-    out = ROOT / "policies" / suite / key
     shutil.rmtree(out, ignore_errors=True)
     for name, idx in [("expert", best), ("medium", medium)]:
         shutil.copytree(snaps[idx], out / name)
@@ -158,6 +172,7 @@ def select(
         ],
         "expert": snaps[best].name,
         "medium": snaps[medium].name,
+        "medium_note": medium_override and "chosen by hand after a 30-episode check; see datasets/README.md",
         "replay": [snaps[i].name for i in replay],
     }
     atomic_write_text(out / "selection.json", json.dumps(selection, indent=2) + "\n")
@@ -289,6 +304,10 @@ def main() -> None:
     s.add_argument(
         "--std-scale", type=float, help="tanh-Gaussian: collect with the sampling std scaled by this"
     )
+    s.add_argument("--medium", help="use this snapshot (step_N) as medium instead of the one nearest 35")
+    s.add_argument(
+        "--reuse-scores", action="store_true", help="take the scores of the existing selection.json"
+    )
     m = sub.add_parser("manifest")
     m.add_argument("suite")
     m.add_argument("--env", action="append")
@@ -298,7 +317,7 @@ def main() -> None:
     r.add_argument("--out-dir", type=Path)
     a = p.parse_args()
     if a.cmd == "select":
-        select(a.suite, a.env, a.run_dir, a.episodes, a.epsilon, a.std_scale)
+        select(a.suite, a.env, a.run_dir, a.episodes, a.epsilon, a.std_scale, a.medium, a.reuse_scores)
     elif a.cmd == "manifest":
         manifest(a.suite, a.env)
     else:
