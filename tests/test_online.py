@@ -362,12 +362,17 @@ def test_sac_bf16_update_stays_close_to_fp32(tmp_path: Path) -> None:
         assert torch.allclose(pa, pb, atol=1e-3)
 
 
-def test_experiment_configs_resolve() -> None:
-    files = sorted((REPO / "experiments" / "online").glob("*.toml"))
-    assert files
-    for f in files:
-        cfg = resolve_online_config(None, None, config_file=f)
-        assert cfg.train.steps
+@pytest.mark.parametrize(
+    "path",
+    sorted((REPO / "experiments" / "online").glob("*.toml"))
+    + sorted((REPO / "datasets" / "train").glob("*.toml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_shipped_online_configs_resolve(path: Path) -> None:
+    if "Hopper" in path.read_text() or "Cheetah" in path.read_text() or "Walker" in path.read_text():
+        pytest.importorskip("mujoco", reason="MuJoCo configs need gymnasium[mujoco]")
+    cfg = resolve_online_config(None, None, config_file=path)
+    assert cfg.train.steps
 
 
 def test_cli_online_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
