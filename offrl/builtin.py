@@ -13,13 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offrl.errors import DatasetError
-from offrl.suites import record_components
-
-
-@dataclass(frozen=True)
-class Component:
-    policy: str  # a --policy value: "random" or "scripted:NAME[-epsX|-noiseX]"
-    episodes: int
+from offrl.suites import Component, record_components
 
 
 @dataclass(frozen=True)
@@ -43,7 +37,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "builtin/cartpole-expert",
             "CartPole-v1",
-            (Component("scripted:cartpole-eps0.05", 20),),
+            (Component("scripted:cartpole-eps0.05", episodes=20),),
             seed=0,
             ref_min_return=_CARTPOLE_REF[0],
             ref_max_return=_CARTPOLE_REF[1],
@@ -53,9 +47,9 @@ RECIPES: dict[str, Recipe] = {
             "builtin/cartpole-mixed",
             "CartPole-v1",
             (
-                Component("scripted:cartpole-eps0.1", 10),
-                Component("scripted:cartpole_anti-eps0.1", 1000),
-                Component("random", 300),
+                Component("scripted:cartpole-eps0.1", episodes=10),
+                Component("scripted:cartpole_anti-eps0.1", episodes=1000),
+                Component("random", episodes=300),
             ),
             seed=1,
             ref_min_return=_CARTPOLE_REF[0],
@@ -68,7 +62,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "builtin/pendulum-mixed",
             "Pendulum-v1",
-            (Component("scripted:pendulum-noise0.5", 20), Component("random", 80)),
+            (Component("scripted:pendulum-noise0.5", episodes=20), Component("random", episodes=80)),
             seed=2,
             ref_min_return=_PENDULUM_REF[0],
             ref_max_return=_PENDULUM_REF[1],

@@ -155,7 +155,7 @@ def append_episodes(dest: Path, part: Path, env: str, marker: dict[str, Any]) ->
     Action log-probabilities are kept only when both sides carry them (the format wants all or none).
     """
     from offrl.data.format import read_raw
-    from offrl.data.writer import DatasetWriter
+    from offrl.data.writer import write_merged
 
     new = read_raw(part)
     old = _read_checked_env(dest, env) if dest.exists() else None
@@ -165,22 +165,16 @@ def append_episodes(dest: Path, part: Path, env: str, marker: dict[str, Any]) ->
     if old is None:  # the recorder's keys describe one round, not the file
         meta = {"description": f"made by `offrl iterate` in {env}"}
     meta[APPENDS_KEY] = [*meta.get(APPENDS_KEY, []), marker]
-    if any(r.action_log_probs is None for r in raws):
-        for r in raws:
-            r.action_log_probs = None
-    with DatasetWriter(
+    write_merged(
         dest,
-        base.observation_space,
-        base.action_space,
+        raws,
         env_id=base.env_id,
         env_spec=base.env_spec,
         metadata=meta,
         ref_min_return=base.ref_min_return,
         ref_max_return=base.ref_max_return,
         compression=_compression(dest) if old is not None else None,
-    ) as w:
-        for r in raws:
-            w.add_raw(r)
+    )
     return sum(r.num_transitions for r in raws)
 
 

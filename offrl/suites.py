@@ -30,7 +30,7 @@ import torch
 
 from offrl.data import format as fmt
 from offrl.data.recorder import record
-from offrl.data.writer import DatasetWriter
+from offrl.data.writer import write_merged
 from offrl.errors import DatasetError
 from offrl.utils import atomic_write_text, package_versions
 
@@ -48,10 +48,18 @@ def suites_dir() -> Path:
 
 @dataclass(frozen=True)
 class Component:
+    """One behaviour policy's share of a dataset: exactly ``transitions`` rows (suites) or ``episodes``
+    whole episodes (the built-in recipes)."""
+
     policy: str  # "random", "scripted:NAME[-epsX|-noiseX]" or an artefact folder relative to the suites dir
-    transitions: int
+    transitions: int | None = None
+    episodes: int | None = None
     epsilon: float | None = None  # Discrete only: act ε-greedily around the policy's greedy action
     std_scale: float | None = None  # tanh-Gaussian artefacts only: sample with the std scaled by this
+
+    def __post_init__(self) -> None:
+        if (self.transitions is None) == (self.episodes is None):
+            raise ValueError(f"component {self.policy!r}: give transitions or episodes, not both or neither")
 
     @property
     def description(self) -> str:
@@ -85,7 +93,7 @@ class DatasetSpec:
 
     @property
     def transitions(self) -> int:
-        return sum(c.transitions for c in self.components)
+        return sum(c.transitions or 0 for c in self.components)
 
 
 def _manifest_error(path: Path, where: str, message: str) -> DatasetError:
@@ -125,9 +133,9 @@ def load_manifest(path: Path) -> list[DatasetSpec]:
             components = tuple(
                 Component(
                     str(c["policy"]),
-                    int(c["transitions"]),
-                    None if c.get("epsilon") is None else float(c["epsilon"]),
-                    None if c.get("std_scale") is None else float(c["std_scale"]),
+                    transitions=int(c["transitions"]),
+                    epsilon=None if c.get("epsilon") is None else float(c["epsilon"]),
+                    std_scale=None if c.get("std_scale") is None else float(c["std_scale"]),
                 )
                 for c in d["components"]
             )
@@ -146,7 +154,7 @@ def load_manifest(path: Path) -> list[DatasetSpec]:
             raise _manifest_error(path, where, f"missing or unknown {exc}") from exc
         if spec.level not in LEVELS:
             raise _manifest_error(path, where, f"level {spec.level!r} is not one of {', '.join(LEVELS)}")
-        if not spec.components or any(c.transitions < 1 for c in components):
+        if not spec.components or any((c.transitions or 0) < 1 for c in components):
             raise _manifest_error(path, where, "needs at least one component with transitions ≥ 1")
         out.append(spec)
     return out
@@ -183,9 +191,9 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def resolve_component_policy(comp: Any, obs_space: gym.Space, act_space: gym.Space, seed: int) -> Any:
+def resolve_component_policy(comp: Component, obs_space: gym.Space, act_space: gym.Space, seed: int) -> Any:
     """The behaviour policy of a component: ``random``, ``scripted:…`` or an artefact under the suites
-    directory, made ε-greedy when the component has an ``epsilon``."""
+    directory, sampling with a scaled std given ``std_scale`` and ε-greedy given ``epsilon``."""
     from offrl.policies import EpsilonGreedy, resolve_policy
 
     spec = comp.policy
@@ -196,18 +204,18 @@ def resolve_component_policy(comp: Any, obs_space: gym.Space, act_space: gym.Spa
         if not path.exists():
             raise DatasetError(str(path), "behaviour policy artefact not found (is the checkout complete?)")
         policy = resolve_policy(str(path), obs_space, act_space, seed=seed)
-    std_scale = getattr(comp, "std_scale", None)
-    if std_scale is not None:
+    if comp.std_scale is not None:
         if not hasattr(policy, "set_std_scale"):
             raise DatasetError(spec, "std_scale needs a trained tanh-Gaussian policy artefact")
-        policy.set_std_scale(std_scale)
-    epsilon = getattr(comp, "epsilon", None)
-    return policy if epsilon is None else EpsilonGreedy(policy, act_space, epsilon, seed=seed + 1)
+        policy.set_std_scale(comp.std_scale)
+    if comp.epsilon is None:
+        return policy
+    return EpsilonGreedy(policy, act_space, comp.epsilon, seed=seed + 1)
 
 
 def record_components(
     env_id: str,
-    components: Sequence[Any],
+    components: Sequence[Component],
     seed: int,
     dest: str | os.PathLike[str],
     *,
@@ -217,8 +225,8 @@ def record_components(
     ref_max_return: float | None = None,
     progress: bool = True,
 ) -> Path:
-    """Record each component (``.policy`` plus ``.transitions`` or ``.episodes``) stochastically with
-    seed ``seed·1000 + 100·i`` and merge them, in order, into ``dest`` (written atomically)."""
+    """Record each component stochastically with seed ``seed·1000 + 100·i`` and merge them, in order,
+    into ``dest`` (written atomically)."""
     probe = gym.make(env_id)
     obs_space, act_space = probe.observation_space, probe.action_space
     probe.close()
@@ -231,31 +239,24 @@ def record_components(
             record(
                 env_id,
                 policy,
-                episodes=getattr(comp, "episodes", None),
-                steps=getattr(comp, "transitions", None),
+                episodes=comp.episodes,
+                steps=comp.transitions,
                 seed=part_seed,
                 out=part,
                 num_envs=num_envs,
                 deterministic=False,
                 progress=progress,
-                policy_description=getattr(comp, "description", comp.policy),
+                policy_description=comp.description,
             )
             parts.append(part)
-        with DatasetWriter(
+        write_merged(
             dest,
-            obs_space,
-            act_space,
+            [fmt.read_raw(part) for part in parts],
             env_id=env_id,
             metadata=metadata or {},
             ref_min_return=ref_min_return,
             ref_max_return=ref_max_return,
-        ) as w:
-            raws = [fmt.read_raw(part) for part in parts]
-            if any(r.action_log_probs is None for r in raws):  # one deterministic part: none can carry them
-                for r in raws:
-                    r.action_log_probs = None
-            for r in raws:
-                w.add_raw(r)
+        )
     return Path(dest)
 
 
@@ -271,12 +272,16 @@ _HASHED_KEYS = (
 )
 
 
-def arrays_sha256(path: str | os.PathLike[str]) -> str:
+def _raw(source: fmt.RawDataset | str | os.PathLike[str]) -> fmt.RawDataset:
+    return source if isinstance(source, fmt.RawDataset) else fmt.read_raw(source)
+
+
+def arrays_sha256(source: fmt.RawDataset | str | os.PathLike[str]) -> str:
     """SHA-256 over the transition arrays (name, dtype, shape, bytes), not the file: HDF5 files also
     hold creation times and layout details that differ between identical builds."""
     import hashlib
 
-    raw = fmt.read_raw(path)
+    raw = _raw(source)
     h = hashlib.sha256()
     for key in _HASHED_KEYS:
         value = getattr(raw, key, None)
@@ -288,10 +293,12 @@ def arrays_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def behaviour_stats(path: str | os.PathLike[str], max_episode_steps: int | None) -> dict[str, float]:
+def behaviour_stats(
+    source: fmt.RawDataset | str | os.PathLike[str], max_episode_steps: int | None
+) -> dict[str, float]:
     """Mean return and episode count of the recorded episodes, leaving out episodes cut short by a
     component's transition quota (a timeout before the environment's own time limit)."""
-    raw = fmt.read_raw(path)
+    raw = _raw(source)
     ends = raw.episode_ends
     starts = np.concatenate([[0], ends[:-1]])
     returns = np.add.reduceat(raw.rewards.astype(np.float64), starts) if len(ends) else np.zeros(0)
@@ -344,12 +351,13 @@ def build(
         progress=progress,
     )
     env_spec = gym.spec(spec.env.env_id)
-    stats = behaviour_stats(dest, env_spec.max_episode_steps)
+    raw = fmt.read_raw(dest)
+    stats = behaviour_stats(raw, env_spec.max_episode_steps)
     built: dict[str, Any] = {
         "transitions": spec.transitions,
         **stats,
         "normalized_score": round(normalized(spec, stats["mean_return"]), 2),
-        "sha256": arrays_sha256(dest),
+        "sha256": arrays_sha256(raw),
         "package_versions": {k: v for k, v in package_versions().items() if k in _VERSIONED},
         "platform": build_platform(),
     }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -304,6 +306,19 @@ class DatasetWriter:
         except BaseException as raised:  # atomic_path re-raises what it was given
             if raised is not err:
                 raise
+
+
+def write_merged(path: str | os.PathLike[str], raws: Sequence[fmt.RawDataset], **writer_options: Any) -> Path:
+    """Write the episodes of ``raws``, in order, as one new file (atomically). Log-probabilities are kept
+    only if every part has them (the format wants all rows or none). ``writer_options`` go to
+    :class:`DatasetWriter`; the spaces come from the first part."""
+    if not raws:
+        raise OfflineRLError(f"{path}: nothing to merge")
+    keep_log_probs = all(r.action_log_probs is not None for r in raws)
+    with DatasetWriter(path, raws[0].observation_space, raws[0].action_space, **writer_options) as w:
+        for r in raws:
+            w.add_raw(r if keep_log_probs else dataclasses.replace(r, action_log_probs=None))
+    return Path(path)
 
 
 def write_raw(raw: fmt.RawDataset, path: str | os.PathLike[str], *, compression: str | None = None) -> Path:
