@@ -558,6 +558,78 @@ class QEnsemble(nn.Module):
         return q.view(-1, batch, m)
 
 
+# -- hand-written training passes of a relu ensemble (as above, one batched matmul per layer) --------
+
+
+def relu_ensemble_linears(ens: nn.Module) -> list[EnsembleLinear] | None:
+    """The layers of ``ens`` if it is a relu :class:`EnsembleMLP` with float32 parameters; otherwise None."""
+    if not isinstance(ens, EnsembleMLP) or not ens.fast:
+        return None
+    if any(p.dtype != torch.float32 for p in ens.parameters()):
+        return None
+    return list(ens.layers)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def relu_ensemble_train_forward(
+    layers: Sequence[EnsembleLinear], x: Tensor, tape: bool = True
+) -> tuple[Tensor, MLPTape]:
+    """Outputs (E, R, out) float32 of the relu ensemble ``layers`` on the input ``x`` (R, in) shared by
+    every member, and (``tape``) what :func:`relu_ensemble_backward` needs. Equal to the ensemble's
+    forward up to float rounding; hidden layers in the :func:`compute_precision` dtype, the output
+    layer in float32; no autograd graph is built."""
+    if _allocator_tuned is None and x.device.type == "cpu":
+        keep_freed_memory()
+    dt = _low_dtype(x.device)
+    kept = MLPTape([], [])
+    h = x.to(dt).unsqueeze(0).expand(layers[0].members, -1, -1)
+    for lin in layers[:-1]:
+        w, b = (lin.weight, lin.bias) if dt == torch.float32 else (lin.weight.to(dt), lin.bias.to(dt))
+        if tape:
+            kept.inputs.append(h)
+            kept.low_w.append(w)
+        h = torch.baddbmm(b, h, w).relu_()
+    h = h.float()
+    if tape:
+        kept.inputs.append(h)
+    return torch.baddbmm(layers[-1].bias, h, layers[-1].weight), kept
+
+
+@torch.no_grad()
+def relu_ensemble_backward(
+    layers: Sequence[EnsembleLinear],
+    tape: MLPTape,
+    grad: Tensor,
+    *,
+    params: bool = True,
+    input_grad: bool = False,
+) -> Tensor | None:
+    """Backward of :func:`relu_ensemble_train_forward` from ``grad`` (E, R, out) float32, the gradient
+    of a loss w.r.t. the outputs. ``params``: set every parameter's ``.grad`` (overwriting, as after
+    ``zero_grad(set_to_none=True)``); False treats the weights as constants (e.g. an actor loss through
+    the critics). ``input_grad``: return the gradient w.r.t. the shared input (R, in), summed over
+    members; otherwise None."""
+    g = grad
+    last = len(layers) - 1
+    for i in range(last, -1, -1):
+        lin, inp = layers[i], tape.inputs[i]
+        g = g.to(inp.dtype)
+        if params:
+            w_grad, b_grad = lin.weight.grad, lin.bias.grad
+            if w_grad is None or b_grad is None or inp.dtype != torch.float32:
+                lin.weight.grad = torch.bmm(inp.transpose(1, 2), g).float()
+                lin.bias.grad = g.sum(1, keepdim=True).float()
+            else:  # straight into the gradients' memory
+                torch.bmm(inp.transpose(1, 2), g, out=w_grad)
+                torch.sum(g, 1, keepdim=True, out=b_grad)
+        w = lin.weight if i == last else tape.low_w[i]
+        if i > 0:
+            g = _relu_grad_(torch.bmm(g, w.transpose(1, 2)), inp)
+        elif input_grad:
+            return torch.bmm(g, w.transpose(1, 2)).sum(0).float()
+    return None
+
+
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 

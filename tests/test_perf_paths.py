@@ -588,3 +588,109 @@ def test_bf16_hand_update_tracks_bf16_autograd_update(monkeypatch: pytest.Monkey
             assert abs(float(m_hand[k]) - float(v)) <= 0.02 * abs(float(v)) + 0.02, k
     a, b_ = hand.nets.state_dict(), plain.nets.state_dict()
     assert max(float((a[k] - b_[k]).abs().max()) for k in a if a[k].is_floating_point()) < 1e-2
+
+
+# -- SAC's hand-written step ---------------------------------------------------------------------
+def test_relu_ensemble_passes_equal_autograd() -> None:
+    torch.manual_seed(0)
+    ens = nets.EnsembleMLP(3, 5, 2, (8, 8))
+    layers = nets.relu_ensemble_linears(ens)
+    assert layers is not None
+    x = torch.randn(6, 5, requires_grad=True)
+    grad = torch.randn(3, 6, 2)
+    ref = ens(x)
+    ref.backward(grad)
+    out, tape = nets.relu_ensemble_train_forward(layers, x.detach())
+    torch.testing.assert_close(out, ref.detach())
+    ref_grads = [p.grad.clone() for p in ens.parameters()]  # type: ignore[union-attr]
+    ens.zero_grad(set_to_none=True)
+    g_x = nets.relu_ensemble_backward(layers, tape, grad, input_grad=True)
+    assert g_x is not None
+    torch.testing.assert_close(g_x, x.grad)
+    for p, g in zip(ens.parameters(), ref_grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    # weights as constants: no parameter gradient is written, the input gradient is the same
+    ens.zero_grad(set_to_none=True)
+    torch.testing.assert_close(
+        nets.relu_ensemble_backward(layers, tape, grad, params=False, input_grad=True), g_x
+    )
+    assert all(p.grad is None for p in ens.parameters())
+    assert nets.relu_ensemble_linears(nets.EnsembleMLP(2, 3, 1, (4,), activation="tanh")) is None
+
+
+def test_sac_loss_gradients_equal_autograd() -> None:
+    from offrl.online import sac
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, generator=g, requires_grad=True)
+    target = torch.randn(5, generator=g)
+    loss, grad = sac.critic_loss_and_grad(q.detach(), target)
+    ref = sac.critic_loss(q, target)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(grad, q.grad)
+
+    q_pi = torch.randn(2, 5, generator=g, requires_grad=True)
+    log_pi = torch.randn(5, generator=g, requires_grad=True)
+    alpha = torch.tensor(0.3)
+    loss, g_q, g_lp = sac.actor_loss_and_grads(q_pi.detach(), log_pi.detach(), alpha)
+    ref = sac.actor_loss(q_pi, log_pi, alpha)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(g_q, q_pi.grad)
+    torch.testing.assert_close(g_lp, log_pi.grad)
+
+    # the reparameterised tanh-Gaussian sample, the log-std clamp included (some entries outside it)
+    out = torch.randn(5, 6, generator=g) * 4
+    out.requires_grad_(True)
+    noise = torch.randn(5, 3, generator=g)
+    mean, raw = out.chunk(2, -1)
+    log_std = raw.clamp(nets.LOG_STD_MIN, nets.LOG_STD_MAX)
+    u = mean + noise * log_std.exp()
+    action = torch.tanh(u)
+    log_prob = nets.gaussian_log_prob(u, mean, log_std) - nets.tanh_log_det_jacobian(u).sum(-1)
+    w_a, w_lp = torch.randn(5, 3, generator=g), torch.randn(5, generator=g)
+    ((action * w_a).sum() + (log_prob * w_lp).sum()).backward()
+    assert bool((raw.detach() > nets.LOG_STD_MAX).any() and (raw.detach() < nets.LOG_STD_MIN).any())
+    got = sac.tanh_gaussian_sample_grad(
+        w_a, w_lp, action.detach(), noise, log_std.detach().exp(), raw.detach()
+    )
+    torch.testing.assert_close(got, out.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"max_grad_norm": 0.5, "auto_alpha": False}, {"n_critics": 3}],
+    ids=["default", "clip-fixed-alpha", "3-critics"],
+)
+def test_sac_hand_update_equals_autograd_update(monkeypatch: pytest.MonkeyPatch, overrides: Any) -> None:
+    from offrl.online.sac import SAC, SACConfig
+
+    cfg = SACConfig(actor_hidden=(32, 32), critic_hidden=(32, 32), actor_lr=1e-2, critic_lr=1e-2, **overrides)
+    calls: list[int] = []
+    real = nets.relu_ensemble_backward
+
+    def spy(*args: Any, **kwargs: Any) -> Tensor | None:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nets, "relu_ensemble_backward", spy)
+    _hand_vs_autograd(monkeypatch, lambda: SAC(cfg, OBS, BOX, seed=6), discrete=False)
+    assert calls == [1, 1] * 3  # critic and actor backward, hand-written, in each of the 3 updates
+
+
+@needs_bf16
+def test_sac_bf16_hand_update_tracks_bf16_autograd_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    from offrl.online.sac import SAC, SACConfig
+
+    cfg = SACConfig(actor_hidden=(32, 32), critic_hidden=(32, 32), precision="bf16")
+    hand, plain = SAC(cfg, OBS, BOX, seed=7), SAC(cfg, OBS, BOX, seed=7)
+    for b in _batches(False, 3):
+        m_hand = hand.update(b)
+        monkeypatch.setattr(nets, "HAND_BACKWARD", False)
+        m_plain = plain.update(b)
+        monkeypatch.setattr(nets, "HAND_BACKWARD", True)
+        for k, v in m_plain.items():
+            assert abs(float(m_hand[k]) - float(v)) <= 0.02 * abs(float(v)) + 0.02, k
+    a, b_ = hand.nets.state_dict(), plain.nets.state_dict()
+    assert max(float((a[k] - b_[k]).abs().max()) for k in a if a[k].is_floating_point()) < 1e-2
