@@ -76,12 +76,17 @@ class OfflineRLWorker:
     def __init__(self, algo: str, precision: str, compile_mode: str | None) -> None:
         import gymnasium as gym
         import numpy as np
+        import torch
 
         from offrl.algos.bc import BCConfig, ContinuousBC
         from offrl.algos.cql import CQL, CQLConfig
         from offrl.algos.cql_discrete import DiscreteCQL, DiscreteCQLConfig
         from offrl.data import format as fmt
         from offrl.data.dataset import TransitionDataset
+        from offrl.train import TrainConfig
+
+        # as the trainer does (d3rlpy's worker runs with the CPU's defaults, as d3rlpy's users do)
+        torch.set_flush_denormal(TrainConfig().flush_denormal)
 
         discrete = algo == "cql-discrete"
         arrays = synthetic_arrays(discrete)

@@ -165,3 +165,20 @@ def test_cli_train_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[st
         == 1
     )
     assert "unknown setting 'x'" in capsys.readouterr().err
+
+
+def test_flush_denormal_is_a_recorded_run_setting(tmp_path: Path) -> None:
+    """Subnormals flush to zero by default (Adam's moments of dead units would otherwise slow every
+    step ~100×); the setting is in the run's config, so a run can turn it off."""
+    data = _synthetic(tmp_path / "d.h5", discrete=True)
+    for flush, run in ((False, "off"), (True, "on")):
+        cfg = resolve_config(
+            "bc",
+            data,
+            action_space=gym.spaces.Discrete(2),
+            overrides={"train.steps": 1, "train.flush_denormal": str(flush).lower()},
+        )
+        Trainer(cfg, tmp_path / run)
+        tiny = torch.tensor([1e-30]) * 1e-9  # a float32 subnormal, unless flushed
+        assert bool((tiny == 0).item()) is flush
+        assert cfg.train.flush_denormal is flush
