@@ -8,9 +8,11 @@ Users never need this: they run ``offrl datasets build NAME``. Maintainers run, 
 
 ``select`` evaluates every snapshot of a run (``train.snapshots = true``) acting stochastically, as it
 will when collecting data, on seeds that the references do not use, then copies into
-``datasets/policies/<suite>/<env>/``: ``expert`` (the best snapshot), ``medium`` (the snapshot whose
-normalised score is nearest 35, the first such if several) and ``replay/NN`` (up to 10 snapshots
-evenly spaced from the first to ``medium``), with ``selection.json`` holding every score.
+``datasets/policies/<suite>/<env>/``: ``expert`` (the best snapshot), ``medium`` (the first snapshot
+scoring 30–40, else the one nearest 35, up to the best; the first in the band, so that a later stage of
+a long training keeps it) and ``replay/NN`` (up to 10 snapshots evenly spaced from the first to
+``medium``), with ``selection.json`` holding every score. ``--until step_N`` scores only snapshots up
+to that one (a training still running in stages).
 ``manifest`` measures the random reference (100 episodes) and writes the five levels of each env.
 """
 
@@ -36,8 +38,13 @@ ROOT = Path(__file__).resolve().parent
 REF_SEED = 0  # random reference episodes
 SELECT_SEED = 50_000  # snapshot scoring episodes (not used by the references)
 MEDIUM_TARGET = 35.0
+MEDIUM_BAND = (30.0, 40.0)  # the first snapshot in this band is medium, so later training stages keep it
 MAX_REPLAY = 10
-TRANSITIONS = {"classic": 100_000, "locomotion": 1_000_000}
+# locomotion: a fifth of D4RL's 1M, so that a build takes minutes on 2 cores
+TRANSITIONS = {"classic": 100_000, "locomotion": 200_000}
+# Environments whose expert is not final yet (training continues in stages): their manifest lists the
+# random, medium-replay and medium levels only. key -> why.
+EXPERT_PENDING: dict[str, str] = {}
 
 # env key -> (env id, expert reference: gymnasium's reward_threshold or None for "our best policy",
 #             how the behaviour policies were made, recording sub-environments)
@@ -131,9 +138,12 @@ def select(
     std_scale: float | None,
     medium_override: str | None = None,
     reuse_scores: bool = False,
+    until: str | None = None,
 ) -> None:
     env_id, expert_ref, _, _ = ENVS[suite][key]
     snaps = sorted(p for p in (run_dir / "snapshots").glob("step_*") if p.is_dir())
+    if until is not None:
+        snaps = [p for p in snaps if p.name <= until]
     if not snaps:
         sys.exit(f"{run_dir}/snapshots: no snapshots (train with train.snapshots = true)")
     random_mean = _score("random", env_id, 100, REF_SEED)
@@ -150,7 +160,8 @@ def select(
     best = int(np.argmax(scores))
     ref_max = float(gym.spec(env_id).reward_threshold) if expert_ref == "threshold" else scores[best]
     norm = [100 * (x - random_mean) / (ref_max - random_mean) for x in scores]
-    medium = int(np.argmin([abs(n - MEDIUM_TARGET) for n in norm[: best + 1]]))
+    in_band = [i for i, n in enumerate(norm[: best + 1]) if MEDIUM_BAND[0] <= n <= MEDIUM_BAND[1]]
+    medium = in_band[0] if in_band else int(np.argmin([abs(n - MEDIUM_TARGET) for n in norm[: best + 1]]))
     if medium_override is not None:
         medium = [s.name for s in snaps].index(medium_override)
     replay = sorted(set(np.linspace(0, medium, min(MAX_REPLAY, medium + 1)).round().astype(int).tolist()))
@@ -247,7 +258,11 @@ def manifest(suite: str, keys: list[str] | None) -> None:
             "notes": notes,
             "behaviour": made,
         }
+        if key in EXPERT_PENDING:
+            envs[key]["pending"] = f"medium-expert and expert: {EXPERT_PENDING[key]}"
         for j, level in enumerate(suites.LEVELS):
+            if key in EXPERT_PENDING and level in ("medium-expert", "expert"):
+                continue
             name = f"{suite}/{key}-{level}"
             datasets.append(
                 {
@@ -308,6 +323,7 @@ def main() -> None:
     s.add_argument(
         "--reuse-scores", action="store_true", help="take the scores of the existing selection.json"
     )
+    s.add_argument("--until", help="score only snapshots up to this one (step_N)")
     m = sub.add_parser("manifest")
     m.add_argument("suite")
     m.add_argument("--env", action="append")
@@ -317,7 +333,9 @@ def main() -> None:
     r.add_argument("--out-dir", type=Path)
     a = p.parse_args()
     if a.cmd == "select":
-        select(a.suite, a.env, a.run_dir, a.episodes, a.epsilon, a.std_scale, a.medium, a.reuse_scores)
+        select(
+            a.suite, a.env, a.run_dir, a.episodes, a.epsilon, a.std_scale, a.medium, a.reuse_scores, a.until
+        )
     elif a.cmd == "manifest":
         manifest(a.suite, a.env)
     else:
