@@ -208,6 +208,9 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
             print(
                 f"{name:<44} {spec.env.env_id:<26} {spec.level:<14} {spec.transitions:>11,} {score_s}  {local}"
             )
+        pending = {f"{s.suite}/{s.env.key}": s.env.pending for s in specs.values() if s.env.pending}
+        for env_name, why in pending.items():
+            print(f"{env_name}: not listed yet: {why}")
         print(
             f"\nscore: normalised score of the behaviour data (0 random, 100 expert reference)."
             f"\ndata directory: {builtin.data_dir()} (set OFFRL_DATA_DIR to move it); "

@@ -77,6 +77,7 @@ class SuiteEnv:
     ref_min_return: float  # mean return of the uniform random policy
     ref_max_return: float  # expert reference: gymnasium's reward_threshold, else our best policy
     ref_notes: str = ""
+    pending: str = ""  # levels not in the manifest yet and why (a behaviour policy still in training)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def load_manifest(path: Path) -> list[DatasetSpec]:
                 float(e["ref_min_return"]),
                 float(e["ref_max_return"]),
                 e.get("notes", ""),
+                str(e.get("pending", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _manifest_error(
