@@ -49,7 +49,7 @@ TRANSITIONS = {"classic": 100_000, "locomotion": 200_000}
 EXPERT_PENDING: dict[str, str] = {
     "hopper": (
         "SAC training (datasets/train/hopper.toml) continues in stages towards the reference 3800; "
-        "its best snapshot so far, step 230k, scores 1398 (36.5)"
+        "its best snapshot so far, step 250k, scores 3144 (82.7); the expert levels are listed once one scores 90"
     ),
 }
 
@@ -136,6 +136,30 @@ def _refs(suite: str, key: str) -> tuple[float, float, str]:
     )
 
 
+def _snapshots(run_dir: Path, until: str | None) -> list[Path]:
+    snaps = sorted(p for p in (run_dir / "snapshots").glob("step_*") if p.is_dir())
+    snaps = [p for p in snaps if until is None or p.name <= until]
+    if not snaps:
+        sys.exit(f"{run_dir}/snapshots: no snapshots (train with train.snapshots = true)")
+    return snaps
+
+
+def _scores(
+    snaps: list[Path],
+    known: dict[str, float],
+    env_id: str,
+    episodes: int,
+    epsilon: float | None,
+    std_scale: float | None,
+) -> list[float]:
+    """Every snapshot's stochastic score, taking those in ``known`` as they are."""
+    scores = [known[s.name] for s in itertools.takewhile(lambda s: s.name in known, snaps)]
+    for s in snaps[len(scores) :]:
+        scores.append(_score(str(s), env_id, episodes, SELECT_SEED, epsilon, std_scale))
+        print(f"{s.parent.parent.name}/{s.name}: {scores[-1]:.1f}", flush=True)
+    return scores
+
+
 def select(
     suite: str,
     key: str,
@@ -146,40 +170,47 @@ def select(
     medium_override: str | None = None,
     reuse_scores: bool = False,
     until: str | None = None,
+    medium_run: Path | None = None,
 ) -> None:
     env_id, expert_ref, _, _ = ENVS[suite][key]
-    snaps = sorted(p for p in (run_dir / "snapshots").glob("step_*") if p.is_dir())
-    if until is not None:
-        snaps = [p for p in snaps if p.name <= until]
-    if not snaps:
-        sys.exit(f"{run_dir}/snapshots: no snapshots (train with train.snapshots = true)")
+    snaps = _snapshots(run_dir, until)
     random_mean = _score("random", env_id, 100, REF_SEED)
     out = ROOT / "policies" / suite / key
-    scores = []
+    known: dict[str, float] = {}
+    known_medium: dict[str, float] = {}
     if reuse_scores:  # keep the recorded scores (override the medium choice, or score only new snapshots)
         old = json.loads((out / "selection.json").read_text())
-        by_name = {r["snapshot"]: r["return"] for r in old["snapshots"]}
-        scores = [by_name[s.name] for s in itertools.takewhile(lambda s: s.name in by_name, snaps)]
+        known = {r["snapshot"]: r["return"] for r in old["snapshots"]}
+        known_medium = {r["snapshot"]: r["return"] for r in old.get("medium_run_snapshots", [])}
         episodes, epsilon, std_scale = int(old["scored_on"].split()[0]), old["epsilon"], old["std_scale"]
-    for s in snaps[len(scores) :]:
-        scores.append(_score(str(s), env_id, episodes, SELECT_SEED, epsilon, std_scale))
-        print(f"{s.name}: {scores[-1]:.1f}", flush=True)
+    scores = _scores(snaps, known, env_id, episodes, epsilon, std_scale)
     best = int(np.argmax(scores))
     ref_max = float(gym.spec(env_id).reward_threshold) if expert_ref == "threshold" else scores[best]
-    norm = [100 * (x - random_mean) / (ref_max - random_mean) for x in scores]
-    in_band = [i for i, n in enumerate(norm[: best + 1]) if MEDIUM_BAND[0] <= n <= MEDIUM_BAND[1]]
-    medium = in_band[0] if in_band else int(np.argmin([abs(n - MEDIUM_TARGET) for n in norm[: best + 1]]))
+
+    def normalise(xs: list[float]) -> list[float]:
+        return [100 * (x - random_mean) / (ref_max - random_mean) for x in xs]
+
+    norm = normalise(scores)
+    # medium and the replay snapshots come from the main run up to its best, or from a second run of
+    # the same learner with finer snapshots (where the main run jumps across the medium band)
+    m_snaps, m_scores, m_norm, m_last = snaps, scores, norm, best
+    if medium_run is not None:
+        m_snaps = _snapshots(medium_run, None)
+        m_scores = _scores(m_snaps, known_medium, env_id, episodes, epsilon, std_scale)
+        m_norm, m_last = normalise(m_scores), len(m_snaps) - 1
+    in_band = [i for i, n in enumerate(m_norm[: m_last + 1]) if MEDIUM_BAND[0] <= n <= MEDIUM_BAND[1]]
+    medium = in_band[0] if in_band else int(np.argmin([abs(n - MEDIUM_TARGET) for n in m_norm[: m_last + 1]]))
     if medium_override is not None:
-        medium = [s.name for s in snaps].index(medium_override)
+        medium = [s.name for s in m_snaps].index(medium_override)
     replay = sorted(
         set(np.linspace(0, medium, min(MAX_REPLAY[suite], medium + 1)).round().astype(int).tolist())
     )
     shutil.rmtree(out, ignore_errors=True)
-    for name, idx in [("expert", best), ("medium", medium)]:
-        shutil.copytree(snaps[idx], out / name)
+    shutil.copytree(snaps[best], out / "expert")
+    shutil.copytree(m_snaps[medium], out / "medium")
     for j, idx in enumerate(replay):
-        shutil.copytree(snaps[idx], out / "replay" / f"{j:02d}")
-    selection = {
+        shutil.copytree(m_snaps[idx], out / "replay" / f"{j:02d}")
+    selection: dict[str, Any] = {
         "run": str(run_dir),
         "scored_on": f"{episodes} stochastic episodes from seed {SELECT_SEED}",
         "epsilon": epsilon,
@@ -191,12 +222,20 @@ def select(
             for s, x, n in zip(snaps, scores, norm, strict=True)
         ],
         "expert": snaps[best].name,
-        "medium": snaps[medium].name,
+        "medium": m_snaps[medium].name,
         "medium_note": medium_override and "chosen by hand after a 30-episode check; see datasets/README.md",
-        "replay": [snaps[i].name for i in replay],
+        "replay": [m_snaps[i].name for i in replay],
     }
+    if medium_run is not None:
+        selection["medium_run"] = str(medium_run)
+        selection["medium_run_snapshots"] = [
+            {"snapshot": s.name, "return": round(x, 3), "normalized": round(n, 2)}
+            for s, x, n in zip(m_snaps, m_scores, m_norm, strict=True)
+        ]
     atomic_write_text(out / "selection.json", json.dumps(selection, indent=2) + "\n")
-    print(f"expert {snaps[best].name} ({norm[best]:.1f}), medium {snaps[medium].name} ({norm[medium]:.1f})")
+    print(
+        f"expert {snaps[best].name} ({norm[best]:.1f}), medium {m_snaps[medium].name} ({m_norm[medium]:.1f})"
+    )
 
 
 def _components(suite: str, key: str, level: str, n: int) -> list[dict[str, Any]]:
@@ -335,6 +374,11 @@ def main() -> None:
         "--reuse-scores", action="store_true", help="take the scores of the existing selection.json"
     )
     s.add_argument("--until", help="score only snapshots up to this one (step_N)")
+    s.add_argument(
+        "--medium-run",
+        type=Path,
+        help="take medium and the replay snapshots from this run (same learner, finer snapshots)",
+    )
     m = sub.add_parser("manifest")
     m.add_argument("suite")
     m.add_argument("--env", action="append")
@@ -345,7 +389,16 @@ def main() -> None:
     a = p.parse_args()
     if a.cmd == "select":
         select(
-            a.suite, a.env, a.run_dir, a.episodes, a.epsilon, a.std_scale, a.medium, a.reuse_scores, a.until
+            a.suite,
+            a.env,
+            a.run_dir,
+            a.episodes,
+            a.epsilon,
+            a.std_scale,
+            a.medium,
+            a.reuse_scores,
+            a.until,
+            a.medium_run,
         )
     elif a.cmd == "manifest":
         manifest(a.suite, a.env)
