@@ -217,15 +217,8 @@ def test_committed_manifests_are_complete() -> None:
             assert score["medium-replay"] < score["expert"], (env, score)
 
 
-@pytest.mark.parametrize(
-    "env_key", sorted({s.env.key for s in _repo_specs().values() if s.suite == "classic"})
-)
-def test_references_hold_on_fresh_seeds(env_key: str) -> None:
-    """Random scores ~0 and the expert behaviour policy ~100 on seeds the references did not use.
-
-    30 episodes each; tolerance 15 points (the expert of a thresholded env may beat the threshold, e.g. CartPole's
-    500-step cap against its 475 threshold)."""
-    specs = [s for s in _repo_specs().values() if s.suite == "classic" and s.env.key == env_key]
+def _references_hold(suite: str, env_key: str) -> None:
+    specs = [s for s in _repo_specs().values() if s.suite == suite and s.env.key == env_key]
     env = specs[0].env
     expert = next(s for s in specs if s.level == "expert")
     probe = gym.make(env.env_id)
@@ -234,9 +227,32 @@ def test_references_hold_on_fresh_seeds(env_key: str) -> None:
         policy = suites.resolve_component_policy(comp, probe.observation_space, probe.action_space, 4242)
         result = evaluate(policy, env.env_id, episodes=30, seed=4242, num_envs=10, deterministic=False)
         scores[label] = float(normalized_score(result.mean, env.ref_min_return, env.ref_max_return))
-    print(f"{env_key}: normalised scores on fresh seeds {scores}")
+    print(f"{suite}/{env_key}: normalised scores on fresh seeds {scores}")
     assert abs(scores["random"]) <= 15.0, scores
     assert abs(scores["expert"] - 100.0) <= 15.0, scores
+
+
+@pytest.mark.parametrize(
+    "env_key", sorted({s.env.key for s in _repo_specs().values() if s.suite == "classic"})
+)
+def test_references_hold_on_fresh_seeds(env_key: str) -> None:
+    """Random scores ~0 and the expert behaviour policy ~100 on seeds the references did not use.
+
+    30 episodes each; tolerance 15 points (the expert of a thresholded env may beat the threshold, e.g. CartPole's
+    500-step cap against its 475 threshold)."""
+    _references_hold("classic", env_key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env_key",
+    sorted({s.env.key for s in _repo_specs().values() if s.suite == "locomotion" and s.level == "expert"}),
+)
+def test_locomotion_references_hold_on_fresh_seeds(env_key: str) -> None:
+    """As for the classic suite, for the locomotion envs whose expert is listed (MuJoCo episodes of
+    up to 1000 steps make it slow)."""
+    pytest.importorskip("mujoco")
+    _references_hold("locomotion", env_key)
 
 
 @pytest.mark.slow
