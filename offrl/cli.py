@@ -208,6 +208,9 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
             print(
                 f"{name:<44} {spec.env.env_id:<26} {spec.level:<14} {spec.transitions:>11,} {score_s}  {local}"
             )
+        hint = suites.missing_manifests_hint()
+        if hint:
+            print(hint)
         pending = {f"{s.suite}/{s.env.key}": s.env.pending for s in specs.values() if s.env.pending}
         for env_name, why in pending.items():
             print(f"{env_name}: not listed yet: {why}")
@@ -225,7 +228,11 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     names = [n for n in specs if n == args.name or n.startswith(args.name.rstrip("/") + "/")]
     if not names:
         known = ", ".join([*builtin.RECIPES, *sorted({s.suite for s in specs.values()})])
-        raise OfflineRLError(f"datasets build {args.name}: no such dataset or suite; known: {known}, …")
+        hint = suites.missing_manifests_hint()
+        raise OfflineRLError(
+            f"datasets build {args.name}: no such dataset or suite; known: {known}, …"
+            + (f"; {hint}" if hint else "")
+        )
     if args.out and len(names) > 1:
         raise OfflineRLError(f"datasets build {args.name}: --out takes one dataset, this names {len(names)}")
     failed = 0

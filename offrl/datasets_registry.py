@@ -28,7 +28,9 @@ def resolve_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = Tr
         return str(builtin.ensure(name, progress=progress))
     if name in suites.all_specs():
         return str(suites.ensure(name, progress=progress))
+    hint = suites.missing_manifests_hint()
     raise DatasetError(
         name,
-        f"no such file, and not a named dataset (see `offrl datasets list`; e.g. {', '.join(known_names()[:4])})",
+        f"no such file, and not a named dataset (see `offrl datasets list`; e.g. {', '.join(known_names()[:4])})"
+        + (f"; {hint}" if hint and "/" in name else ""),
     )

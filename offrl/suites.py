@@ -174,6 +174,17 @@ def all_specs() -> dict[str, DatasetSpec]:
     return specs
 
 
+def missing_manifests_hint() -> str:
+    """Why no suite dataset resolves, when the suites directory holds no manifest; else ''."""
+    root = suites_dir()
+    if root.is_dir() and any(root.glob("*.json")):
+        return ""
+    return (
+        f"no suite manifests in {root}: the suites (classic/…, locomotion/…) ship with a source checkout "
+        "of offrl, in its datasets/ folder; set OFFRL_SUITES_DIR to that folder"
+    )
+
+
 def get_spec(name: str) -> DatasetSpec:
     specs = all_specs()
     if name not in specs:

@@ -295,3 +295,10 @@ def test_std_scale_component_samples_narrower_with_exact_densities() -> None:
         suites.resolve_component_policy(
             suites.Component("random", 1, std_scale=0.5), env.observation_space, env.action_space, 0
         )
+
+
+def test_missing_manifests_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OFFRL_SUITES_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match="no suite manifests in .*OFFRL_SUITES_DIR"):
+        resolve_dataset("classic/cartpole-medium")
+    assert cli_main(["datasets", "build", "classic/cartpole-medium"]) == 1
