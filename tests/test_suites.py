@@ -299,6 +299,6 @@ def test_std_scale_component_samples_narrower_with_exact_densities() -> None:
 
 def test_missing_manifests_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OFFRL_SUITES_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(DatasetError, match="no suite manifests in .*OFFRL_SUITES_DIR"):
+    with pytest.raises(DatasetError, match=r"no suite manifests in .*OFFRL_SUITES_DIR"):
         resolve_dataset("classic/cartpole-medium")
     assert cli_main(["datasets", "build", "classic/cartpole-medium"]) == 1
