@@ -40,10 +40,17 @@ LEVELS = ("random", "medium-replay", "medium", "medium-expert", "expert")
 _VERSIONED = ("offrl", "numpy", "torch", "gymnasium", "mujoco", "box2d")
 
 
+_PACKAGED = Path(__file__).resolve().parent / "suite_data"  # where a wheel puts the checkout's datasets/
+_CHECKOUT = Path(__file__).resolve().parents[1] / "datasets"
+
+
 def suites_dir() -> Path:
-    """Where the manifests and behaviour policies live: ``$OFFRL_SUITES_DIR`` or the checkout's ``datasets/``."""
+    """Where the manifests and behaviour policies live: ``$OFFRL_SUITES_DIR``, else an installed wheel's
+    copy of ``datasets/`` (``offrl/suite_data``), else the source checkout's ``datasets/``."""
     env = os.environ.get("OFFRL_SUITES_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "datasets"
+    if env:
+        return Path(env)
+    return _PACKAGED if _PACKAGED.is_dir() else _CHECKOUT
 
 
 @dataclass(frozen=True)
@@ -180,8 +187,8 @@ def missing_manifests_hint() -> str:
     if root.is_dir() and any(root.glob("*.json")):
         return ""
     return (
-        f"no suite manifests in {root}: the suites (classic/…, locomotion/…) ship with a source checkout "
-        "of offrl, in its datasets/ folder; set OFFRL_SUITES_DIR to that folder"
+        f"no suite manifests in {root}: the suites (classic/…, locomotion/…) ship in offrl's wheel and in a "
+        "source checkout's datasets/ folder; set OFFRL_SUITES_DIR to such a folder"
     )
 
 

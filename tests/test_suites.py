@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -16,6 +18,11 @@ from offrl.data import format as fmt
 from offrl.datasets_registry import resolve_dataset
 from offrl.errors import DatasetError
 from offrl.evaluation import evaluate, normalized_score
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 REPO_SUITES = Path(__file__).resolve().parents[1] / "datasets"
 TRAINED_POLICY = "policies/classic/acrobot/medium"
@@ -302,3 +309,19 @@ def test_missing_manifests_are_explained(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(DatasetError, match=r"no suite manifests in .*OFFRL_SUITES_DIR"):
         resolve_dataset("classic/cartpole-medium")
     assert cli_main(["datasets", "build", "classic/cartpole-medium"]) == 1
+
+
+def test_wheel_carries_every_subpackage_and_suite_file() -> None:
+    """pyproject lists offrl's packages explicitly (to map datasets/ to offrl.suite_data): a new
+    subpackage or a suite file the package-data globs miss would be left out of the wheel."""
+    root = REPO_SUITES.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "offrl").rglob("__init__.py")}
+    assert set(setup["packages"]) == found | {"offrl.suite_data"}
+    assert setup["package-dir"] == {"offrl.suite_data": "datasets"}
+    globs = setup["package-data"]["offrl.suite_data"]
+    needed = [p for p in REPO_SUITES.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")]
+    assert needed
+    for path in needed:
+        rel = path.relative_to(REPO_SUITES).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), rel
