@@ -136,6 +136,18 @@ def _refs(suite: str, key: str) -> tuple[float, float, str]:
     )
 
 
+def pick_medium(normalised: list[float]) -> int:
+    """Index of the medium snapshot among scores in training order: the first in ``MEDIUM_BAND``
+    (a later stage of the training then keeps it), else the one nearest ``MEDIUM_TARGET``."""
+    in_band = [i for i, n in enumerate(normalised) if MEDIUM_BAND[0] <= n <= MEDIUM_BAND[1]]
+    return in_band[0] if in_band else int(np.argmin([abs(n - MEDIUM_TARGET) for n in normalised]))
+
+
+def replay_indices(medium: int, most: int) -> list[int]:
+    """Up to ``most`` snapshot indices evenly spaced from the first to ``medium``, both included."""
+    return sorted(set(np.linspace(0, medium, min(most, medium + 1)).round().astype(int).tolist()))
+
+
 def _snapshots(run_dir: Path, until: str | None) -> list[Path]:
     snaps = sorted(p for p in (run_dir / "snapshots").glob("step_*") if p.is_dir())
     snaps = [p for p in snaps if until is None or p.name <= until]
@@ -198,13 +210,10 @@ def select(
         m_snaps = _snapshots(medium_run, None)
         m_scores = _scores(m_snaps, known_medium, env_id, episodes, epsilon, std_scale)
         m_norm, m_last = normalise(m_scores), len(m_snaps) - 1
-    in_band = [i for i, n in enumerate(m_norm[: m_last + 1]) if MEDIUM_BAND[0] <= n <= MEDIUM_BAND[1]]
-    medium = in_band[0] if in_band else int(np.argmin([abs(n - MEDIUM_TARGET) for n in m_norm[: m_last + 1]]))
+    medium = pick_medium(m_norm[: m_last + 1])
     if medium_override is not None:
         medium = [s.name for s in m_snaps].index(medium_override)
-    replay = sorted(
-        set(np.linspace(0, medium, min(MAX_REPLAY[suite], medium + 1)).round().astype(int).tolist())
-    )
+    replay = replay_indices(medium, MAX_REPLAY[suite])
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(snaps[best], out / "expert")
     shutil.copytree(m_snaps[medium], out / "medium")

@@ -325,3 +325,18 @@ def test_wheel_carries_every_subpackage_and_suite_file() -> None:
     for path in needed:
         rel = path.relative_to(REPO_SUITES).as_posix()
         assert any(fnmatch.fnmatch(rel, g) for g in globs), rel
+
+
+def test_curation_rules() -> None:
+    """datasets/curate.py (a maintainer script): medium is the first snapshot scoring 30–40, else the
+    nearest to 35; the replay snapshots run evenly from the first to medium."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("curate", REPO_SUITES / "curate.py")
+    assert spec is not None and spec.loader is not None
+    curate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curate)
+    assert curate.pick_medium([5.0, 20.0, 31.0, 36.0, 80.0]) == 2  # first in the band, not nearest 35
+    assert curate.pick_medium([5.0, 15.0, 51.0, 90.0]) == 2  # none in the band: nearest to 35
+    assert curate.replay_indices(22, 5) == [0, 6, 11, 16, 22]
+    assert curate.replay_indices(2, 10) == [0, 1, 2]
