@@ -194,6 +194,12 @@ def select(
         old = json.loads((out / "selection.json").read_text())
         known = {r["snapshot"]: r["return"] for r in old["snapshots"]}
         known_medium = {r["snapshot"]: r["return"] for r in old.get("medium_run_snapshots", [])}
+        if medium_run is not None and old["run"] == str(
+            medium_run
+        ):  # the old main run becomes the medium run
+            known_medium = {r["snapshot"]: r["return"] for r in old["snapshots"]}
+        if old["run"] != str(run_dir):
+            known = {}
         episodes, epsilon, std_scale = int(old["scored_on"].split()[0]), old["epsilon"], old["std_scale"]
     scores = _scores(snaps, known, env_id, episodes, epsilon, std_scale)
     best = int(np.argmax(scores))
