@@ -89,6 +89,19 @@ def compute_precision(precision: str) -> Iterator[None]:
         _precision.dtype = previous
 
 
+FLUSH_DENORMAL_HELP = (
+    "flush subnormal floats to zero on CPU (x86 FTZ/DAZ, process-wide): Adam's moments of "
+    "weights that stop getting gradient (dead relu units) decay into subnormals, where CPU "
+    "arithmetic is ~100× slower; results differ from a run without it, so it is recorded"
+)
+
+
+def set_cpu_numerics(threads: int, flush_denormal: bool) -> None:
+    """A run's process-wide torch settings: intra-op threads and subnormal flushing (both change results)."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush_denormal)
+
+
 def bf16_supported() -> bool:
     """Whether this CPU runs bfloat16 matmuls natively (AVX-512 BF16 / AMX) through oneDNN."""
     return bool(_MKLDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from offrl import config as cfgmod
+from offrl import nets
 from offrl.algos import registry
 from offrl.algos.base import OfflineAlgorithm
 from offrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_latest
@@ -69,9 +70,7 @@ class TrainConfig:
     )
     flush_denormal: bool = option(
         True,
-        "flush subnormal floats to zero on CPU (x86 FTZ/DAZ, process-wide): Adam's moments of "
-        "weights that stop getting gradient (dead relu units) decay into subnormals, where CPU "
-        "arithmetic is ~100× slower; results differ from a run without it, so it is recorded",
+        nets.FLUSH_DENORMAL_HELP,
     )
 
 
@@ -253,8 +252,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
-        torch.set_num_threads(cfg.train.threads)
-        torch.set_flush_denormal(cfg.train.flush_denormal)
+        nets.set_cpu_numerics(cfg.train.threads, cfg.train.flush_denormal)
         self.dataset = dataset if dataset is not None else TransitionDataset.load(cfg.dataset, self.device)
         self.algo = build_algorithm(cfg, self.dataset)
         # warm start: before prepare_dataset, which applies the (then loaded) observation normaliser

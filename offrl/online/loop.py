@@ -44,6 +44,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from offrl import config as cfgmod
+from offrl import nets
 from offrl.algos.base import OfflineAlgorithm
 from offrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_latest
 from offrl.config import option
@@ -129,9 +130,7 @@ class OnlineTrainConfig:
     threads: int = option(1, "torch intra-op threads (small networks run fastest on one)")
     flush_denormal: bool = option(
         True,
-        "flush subnormal floats to zero on CPU (x86 FTZ/DAZ, process-wide): Adam's moments of "
-        "weights that stop getting gradient (dead relu units) decay into subnormals, where CPU "
-        "arithmetic is ~100× slower; results differ from a run without it, so it is recorded",
+        nets.FLUSH_DENORMAL_HELP,
     )
     max_episode_steps: int | None = option(
         None, "time limit of training and evaluation episodes; none: the environment's own"
@@ -311,8 +310,7 @@ class OnlineTrainer:
             raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
         if cfg.train.steps is None or cfg.train.steps <= 0:
             raise ConfigError(f"give a positive number of environment steps (--steps), got {cfg.train.steps}")
-        torch.set_num_threads(cfg.train.threads)
-        torch.set_flush_denormal(cfg.train.flush_denormal)
+        nets.set_cpu_numerics(cfg.train.threads, cfg.train.flush_denormal)
         obs_space, act_space = _spaces(cfg.env)
         algo_cls = algorithm_class(cfg.algo, act_space)
         self.algo = algo_cls(cfg.algo_config, obs_space, act_space, device=self.device, seed=cfg.seed)
