@@ -19,6 +19,7 @@ to that one (a training still running in stages).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import shutil
@@ -194,9 +195,8 @@ def select(
         old = json.loads((out / "selection.json").read_text())
         known = {r["snapshot"]: r["return"] for r in old["snapshots"]}
         known_medium = {r["snapshot"]: r["return"] for r in old.get("medium_run_snapshots", [])}
-        if medium_run is not None and old["run"] == str(
-            medium_run
-        ):  # the old main run becomes the medium run
+        # the old main run may now be the medium run
+        if medium_run is not None and old["run"] == str(medium_run):
             known_medium = {r["snapshot"]: r["return"] for r in old["snapshots"]}
         if old["run"] != str(run_dir):
             known = {}
@@ -300,11 +300,31 @@ _DESCRIPTIONS = {
 }
 
 
+def _recipe_key(name: str, components: list[dict[str, Any]]) -> str:
+    """A dataset's recipe as it stands on disk: its components and the bytes of their policy artefacts
+    (``select`` may put another snapshot under the same folder name)."""
+    digest = hashlib.sha256(json.dumps([name, components], sort_keys=True).encode())
+    for comp in components:
+        folder = ROOT / comp["policy"]
+        for f in sorted(folder.glob("policy.*")) if folder.is_dir() else []:
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
 def manifest(suite: str, keys: list[str] | None) -> None:
     path = ROOT / f"{suite}.json"
     old = json.loads(path.read_text()) if path.exists() else {"envs": {}, "datasets": []}
-    # a build record stays only with the recipe it was built from
-    built = {(d["name"], json.dumps(d["components"])): d.get("built", {}) for d in old["datasets"]}
+    previous = {d["name"]: (d["components"], d.get("built", {})) for d in old["datasets"]}
+
+    def kept_record(name: str, components: list[dict[str, Any]]) -> dict[str, Any]:
+        """The old build record, while the recipe it was built from (policy weights included) stands."""
+        old_components, record = previous.get(name, (None, {}))
+        if old_components != components:
+            return {}
+        if "recipe_sha256" in record and record["recipe_sha256"] != _recipe_key(name, components):
+            return {}
+        return record
+
     envs = dict(old["envs"])
     datasets = [d for d in old["datasets"] if keys and d["env"] not in keys]
     n = TRANSITIONS[suite]
@@ -338,7 +358,7 @@ def manifest(suite: str, keys: list[str] | None) -> None:
                     "num_envs": num_envs,
                     "description": _DESCRIPTIONS[level],
                     "components": components,
-                    "built": built.get((name, json.dumps(components)), {}),
+                    "built": kept_record(name, components),
                 }
             )
     order = {k: i for i, k in enumerate(ENVS[suite])}
@@ -360,6 +380,10 @@ def record_builds(suite: str, keys: list[str] | None, out_dir: Path | None) -> N
         t0 = time.perf_counter()
         dest = (out_dir / f"{name}.h5") if out_dir else None
         _, built = suites.build(name, dest, progress=False)
+        entries = json.loads((ROOT / f"{suite}.json").read_text())["datasets"]
+        built["recipe_sha256"] = _recipe_key(
+            name, next(d for d in entries if d["name"] == name)["components"]
+        )
         suites.update_manifest(name, built)
         print(
             f"{name}: {built['transitions']} transitions, return {built['mean_return']:.1f}, "
