@@ -73,7 +73,14 @@ def synthetic_arrays(discrete: bool, rows: int = ROWS, seed: int = 0) -> dict[st
 class OfflineRLWorker:
     """offrl's algorithm fed as the trainer feeds it: sampler indices → ``dataset.batch`` → ``update``."""
 
-    def __init__(self, algo: str, precision: str, compile_mode: str | None) -> None:
+    def __init__(
+        self,
+        algo: str,
+        precision: str,
+        compile_mode: str | None,
+        device: str = "cpu",
+        cuda_graphs: bool = True,
+    ) -> None:
         import gymnasium as gym
         import numpy as np
         import torch
@@ -102,7 +109,7 @@ class OfflineRLWorker:
             action_space=action_space,
             **arrays,
         )
-        dataset = TransitionDataset(raw)
+        dataset = TransitionDataset(raw, device)
         # only name the new fields when they differ from their defaults, so older checkouts run too
         extra: dict[str, Any] = {}
         if precision != "fp32":
@@ -128,7 +135,8 @@ class OfflineRLWorker:
             # d3rlpy's DiscreteCQL does not clip gradients: offrl's default clip (norm 10) is turned off
             cfg = DiscreteCQLConfig(hidden=(256, 256), batch_size=BATCH, max_grad_norm=None, **extra)
             cls = DiscreteCQL
-        self.algo = cls(cfg, dataset.observation_space, dataset.action_space, seed=0)
+        self.algo = cls(cfg, dataset.observation_space, dataset.action_space, seed=0, device=device)
+        self.algo.cuda_graphs = cuda_graphs
         self.dataset = self.algo.prepare_dataset(dataset)
         self.sampler = self.dataset.sampler(BATCH, seed=0, drop_last=True)
         self.algo.train_mode(True)
@@ -140,7 +148,7 @@ class OfflineRLWorker:
 class D3rlpyWorker:
     """d3rlpy's algorithm fed as its ``fit`` feeds it: ``sample_transition_batch`` → ``update``."""
 
-    def __init__(self, algo: str) -> None:
+    def __init__(self, algo: str, device: str = "cpu") -> None:
         import d3rlpy
 
         discrete = algo == "cql-discrete"
@@ -159,7 +167,7 @@ class D3rlpyWorker:
             "cql": lambda: d3rlpy.algos.CQLConfig(batch_size=BATCH),
             "cql-discrete": lambda: d3rlpy.algos.DiscreteCQLConfig(batch_size=BATCH),
         }[algo]()
-        self.algo = config.create(device="cpu:0")
+        self.algo = config.create(device="cuda:0" if device == "cuda" else "cpu:0")
         self.algo.build_with_dataset(self.dataset)
 
     def step(self) -> None:
@@ -253,12 +261,18 @@ def worker_main(args: argparse.Namespace) -> int:
     rss0 = _rss_kb()
     t0 = time.perf_counter()
     impl: Any = (
-        D3rlpyWorker(args.algo)
+        D3rlpyWorker(args.algo, args.device)
         if args.worker == "d3rlpy"
-        else OfflineRLWorker(args.algo, args.precision, args.compile)
+        else OfflineRLWorker(args.algo, args.precision, args.compile, args.device, not args.no_cuda_graphs)
     )
+
+    def sync() -> None:  # GPU work is asynchronous: a timing ends when the device is done
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(WARMUP_STEPS):
         impl.step()
+    sync()
     _reply({"ready": True, "build_s": round(time.perf_counter() - t0, 2), "rss_import_kb": rss0})
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -269,6 +283,7 @@ def worker_main(args: argparse.Namespace) -> int:
         c0, w0 = time.process_time(), time.perf_counter()
         for _ in range(n):
             impl.step()
+        sync()
         _reply({"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0, "maxrss_kb": _rss_kb()})
     return 0
 
@@ -330,20 +345,26 @@ def start_worker(label: str, python: str, argv: list[str], env: dict[str, str] |
 
 
 def run_algo(algo: str, args: argparse.Namespace) -> list[Worker]:
-    common = ["--algo", algo, "--threads", str(args.threads)]
-    specs: list[tuple[str, str, list[str], dict[str, str] | None]] = [
+    common = ["--algo", algo, "--threads", str(args.threads), "--device", args.device]
+    specs: list[tuple[str, str, list[str], dict[str, str] | None]] = []
+    if args.device == "cuda":  # the same step without CUDA graphs, to show what they bring
+        specs.append(
+            ("offrl fp32 eager", sys.executable, ["--worker", "offrl", "--no-cuda-graphs", *common], None)
+        )
+    specs += [
         ("offrl fp32", sys.executable, ["--worker", "offrl", "--precision", "fp32", *common], None),
         ("offrl bf16", sys.executable, ["--worker", "offrl", "--precision", "bf16", *common], None),
     ]
     if args.compile:
-        specs.append(
-            (
-                "offrl fp32 compiled",
-                sys.executable,
-                ["--worker", "offrl", "--compile-mode", "default", *common],
-                None,
+        for precision in ("fp32", "bf16"):
+            specs.append(
+                (
+                    f"offrl {precision} compiled",
+                    sys.executable,
+                    ["--worker", "offrl", "--precision", precision, "--compile-mode", "default", *common],
+                    None,
+                )
             )
-        )
     if args.offrl_src is not None:
         env = {**os.environ, "PYTHONPATH": str(args.offrl_src)}
         specs.append(
@@ -440,6 +461,7 @@ def machine(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": threads,
         "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
@@ -461,12 +483,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also run offrl with torch.compile (slow to start)")
     p.add_argument("--profile", action="store_true", help="also break one offrl step down by kind of work")
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 s: a smoke run")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where every worker trains; on cuda offrl also runs without CUDA graphs",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     # worker mode (internal)
     p.add_argument("--worker", choices=("offrl", "d3rlpy"), help=argparse.SUPPRESS)
     p.add_argument("--algo", choices=ALGOS, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--compile-mode", dest="compile_mode", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-cuda-graphs", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
         args.compile = args.compile_mode
@@ -484,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.threads)
     print(
         f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads, "
-        f"load average {info['load_average']}"
+        f"load average {info['load_average']}" + (f", device {info['gpu']}" if args.device == "cuda" else "")
     )
     results = {algo: run_algo(algo, args) for algo in args.algos}
     out = report(results, args)

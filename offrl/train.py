@@ -72,6 +72,11 @@ class TrainConfig:
         True,
         nets.FLUSH_DENORMAL_HELP,
     )
+    cuda_graphs: bool = option(
+        True,
+        "on CUDA, replay each update step as a CUDA graph after a few eager steps (bc and cql: at "
+        "small batches a step is launch-bound); other algorithms, CPU and compiled steps run eagerly",
+    )
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,7 @@ class Trainer:
         nets.set_cpu_numerics(cfg.train.threads, cfg.train.flush_denormal)
         self.dataset = dataset if dataset is not None else TransitionDataset.load(cfg.dataset, self.device)
         self.algo = build_algorithm(cfg, self.dataset)
+        self.algo.cuda_graphs = cfg.train.cuda_graphs
         # warm start: before prepare_dataset, which applies the (then loaded) observation normaliser
         self.init_from = None if init_from is None else load_initial_weights(self.algo, init_from)
         self.train_data = self.algo.prepare_dataset(self.dataset)

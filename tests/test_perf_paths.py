@@ -679,3 +679,52 @@ def test_sac_hand_update_equals_autograd_update(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(nets, "relu_ensemble_backward", spy)
     _hand_vs_autograd(monkeypatch, lambda: SAC(cfg, OBS, BOX, seed=6), discrete=False)
     assert calls == [1, 1] * 3  # critic and actor backward, hand-written, in each of the 3 updates
+
+
+def test_cuda_graph_steps_stay_off_without_cuda() -> None:
+    """On CPU ``_run_step`` is the plain step: no graph runner is made and results match a run with
+    graphs disabled (CUDA graphs themselves are checked on a GPU by benchmarks/gpu_check.py)."""
+    import gymnasium as gym
+    import numpy as np
+
+    from offrl.algos.cql import CQL, CQLConfig
+    from offrl.types import Batch
+
+    obs_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    act_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    cfg = CQLConfig(actor_hidden=(8,), critic_hidden=(8,), batch_size=4, n_actions=2)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(
+        obs=torch.randn(4, 3, generator=g),
+        actions=torch.rand(4, 2, generator=g) * 2 - 1,
+        rewards=torch.randn(4, generator=g),
+        next_obs=torch.randn(4, 3, generator=g),
+        terminals=torch.zeros(4),
+    )
+    on, off = CQL(cfg, obs_space, act_space, seed=0), CQL(cfg, obs_space, act_space, seed=0)
+    off.cuda_graphs = False
+    assert not nets.CudaGraphSteps.supported([on.generator]) or torch.cuda.is_available()
+    for _ in range(5):
+        m_on, m_off = on.update(batch), off.update(batch)
+    assert on._graph_steps is None
+    assert all(torch.equal(m_on[k], m_off[k]) for k in m_on)
+    # optimisers keep their step counters on the host unless the parameters live on a GPU
+    assert all(not group["capturable"] for opt in on.optimizers.values() for group in opt.param_groups)
+
+
+def test_train_cuda_graphs_setting_reaches_the_algorithm(builtin_dataset, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from offrl.data.format import read_raw
+    from offrl.train import Trainer, resolve_config
+
+    data = builtin_dataset("builtin/pendulum-mixed")
+    space = read_raw(data).action_space
+    on = Trainer(
+        resolve_config("cql", data, action_space=space, overrides={"train.epochs": 1}), tmp_path / "on"
+    )
+    off = Trainer(
+        resolve_config(
+            "cql", data, action_space=space, overrides={"train.epochs": 1, "train.cuda_graphs": False}
+        ),
+        tmp_path / "off",
+    )
+    assert on.algo.cuda_graphs and not off.algo.cuda_graphs

@@ -4,7 +4,7 @@ state (de)serialisation and export of its acting policy. Algorithms only update;
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, cast
 
 import gymnasium as gym
@@ -39,6 +39,8 @@ class OfflineAlgorithm:
     name: ClassVar[str]
     discrete: ClassVar[bool]
     Config: ClassVar[type]
+    # whose update steps (run through ``_run_step``) are checked to replay correctly as CUDA graphs
+    cuda_graph_safe: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -80,6 +82,8 @@ class OfflineAlgorithm:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.num_updates = 0
         self._acting_policy: TorchPolicy | None = None
+        self.cuda_graphs = True  # the trainer sets it from ``train.cuda_graphs``
+        self._graph_steps: nets.CudaGraphSteps | None = None
 
     # -- to implement ----------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, Tensor]:
@@ -89,6 +93,18 @@ class OfflineAlgorithm:
     def policy(self) -> TorchPolicy:
         """The acting policy, sharing this algorithm's live networks."""
         raise NotImplementedError
+
+    def _run_step(self, fn: Callable[..., dict[str, Tensor]], batch: Batch, *args: Any) -> dict[str, Tensor]:
+        """``fn(batch, *args)``: the part of an update that runs on the device. On CUDA, for algorithms
+        marked ``cuda_graph_safe``, it is captured once and replayed as a CUDA graph
+        (``args`` must be hashable settings such as a phase flag: each value gets its own graph)."""
+        if not (self.cuda_graphs and self.cuda_graph_safe and batch.obs.is_cuda):
+            return fn(batch, *args)
+        if self._graph_steps is None:
+            if not nets.CudaGraphSteps.supported([self.generator]):
+                return fn(batch, *args)
+            self._graph_steps = nets.CudaGraphSteps([self.generator])
+        return self._graph_steps.run(fn, batch, args)
 
     def target_networks(self) -> Iterable[nn.Module]:
         """Networks that must never receive gradients (for the contract tests)."""
@@ -162,6 +178,7 @@ class OfflineAlgorithm:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._graph_steps = None  # optimiser state is replaced: captured graphs would point at old storage
         try:
             self.nets.load_state_dict(state["nets"])
             missing = set(self.optimizers) ^ set(state["optimizers"])
@@ -207,7 +224,11 @@ def adam(params: Iterable[nn.Parameter], lr: float, **kwargs: Any) -> torch.opti
     on CPU and CUDA, foreach elsewhere. On CPU, foreach still runs op by op; fused is ~2.5× faster."""
     params = list(params)
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=fused or None, foreach=None if fused else True, **kwargs)
+    # capturable keeps the step counters on the GPU, so a CUDA graph can replay the step
+    capturable = any(p.is_cuda for p in params)
+    return torch.optim.Adam(
+        params, lr=lr, fused=fused or None, foreach=None if fused else True, capturable=capturable, **kwargs
+    )
 
 
 def step(

@@ -121,6 +121,7 @@ class ContinuousBC(OfflineAlgorithm):
 
     name: ClassVar[str] = "bc"
     discrete: ClassVar[bool] = False
+    cuda_graph_safe: ClassVar[bool] = True
     Config: ClassVar[type] = BCConfig
     config: BCConfig
 
@@ -156,9 +157,9 @@ class ContinuousBC(OfflineAlgorithm):
     def update(self, batch: Batch) -> dict[str, Tensor]:
         with nets.compute_precision(self.config.precision):
             if self._layers is not None and nets.HAND_BACKWARD and self.config.compile is None:
-                metrics = self._hand_step(batch, self._layers)
+                metrics = self._run_step(self._hand_step, batch, self._layers)
             else:
-                metrics = self._train_step(batch)
+                metrics = self._run_step(self._train_step, batch)
         self.num_updates += 1
         return metrics
 
@@ -189,6 +190,7 @@ class DiscreteBC(OfflineAlgorithm):
 
     name: ClassVar[str] = "bc"
     discrete: ClassVar[bool] = True
+    cuda_graph_safe: ClassVar[bool] = True
     Config: ClassVar[type] = BCConfig
     config: BCConfig
 
@@ -222,9 +224,9 @@ class DiscreteBC(OfflineAlgorithm):
     def update(self, batch: Batch) -> dict[str, Tensor]:
         with nets.compute_precision(self.config.precision):
             if self._layers is not None and nets.HAND_BACKWARD and self.config.compile is None:
-                metrics = self._hand_step(batch, self._layers)
+                metrics = self._run_step(self._hand_step, batch, self._layers)
             else:
-                metrics = self._train_step(batch)
+                metrics = self._run_step(self._train_step, batch)
         self.num_updates += 1
         return metrics
 

@@ -76,8 +76,9 @@ class CQLConfig:
     )
     compile: Literal["default", "max-autotune-no-cudagraphs"] | None = option(
         None,
-        "torch.compile mode of the update step (none: eager). Compiling takes minutes on first use and "
-        "measured no faster on CPU (benchmarks/README.md); a frame that fails to compile runs eagerly",
+        "torch.compile mode of the update step (none: eager). On CUDA it fuses the graphed step's kernels "
+        "(H100: 1,030 -> 1,430 steps/s, 1,592 with bf16); on CPU it measured no faster and compiling takes "
+        "minutes (benchmarks/README.md); a frame that fails to compile runs eagerly",
     )
 
 
@@ -148,6 +149,7 @@ class CQL(GaussianActorCritic):
 
     name: ClassVar[str] = "cql"
     discrete: ClassVar[bool] = False
+    cuda_graph_safe: ClassVar[bool] = True
     Config: ClassVar[type] = CQLConfig
     config: CQLConfig
 
@@ -323,7 +325,7 @@ class CQL(GaussianActorCritic):
     # -- update --------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, Tensor]:
         with nets.compute_precision(self.config.precision):
-            metrics = self._train_step(batch, self.num_updates < self.config.bc_steps)
+            metrics = self._run_step(self._train_step, batch, self.num_updates < self.config.bc_steps)
         self.num_updates += 1
         return metrics
 

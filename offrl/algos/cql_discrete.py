@@ -166,6 +166,7 @@ class DiscreteCQL(OfflineAlgorithm):
     name = "cql"
     discrete = True
     Config = DiscreteCQLConfig
+    cuda_graph_safe = True
 
     def __init__(
         self,
@@ -234,9 +235,9 @@ class DiscreteCQL(OfflineAlgorithm):
                 and nets.HAND_BACKWARD
                 and cfg.compile is None
             ):
-                metrics = self._hand_step(batch, self._layers, self._target_layers)
+                metrics = self._run_step(self._hand_step, batch, self._layers, self._target_layers)
             else:
-                metrics = self._train_step(batch)
+                metrics = self._run_step(self._train_step, batch)
         self.num_updates += 1  # host-side counter: the interval check below needs no device sync
         if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
             nets.hard_update(self.q_target, self.q)
