@@ -118,6 +118,7 @@ class OfflineRLWorker:
             extra["compile"] = compile_mode
         # d3rlpy's defaults: 2×256 MLPs everywhere, 2 critics, 10 sampled actions, Lagrange α' on
         cls: Any
+        cfg: Any
         if algo == "bc":
             cls, cfg = ContinuousBC, BCConfig(batch_size=BATCH, hidden=(256, 256), **extra)
         elif algo == "cql":
@@ -322,7 +323,8 @@ class Worker:
             if not line:
                 raise RuntimeError(f"worker '{self.label}' exited (code {self.proc.wait()})")
             if line.startswith(REPLY):
-                return json.loads(line[len(REPLY) :])  # type: ignore[no-any-return]
+                reply: dict[str, Any] = json.loads(line[len(REPLY) :])
+                return reply
             sys.stderr.write(line)
 
     def close(self) -> None:
@@ -366,9 +368,9 @@ def run_algo(algo: str, args: argparse.Namespace) -> list[Worker]:
                 )
             )
     if args.offrl_src is not None:
-        env = {**os.environ, "PYTHONPATH": str(args.offrl_src)}
+        src_env = {**os.environ, "PYTHONPATH": str(args.offrl_src)}
         specs.append(
-            (f"offrl@{args.offrl_src.name} fp32", sys.executable, ["--worker", "offrl", *common], env)
+            (f"offrl@{args.offrl_src.name} fp32", sys.executable, ["--worker", "offrl", *common], src_env)
         )
     if args.d3rlpy_python is not None:
         specs.append(("d3rlpy", str(args.d3rlpy_python), ["--worker", "d3rlpy", *common], None))

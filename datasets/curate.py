@@ -203,7 +203,8 @@ def select(
         episodes, epsilon, std_scale = int(old["scored_on"].split()[0]), old["epsilon"], old["std_scale"]
     scores = _scores(snaps, known, env_id, episodes, epsilon, std_scale)
     best = int(np.argmax(scores))
-    ref_max = float(gym.spec(env_id).reward_threshold) if expert_ref == "threshold" else scores[best]
+    threshold = gym.spec(env_id).reward_threshold
+    ref_max = float(threshold) if expert_ref == "threshold" and threshold is not None else scores[best]
 
     def normalise(xs: list[float]) -> list[float]:
         return [100 * (x - random_mean) / (ref_max - random_mean) for x in xs]
