@@ -37,6 +37,32 @@ def _resolved_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _literal_choices(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` type (``| None`` adds None); None for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        parts = [_literal_choices(a) if a is not type(None) else (None,) for a in typing.get_args(tp)]
+        if all(p is not None for p in parts):
+            return tuple(v for p in parts if p is not None for v in p)
+    return None
+
+
+def validate(cfg: Any, name: str, checks: Mapping[str, bool] | None = None) -> None:
+    """Raise one ConfigError naming every invalid field of the dataclass ``cfg``: values outside their
+    ``Literal`` choices, and failed ``checks`` (field name -> condition). Configs call it in
+    ``__post_init__``, so a config built in code is checked as one read from a file."""
+    hints = _resolved_types(type(cfg))
+    bad = []
+    for f in dataclasses.fields(cfg):
+        choices, value = _literal_choices(hints[f.name]), getattr(cfg, f.name)
+        if choices is not None and value not in choices:
+            bad.append(f"{f.name}={value!r} (one of {', '.join(map(repr, choices))})")
+    bad += [f"{k}={getattr(cfg, k)!r}" for k, ok in (checks or {}).items() if not ok]
+    if bad:
+        raise ConfigError(f"{name}: invalid {', '.join(bad)}")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a TOML or command-line value to a field's declared type, or raise ConfigError."""
     origin = typing.get_origin(tp)

@@ -106,6 +106,20 @@ def test_unknown_setting_lists_valid_keys(tmp_path: Path) -> None:
         resolve_config("bc", data, action_space=gym.spaces.Discrete(2), overrides={"batch_size": "many"})
 
 
+def test_configs_built_in_code_are_checked_like_files() -> None:
+    """Every config validates its choices (Literal fields) and ranges in one error naming each bad field."""
+    from offrl.algos.bc import BCConfig
+    from offrl.algos.cql_discrete import DiscreteCQLConfig
+
+    with pytest.raises(ConfigError, match=r"bc: invalid precision='fp16' \(one of 'fp32', 'bf16'\)"):
+        BCConfig(precision="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"compile='fast'.*None\)"):
+        BCConfig(compile="fast")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"cql \(discrete\): invalid loss='l1'.*, lr=-1\.0"):
+        DiscreteCQLConfig(loss="l1", lr=-1.0)  # type: ignore[arg-type]
+    BCConfig(compile=None, precision="bf16")  # valid choices pass
+
+
 def test_resume_refuses_changed_dataset(tmp_path: Path) -> None:
     data = _synthetic(tmp_path / "d.h5", discrete=True)
     fit("bc", data, tmp_path / "run", epochs=1, show_progress=False, **SMALL)

@@ -28,8 +28,7 @@ from torch import Tensor
 from offrl import nets
 from offrl.algos.base import GaussianActorCritic, adam, step
 from offrl.algos.registry import register
-from offrl.config import option
-from offrl.errors import ConfigError
+from offrl.config import option, validate
 from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
@@ -104,9 +103,7 @@ class AWAC(GaussianActorCritic):
             "awac_lambda": cfg.awac_lambda > 0,
             "exp_adv_max": cfg.exp_adv_max > 0,
         }
-        bad = [f"{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"awac: invalid {', '.join(bad)}")
+        validate(cfg, "awac", checks)
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
         self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
         self.nets["critic_target"] = nets.freeze(

@@ -20,7 +20,7 @@ from torch import Tensor
 from offrl import nets
 from offrl.algos.base import OfflineAlgorithm, adam, apply_gradients, step
 from offrl.algos.registry import register
-from offrl.config import option
+from offrl.config import option, validate
 from offrl.errors import ConfigError
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ObsNormalizer
@@ -66,14 +66,7 @@ class BCConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.precision not in nets.PRECISIONS:
-            raise ConfigError(
-                f"bc: 'precision' must be one of {sorted(nets.PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.compile is not None and self.compile not in nets.COMPILE_MODES:
-            raise ConfigError(
-                f"bc: 'compile' must be one of {nets.COMPILE_MODES} or none, got {self.compile!r}"
-            )
+        validate(self, "bc")
 
 
 # -- losses ------------------------------------------------------------------------------------------

@@ -29,8 +29,7 @@ from torch import Tensor, nn
 from offrl import nets
 from offrl.algos.base import ActorCritic, adam, step
 from offrl.algos.registry import register
-from offrl.config import option
-from offrl.errors import ConfigError
+from offrl.config import option, validate
 from offrl.policies.artifact import TorchPolicy
 from offrl.policies.modules import ContinuousBCQPolicyNet, PerturbationActor, VAEDecoder
 from offrl.preprocess import ObsNormalizer
@@ -86,13 +85,10 @@ class BCQConfig:
             "tau": 0.0 < self.tau <= 1.0,
             "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
         }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"bcq: invalid '{key}' = {getattr(self, key)!r}")
         for key in ("actor_hidden", "critic_hidden", "encoder_hidden", "decoder_hidden"):
             sizes = getattr(self, key)
-            if not sizes or any(h < 1 for h in sizes):
-                raise ConfigError(f"bcq: invalid '{key}' = {sizes!r}")
+            checks[key] = bool(sizes) and all(h >= 1 for h in sizes)
+        validate(self, "bcq", checks)
 
 
 # -- losses (pure) -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from offrl import nets
 from offrl.algos.base import OfflineAlgorithm, adam, step
 from offrl.algos.registry import register
-from offrl.config import option
+from offrl.config import option, validate
 from offrl.errors import ConfigError
 from offrl.policies.artifact import TorchPolicy
 from offrl.policies.modules import DiscreteBCQPolicyNet, discrete_bcq_mask, masked_q
@@ -118,15 +118,7 @@ class DiscreteBCQConfig:
             "hidden": len(self.hidden) > 0 and all(h >= 1 for h in self.hidden),
             "bc_hidden": len(self.bc_hidden) > 0 and all(h >= 1 for h in self.bc_hidden),
         }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"bcq (discrete): invalid '{key}' = {getattr(self, key)!r}")
-        if self.target_update not in ("soft", "hard"):
-            raise ConfigError(
-                f"bcq (discrete): 'target_update' must be 'soft' or 'hard', got {self.target_update!r}"
-            )
-        if self.loss not in ("huber", "mse"):
-            raise ConfigError(f"bcq (discrete): 'loss' must be 'huber' or 'mse', got {self.loss!r}")
+        validate(self, "bcq (discrete)", checks)
 
 
 # -- algorithm -----------------------------------------------------------------------------------

@@ -32,8 +32,7 @@ from torch import Tensor, nn
 from offrl import nets
 from offrl.algos.base import GaussianActorCritic, adam
 from offrl.algos.registry import register
-from offrl.config import option
-from offrl.errors import ConfigError
+from offrl.config import option, validate
 from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
@@ -174,12 +173,8 @@ class CQL(GaussianActorCritic):
             "cql_temperature": cfg.cql_temperature > 0,
             "cql_alpha": cfg.cql_alpha >= 0,
             "bc_steps": cfg.bc_steps >= 0,
-            "precision": cfg.precision in nets.PRECISIONS,
-            "compile": cfg.compile is None or cfg.compile in nets.COMPILE_MODES,
         }
-        bad = [f"{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"cql: invalid {', '.join(bad)}")
+        validate(cfg, "cql", checks)
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
         self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
         self.nets["critic_target"] = nets.freeze(

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from offrl import nets
 from offrl.algos.base import OfflineAlgorithm, adam, apply_gradients, step
 from offrl.algos.registry import register
-from offrl.config import option
+from offrl.config import option, validate
 from offrl.errors import ConfigError
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ObsNormalizer
@@ -139,23 +139,7 @@ class DiscreteCQLConfig:
             "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
             "hidden": len(self.hidden) > 0 and all(h >= 1 for h in self.hidden),
         }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"cql (discrete): invalid '{key}' = {getattr(self, key)!r}")
-        if self.target_update not in ("soft", "hard"):
-            raise ConfigError(
-                f"cql (discrete): 'target_update' must be 'soft' or 'hard', got {self.target_update!r}"
-            )
-        if self.loss not in ("huber", "mse"):
-            raise ConfigError(f"cql (discrete): 'loss' must be 'huber' or 'mse', got {self.loss!r}")
-        if self.compile is not None and self.compile not in nets.COMPILE_MODES:
-            raise ConfigError(
-                f"cql (discrete): 'compile' must be one of {nets.COMPILE_MODES} or none, got {self.compile!r}"
-            )
-        if self.precision not in nets.PRECISIONS:
-            raise ConfigError(
-                f"cql (discrete): 'precision' must be one of {sorted(nets.PRECISIONS)}, got {self.precision!r}"
-            )
+        validate(self, "cql (discrete)", checks)
 
 
 # -- algorithm -----------------------------------------------------------------------------------

@@ -31,8 +31,7 @@ from torch import Tensor, nn
 from offrl import nets
 from offrl.algos.base import OfflineAlgorithm, adam, step
 from offrl.algos.registry import register
-from offrl.config import option
-from offrl.errors import ConfigError
+from offrl.config import option, validate
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
@@ -80,9 +79,7 @@ class IQLConfig:
             "max_weight": self.max_weight > 0.0,
             "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
         }
-        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"iql: invalid {', '.join(bad)}")
+        validate(self, "iql", checks)
 
 
 # -- losses (pure) -------------------------------------------------------------------------------

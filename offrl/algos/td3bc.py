@@ -30,8 +30,7 @@ from torch import Tensor
 from offrl import nets
 from offrl.algos.base import ActorCritic, adam, step
 from offrl.algos.registry import register
-from offrl.config import option
-from offrl.errors import ConfigError
+from offrl.config import option, validate
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
@@ -122,9 +121,7 @@ class TD3BC(ActorCritic):
             "noise_clip": cfg.noise_clip >= 0,
             "alpha": cfg.alpha >= 0,
         }
-        bad = [f"{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"td3bc: invalid {', '.join(bad)}")
+        validate(cfg, "td3bc", checks)
         self.nets["actor"] = nets.DeterministicActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
         self.nets["actor_target"] = nets.freeze(
             nets.DeterministicActor(self.obs_dim, self.act_dim, cfg.actor_hidden)

@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from offrl import nets
 from offrl.algos.base import GaussianActorCritic, adam, apply_gradients, step
-from offrl.config import option
-from offrl.errors import ConfigError
+from offrl.config import option, validate
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
 from offrl.preprocess import ObsNormalizer
@@ -57,10 +56,7 @@ class SACConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.precision not in nets.PRECISIONS:
-            raise ConfigError(
-                f"sac: 'precision' must be one of {sorted(nets.PRECISIONS)}, got {self.precision!r}"
-            )
+        validate(self, "sac")
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
