@@ -162,6 +162,7 @@ class OfflineAlgorithm:
     def to(self, device: str | torch.device) -> OfflineAlgorithm:
         self.device = torch.device(device)
         self.nets.to(self.device)
+        self._graph_steps = None  # graphs captured on the old storage would be stale
         return self
 
     def train_mode(self, mode: bool = True) -> None:
