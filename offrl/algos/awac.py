@@ -165,6 +165,12 @@ class AWAC(GaussianActorCritic):
 
     # -- update --------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        metrics = self._run_step(self._step, batch)
+        self.num_updates += 1
+        return metrics
+
+    def _step(self, batch: Batch) -> dict[str, Tensor]:
+        """One update on the device (host-side counters stay in :meth:`update`: it may be a CUDA graph)."""
         cfg = self.config
         pi_actions, next_actions = self.policy_actions(batch.obs.flatten(1), batch.next_obs.flatten(1))
         loss, metrics = self._critic_terms(batch, next_actions)
@@ -172,5 +178,4 @@ class AWAC(GaussianActorCritic):
         loss, actor_metrics = self._actor_terms(batch, pi_actions)
         step(self.optimizers["actor"], loss, self.actor.parameters(), cfg.max_grad_norm)
         nets.soft_update(self.critic_target, self.critic, cfg.tau)
-        self.num_updates += 1
         return {**metrics, **actor_metrics}

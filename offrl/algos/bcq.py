@@ -270,6 +270,12 @@ class BCQ(ActorCritic):
 
     # -- update --------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        metrics = self._run_step(self._step, batch)
+        self.num_updates += 1
+        return metrics
+
+    def _step(self, batch: Batch) -> dict[str, Tensor]:
+        """One update on the device (host-side counters stay in :meth:`update`: it may be a CUDA graph)."""
         cfg = self.config
         obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
         loss, metrics = self._vae_terms(obs, batch.actions)
@@ -281,5 +287,4 @@ class BCQ(ActorCritic):
         step(self.optimizers["actor"], loss, self.actor.parameters(), cfg.max_grad_norm)
         nets.soft_update(self.actor_target, self.actor, cfg.tau)
         nets.soft_update(self.critic_target, self.critic, cfg.tau)
-        self.num_updates += 1
         return {**metrics, **critic_metrics, **actor_metrics}

@@ -199,15 +199,21 @@ class DiscreteBCQ(OfflineAlgorithm):
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.config
+        metrics = self._run_step(self._step, batch)
+        self.num_updates += 1  # host-side counter: the interval check below needs no device sync
+        if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
+            nets.hard_update(self.q_target, self.q)
+        return metrics
+
+    def _step(self, batch: Batch) -> dict[str, Tensor]:
+        """One update on the device (host-side counters stay in :meth:`update`: it may be a CUDA graph)."""
+        cfg = self.config
         td, bc, q_data, mask = self._losses(batch)
         loss = td + bc
         params = [*self.q.parameters(), *self.imitator.parameters()] if cfg.max_grad_norm else None
         step(self.optimizers["q"], loss, params, cfg.max_grad_norm)
-        self.num_updates += 1  # host-side counter: the interval check below needs no device sync
         if cfg.target_update == "soft":
             nets.soft_update(self.q_target, self.q, cfg.tau)
-        elif self.num_updates % cfg.target_update_interval == 0:
-            nets.hard_update(self.q_target, self.q)
         return {
             "loss": loss.detach(),
             "td_loss": td.detach(),

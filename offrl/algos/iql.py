@@ -222,6 +222,12 @@ class IQL(OfflineAlgorithm):
         return {"value": value_loss, "critic": critic_loss, "actor": actor_loss}
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        metrics = self._run_step(self._step, batch)
+        self.num_updates += 1
+        return metrics
+
+    def _step(self, batch: Batch) -> dict[str, Tensor]:
+        """One update on the device (host-side counters stay in :meth:`update`: it may be a CUDA graph)."""
         cfg = self.config
         obs, next_obs = batch.obs.flatten(1), batch.next_obs.flatten(1)
         q_t = self.target_q(obs, batch.actions)
@@ -235,7 +241,6 @@ class IQL(OfflineAlgorithm):
         actor_loss, weights = self._actor_loss(obs, batch.actions, adv)
         step(self.optimizers["actor"], actor_loss, self.actor.parameters(), cfg.max_grad_norm)
         nets.soft_update(self.critic_target, self.critic, cfg.tau)
-        self.num_updates += 1
         return {
             "value_loss": value_loss.detach(),
             "critic_loss": critic_loss.detach(),

@@ -194,14 +194,23 @@ class TD3BC(ActorCritic):
 
     # -- update --------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        actor_turn = self.num_updates % self.config.policy_freq == 0  # a Python counter: no host sync
+        metrics = self._run_step(self._step, batch, actor_turn)
+        self.num_updates += 1
+        if actor_turn:  # steps without an actor update report the last actor step's metrics
+            self._actor_metrics = {k: metrics.pop(k) for k in ACTOR_METRICS}
+        actor_metrics = self._actor_metrics or {k: torch.zeros((), device=self.device) for k in ACTOR_METRICS}
+        return {**metrics, **actor_metrics}
+
+    def _step(self, batch: Batch, actor_turn: bool) -> dict[str, Tensor]:
+        """One update on the device (host-side counters stay in :meth:`update`: it may be a CUDA graph)."""
         cfg = self.config
         loss, metrics = self._critic_terms(batch)
         step(self.optimizers["critic"], loss, self.critic.parameters(), cfg.max_grad_norm)
-        if self.num_updates % cfg.policy_freq == 0:  # a Python counter: no host sync
-            loss, self._actor_metrics = self._actor_terms(batch)
+        if actor_turn:
+            loss, actor_metrics = self._actor_terms(batch)
             step(self.optimizers["actor"], loss, self.actor.parameters(), cfg.max_grad_norm)
             nets.soft_update(self.actor_target, self.actor, cfg.tau)
             nets.soft_update(self.critic_target, self.critic, cfg.tau)
-        self.num_updates += 1
-        actor_metrics = self._actor_metrics or {k: torch.zeros((), device=self.device) for k in ACTOR_METRICS}
-        return {**metrics, **actor_metrics}
+            metrics = {**metrics, **actor_metrics}
+        return metrics
