@@ -374,9 +374,11 @@ def manifest(suite: str, keys: list[str] | None) -> None:
     print(f"wrote {path}: {len(datasets)} datasets")
 
 
-def record_builds(suite: str, keys: list[str] | None, out_dir: Path | None) -> None:
+def record_builds(suite: str, keys: list[str] | None, out_dir: Path | None, unrecorded: bool = False) -> None:
     for name, spec in suites.all_specs().items():
         if spec.suite != suite or (keys and spec.env.key not in keys):
+            continue
+        if unrecorded and spec.built.get("sha256"):
             continue
         t0 = time.perf_counter()
         dest = (out_dir / f"{name}.h5") if out_dir else None
@@ -426,6 +428,7 @@ def main() -> None:
     r.add_argument("suite")
     r.add_argument("--env", action="append")
     r.add_argument("--out-dir", type=Path)
+    r.add_argument("--unrecorded", action="store_true", help="only datasets without a build record")
     a = p.parse_args()
     if a.cmd == "select":
         select(
@@ -443,7 +446,7 @@ def main() -> None:
     elif a.cmd == "manifest":
         manifest(a.suite, a.env)
     else:
-        record_builds(a.suite, a.env, a.out_dir)
+        record_builds(a.suite, a.env, a.out_dir, a.unrecorded)
 
 
 if __name__ == "__main__":
