@@ -47,6 +47,10 @@ MAX_REPLAY = {"classic": 10, "locomotion": 5}
 TRANSITIONS = {"classic": 100_000, "locomotion": 200_000}
 # Environments whose expert is not final yet (training continues in stages): their manifest lists the
 # random, medium-replay and medium levels only. key -> why.
+# Environments whose listed expert, the best policy we trained, scores well below the reference
+# (gymnasium's reward_threshold): key -> by how much and why. The reference test then checks the
+# expert against its recorded score instead of 100.
+EXPERT_SHORTFALL: dict[str, str] = {}
 EXPERT_PENDING: dict[str, str] = {
     "hopper": (
         "SAC training (datasets/train/hopper.toml) continues in stages towards the reference 3800; "
@@ -345,6 +349,8 @@ def manifest(suite: str, keys: list[str] | None) -> None:
         }
         if key in EXPERT_PENDING:
             envs[key]["pending"] = f"medium-expert and expert: {EXPERT_PENDING[key]}"
+        elif key in EXPERT_SHORTFALL:
+            envs[key]["expert_shortfall"] = EXPERT_SHORTFALL[key]
         for j, level in enumerate(suites.LEVELS):
             if key in EXPERT_PENDING and level in ("medium-expert", "expert"):
                 continue

@@ -85,6 +85,8 @@ class SuiteEnv:
     ref_max_return: float  # expert reference: gymnasium's reward_threshold, else our best policy
     ref_notes: str = ""
     pending: str = ""  # levels not in the manifest yet and why (a behaviour policy still in training)
+    # where the expert behaviour policy scores well below the expert reference (100): by how much, why
+    expert_shortfall: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ def load_manifest(path: Path) -> list[DatasetSpec]:
                 float(e["ref_max_return"]),
                 e.get("notes", ""),
                 str(e.get("pending", "")),
+                str(e.get("expert_shortfall", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _manifest_error(

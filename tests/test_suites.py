@@ -40,6 +40,7 @@ def _tiny_manifest(root: Path) -> Path:
                 "ref_min_return": -500.0,
                 "ref_max_return": -100.0,
                 "pending": "expert: still training",
+                "expert_shortfall": "scores 80, the best policy trained",
             }
         },
         "datasets": [
@@ -149,6 +150,7 @@ def test_cli_list_and_build(tiny_suite: Path, tmp_path: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "tiny/acrobot-medium-expert" in out and "medium-expert" in out and "1,300" in out
     assert "tiny/acrobot: not listed yet: expert: still training" in out
+    assert "tiny/acrobot: expert below its reference: scores 80, the best policy trained" in out
     assert cli_main(["datasets", "build", "tiny/acrobot-random", "--out", str(tmp_path / "r.h5")]) == 0
     assert "300 transitions" in capsys.readouterr().out and fmt.validate(tmp_path / "r.h5") == []
     assert cli_main(["datasets", "build", "tiny"]) == 0  # a whole suite into the data directory
@@ -236,7 +238,9 @@ def _references_hold(suite: str, env_key: str) -> None:
         scores[label] = float(normalized_score(result.mean, env.ref_min_return, env.ref_max_return))
     print(f"{suite}/{env_key}: normalised scores on fresh seeds {scores}")
     assert abs(scores["random"]) <= 15.0, scores
-    assert abs(scores["expert"] - 100.0) <= 15.0, scores
+    # an expert listed below its reference says so in the manifest; it must then score as recorded
+    target = float(expert.built["normalized_score"]) if env.expert_shortfall else 100.0
+    assert abs(scores["expert"] - target) <= 15.0, (scores, target)
 
 
 @pytest.mark.parametrize(
