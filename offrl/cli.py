@@ -214,10 +214,11 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
         pending = {f"{s.suite}/{s.env.key}": s.env.pending for s in specs.values() if s.env.pending}
         for env_name, why in pending.items():
             print(f"{env_name}: not listed yet: {why}")
-        short = {f"{s.suite}/{s.env.key}": s.env.expert_shortfall for s in specs.values()}
+        short = {
+            f"{s.suite}/{s.env.key}": s.env.expert_shortfall for s in specs.values() if s.env.expert_shortfall
+        }
         for env_name, why in short.items():
-            if why:
-                print(f"{env_name}: expert below its reference: {why}")
+            print(f"{env_name}: expert below its reference: {why}")
         print(
             f"\nscore: normalised score of the behaviour data (0 random, 100 expert reference)."
             f"\ndata directory: {builtin.data_dir()} (set OFFRL_DATA_DIR to move it); "

@@ -668,9 +668,8 @@ def compiled(fn: Callable[..., T], mode: str | None) -> Callable[..., T]:
     return run
 
 
-CUDA_GRAPH_WARMUP = (
-    3  # eager steps per step shape before capture (allocator, cuBLAS and optimiser state settle)
-)
+# eager steps per distinct step before capture (allocator, cuBLAS and optimiser state settle)
+CUDA_GRAPH_WARMUP = 3
 
 
 class CudaGraphSteps:
@@ -685,7 +684,8 @@ class CudaGraphSteps:
     ``benchmarks/gpu_check.py``): every tensor it reads or writes outside the batch keeps its storage
     (parameters are updated in place, optimisers are capturable), its randomness comes from
     ``generators``, it makes no host sync and no host-dependent branch beyond its static arguments.
-    Anything that replaces parameter or optimiser-state storage (loading a state) must :meth:`reset`.
+    Anything that replaces parameter or optimiser-state storage (loading a state, moving devices)
+    must drop this object and start a new one.
     """
 
     def __init__(self, generators: Sequence[torch.Generator], warmup: int = CUDA_GRAPH_WARMUP) -> None:
@@ -694,17 +694,9 @@ class CudaGraphSteps:
         self._steps: dict[Any, _Step] = {}
 
     @staticmethod
-    def supported(generators: Sequence[torch.Generator]) -> bool:
-        """Graphs need CUDA and, for generators other than the default one, generator registration."""
-        if not torch.cuda.is_available():
-            return False
-        default = torch.cuda.default_generators
-        return all(g in default for g in generators) or hasattr(
-            torch.cuda.CUDAGraph, "register_generator_state"
-        )
-
-    def reset(self) -> None:
-        self._steps.clear()
+    def supported() -> bool:
+        """Graphs need CUDA and registration of the algorithms' own generators (torch >= 2.5)."""
+        return torch.cuda.is_available() and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
     @property
     def captured(self) -> int:

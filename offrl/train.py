@@ -74,8 +74,9 @@ class TrainConfig:
     )
     cuda_graphs: bool = option(
         True,
-        "on CUDA, replay each update step as a CUDA graph after a few eager steps (bc and cql: at "
-        "small batches a step is launch-bound); other algorithms, CPU and compiled steps run eagerly",
+        "on CUDA, replay each update step (compiled or not) as a CUDA graph after 3 eager steps (bc and "
+        "cql, checked bitwise against eager: at small batches a step is launch-bound); other "
+        "algorithms run eagerly; no effect on CPU",
     )
 
 

@@ -101,7 +101,7 @@ class OfflineAlgorithm:
         if not (self.cuda_graphs and self.cuda_graph_safe and batch.obs.is_cuda):
             return fn(batch, *args)
         if self._graph_steps is None:
-            if not nets.CudaGraphSteps.supported([self.generator]):
+            if not nets.CudaGraphSteps.supported():
                 return fn(batch, *args)
             self._graph_steps = nets.CudaGraphSteps([self.generator])
         return self._graph_steps.run(fn, batch, args)
