@@ -136,7 +136,7 @@ def _refs(suite: str, key: str) -> tuple[float, float, str]:
         )
     sel = json.loads((ROOT / "policies" / suite / key / "selection.json").read_text())
     # the expert measured afresh: its selection score is the maximum over noisy snapshot scores, so it
-    # overstates the policy (selections made before this measure have only that score)
+    # overstates the policy (a selection.json written by hand may lack the fresh measure)
     return (
         random_mean,
         float(sel.get("expert_reference_return", sel["expert_return"])),
