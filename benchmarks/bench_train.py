@@ -358,12 +358,13 @@ def run_algo(algo: str, args: argparse.Namespace) -> list[Worker]:
         ("offrl bf16", sys.executable, ["--worker", "offrl", "--precision", "bf16", *common], None),
     ]
     if args.compile:
+        mode = "" if args.compile == "default" else f" ({args.compile})"
         for precision in ("fp32", "bf16"):
             specs.append(
                 (
-                    f"offrl {precision} compiled",
+                    f"offrl {precision} compiled{mode}",
                     sys.executable,
-                    ["--worker", "offrl", "--precision", precision, "--compile-mode", "default", *common],
+                    ["--worker", "offrl", "--precision", precision, "--compile-mode", args.compile, *common],
                     None,
                 )
             )
@@ -482,7 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--offrl-src", type=Path, default=None, help="also run the offrl package found in this folder"
     )
-    p.add_argument("--compile", action="store_true", help="also run offrl with torch.compile (slow to start)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=("default", "max-autotune-no-cudagraphs"),
+        help="also run offrl with torch.compile in this mode (default: 'default'; slow to start)",
+    )
     p.add_argument("--profile", action="store_true", help="also break one offrl step down by kind of work")
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 s: a smoke run")
     p.add_argument(

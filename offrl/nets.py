@@ -134,7 +134,8 @@ def keep_freed_memory() -> bool:
     return _allocator_tuned
 
 
-def _low_dtype(device: torch.device) -> torch.dtype:
+def hidden_dtype(device: torch.device) -> torch.dtype:
+    """The dtype relu MLPs' hidden layers compute in on ``device`` under the current :func:`compute_precision`."""
     dt = _compute_dtype()
     if dt != torch.float32 and device.type == "cpu" and not bf16_supported():
         return torch.float32  # emulated bfloat16 would only be slower
@@ -317,7 +318,7 @@ def relu_mlp(
         state = None
     if _allocator_tuned is None and rest.device.type == "cpu":
         keep_freed_memory()
-    dt = _low_dtype(rest.device)
+    dt = hidden_dtype(rest.device)
     low_w = [w.detach().to(dt) for w in weights]
     low_b = [b.detach().to(dt) for b in biases[:-1]]
     tensors = (*weights, *biases)
@@ -363,7 +364,7 @@ def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
     (bfloat16 matmuls; the hand-written path of :func:`relu_mlp` does not pay at these sizes). The
     output layer stays float32, so actions, log-probabilities and Q-values keep float32 precision.
     """
-    dt = _low_dtype(x.device)
+    dt = hidden_dtype(x.device)
     parts = _output_split(seq) if dt != torch.float32 and x.dtype == torch.float32 else None
     if parts is None:
         return seq(x)
@@ -425,27 +426,8 @@ def relu_mlp_train_forward(
     (without a trailing activation) up to float rounding; no autograd graph is built."""
     if _allocator_tuned is None and x.device.type == "cpu":
         keep_freed_memory()  # the (R, 256) activations would otherwise come back as fresh pages each step
-    dt = _low_dtype(x.device)
-    fused = _MKLDNN_LINEAR and x.device.type == "cpu"
-    tape = MLPTape([], [])
-    h = x
-    for lin in layers[:-1]:
-        if dt == torch.float32:
-            w, inp = lin.weight, h
-            h = F.linear(inp, w, lin.bias).relu_()  # MKL's matmul beats oneDNN's fused relu in float32
-        elif fused:  # oneDNN adds a float32 bias to the low-precision matmul
-            w, inp = lin.weight.to(dt), h.to(dt)
-            h = torch.ops.mkldnn._linear_pointwise(inp, w, lin.bias, "relu", [], "")
-        else:
-            w, inp = lin.weight.to(dt), h.to(dt)
-            h = F.linear(inp, w, lin.bias.to(dt)).relu_()
-        if grad_rows != 0:
-            tape.low_w.append(w)
-            tape.inputs.append(inp if grad_rows is None else inp[:grad_rows])
-    out, inp = layers[-1], h.float()
-    if grad_rows != 0:
-        tape.inputs.append(inp if grad_rows is None else inp[:grad_rows])
-    return F.linear(inp, out.weight, out.bias), tape
+    weights, biases = layer_params(layers)
+    return mlp_train_forward(weights, biases, x, hidden_dtype(x.device), grad_rows)
 
 
 @torch.no_grad()
@@ -453,23 +435,123 @@ def relu_mlp_backward(layers: Sequence[nn.Linear], tape: MLPTape, grad: Tensor) 
     """Set every parameter's ``.grad`` of the MLP of :func:`relu_mlp_train_forward` to the gradient of a
     loss whose gradient w.r.t. the kept rows' outputs is ``grad`` (rows, out) float32. Overwrites
     (does not accumulate), like ``backward`` after ``zero_grad(set_to_none=True)``."""
-    g = grad  # gradient w.r.t. layer i's output, in the dtype layer i computes in
-    for i in range(len(layers) - 1, -1, -1):
-        lin, inp = layers[i], tape.inputs[i]
-        g = g.to(inp.dtype)
-        w_grad, b_grad = lin.weight.grad, lin.bias.grad
-        if w_grad is None or b_grad is None:
-            lin.weight.grad = torch.mm(g.t(), inp).float()
-            lin.bias.grad = g.sum(0).float()
-        elif inp.dtype == torch.float32:  # straight into the gradients' memory
-            torch.mm(g.t(), inp, out=w_grad)
-            torch.sum(g, 0, out=b_grad)
+    params = [p for lin in layers for p in (lin.weight, lin.bias)]
+    set_grads(params, mlp_backward(params[0::2], tape, grad, [p.grad for p in params]))
+
+
+def layer_params(layers: Sequence[nn.Linear]) -> tuple[list[Tensor], list[Tensor]]:
+    """The weights (out, in) and biases (out,) of ``layers``, in order."""
+    return [lin.weight for lin in layers], [lin.bias for lin in layers]
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the caller (``torch.compiler.is_compiling`` from torch 2.3 on)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(is_compiling())
+
+
+def set_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Make ``grads`` the parameters' ``.grad`` (those written in place already are left as they are)."""
+    for p, g in zip(params, grads, strict=True):
+        if p.grad is not g:
+            p.grad = g
+
+
+GradsFn = Callable[..., tuple[dict[str, Tensor], list[Tensor]]]
+
+
+def hand_step_applies(compile_mode: str | None, device: torch.device) -> bool:
+    """Whether an algorithm with a hand-written step runs it: eagerly everywhere, compiled on CPU. On
+    CUDA a compiled step stays the autograd one, the one ``benchmarks/gpu_check.py`` checked there."""
+    return HAND_BACKWARD and (compile_mode is None or device.type == "cpu")
+
+
+def run_hand_step(
+    grads_fn: GradsFn, layers: Sequence[nn.Linear], *inputs: Any, in_place: bool = True
+) -> dict[str, Tensor]:
+    """Run a hand-written step's gradient function and leave its gradients in the layers' ``.grad``.
+
+    ``grads_fn(*inputs, weights, biases, dtype, out) -> (metrics, grads)`` computes the float32
+    gradients ``[w₀, b₀, w₁, b₁, …]`` of the relu MLP ``layers`` (hidden layers in ``dtype``, as
+    :func:`compute_precision` sets) from tensors alone, writing them into ``out`` where given. With
+    ``in_place`` they go straight into existing ``.grad`` memory; a compiled ``grads_fn`` returns fresh
+    ones instead (writes into its inputs would only be copied back).
+    """
+    device = layers[0].weight.device
+    if _allocator_tuned is None and device.type == "cpu":
+        keep_freed_memory()  # the (R, 256) activations would otherwise come back as fresh pages each step
+    weights, biases = layer_params(layers)
+    params = [p for lin in layers for p in (lin.weight, lin.bias)]
+    out = [p.grad for p in params] if in_place else None
+    metrics, grads = grads_fn(*inputs, weights, biases, hidden_dtype(device), out)
+    set_grads(params, grads)
+    return metrics
+
+
+# The two passes below are functions of tensors only, so that a training step built from them can be
+# compiled (``compile`` setting) once for every instance; under ``torch.compile`` they use plain ops
+# (inductor cannot lower oneDNN's fused linear) and inductor fuses the elementwise work between matmuls.
+
+
+@torch.no_grad()
+def mlp_train_forward(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    x: Tensor,
+    dtype: torch.dtype,
+    grad_rows: int | None = None,
+) -> tuple[Tensor, MLPTape]:
+    """:func:`relu_mlp_train_forward` of the relu MLP with these float32 weights (out, in) and biases,
+    hidden layers in ``dtype``."""
+    fused = _MKLDNN_LINEAR and x.device.type == "cpu" and not _compiling()
+    tape = MLPTape([], [])
+    h = x
+    for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
+        if dtype == torch.float32:
+            w, inp = weight, h
+            h = F.linear(inp, w, bias).relu_()  # MKL's matmul beats oneDNN's fused relu in float32
+        elif fused:  # oneDNN adds a float32 bias to the low-precision matmul
+            w, inp = weight.to(dtype), h.to(dtype)
+            h = torch.ops.mkldnn._linear_pointwise(inp, w, bias, "relu", [], "")
         else:
-            w_grad.copy_(torch.mm(g.t(), inp))
-            b_grad.copy_(g.sum(0))
+            w, inp = weight.to(dtype), h.to(dtype)
+            h = F.linear(inp, w, bias.to(dtype)).relu_()
+        if grad_rows != 0:
+            tape.low_w.append(w)
+            tape.inputs.append(inp if grad_rows is None else inp[:grad_rows])
+    inp = h.float()
+    if grad_rows != 0:
+        tape.inputs.append(inp if grad_rows is None else inp[:grad_rows])
+    return F.linear(inp, weights[-1], biases[-1]), tape
+
+
+@torch.no_grad()
+def mlp_backward(
+    weights: Sequence[Tensor], tape: MLPTape, grad: Tensor, out: Sequence[Tensor | None] | None = None
+) -> list[Tensor]:
+    """Float32 gradients ``[w₀, b₀, w₁, b₁, …]`` of the MLP of :func:`mlp_train_forward` from the gradient
+    ``grad`` (rows, out) w.r.t. its kept rows' outputs. ``out``: tensors in that order to write them
+    into (None entries, or no ``out``: fresh tensors)."""
+    n = len(weights)
+    dests: Sequence[Tensor | None] = [None] * (2 * n) if out is None else out
+    grads: list[Tensor] = [grad] * (2 * n)  # placeholders, all overwritten below
+    g = grad  # gradient w.r.t. layer i's output, in the dtype layer i computes in
+    for i in range(n - 1, -1, -1):
+        inp = tape.inputs[i]
+        g = g.to(inp.dtype)
+        w_grad, b_grad = dests[2 * i], dests[2 * i + 1]
+        if w_grad is None or b_grad is None:
+            grads[2 * i], grads[2 * i + 1] = torch.mm(g.t(), inp).float(), g.sum(0).float()
+        elif inp.dtype == torch.float32:  # straight into the gradients' memory
+            grads[2 * i] = torch.mm(g.t(), inp, out=w_grad)
+            grads[2 * i + 1] = torch.sum(g, 0, out=b_grad)
+        else:
+            grads[2 * i] = w_grad.copy_(torch.mm(g.t(), inp))
+            grads[2 * i + 1] = b_grad.copy_(g.sum(0))
         if i > 0:
-            w = lin.weight if i == len(layers) - 1 else tape.low_w[i]
+            w = weights[i] if i == n - 1 else tape.low_w[i]
             g = _relu_grad_(torch.mm(g, w), inp)  # inp: the relu output of layer i − 1, same dtype
+    return grads
 
 
 class EnsembleLinear(nn.Module):
@@ -516,7 +598,7 @@ class EnsembleMLP(nn.Module):
 
     def _use_fast(self, rows: int, device: torch.device) -> bool:
         """The relu fast path in bfloat16, or in float32 once the matmuls outweigh its bookkeeping."""
-        return self.fast and (_low_dtype(device) != torch.float32 or rows * self.width >= FAST_MIN_SIZE)
+        return self.fast and (hidden_dtype(device) != torch.float32 or rows * self.width >= FAST_MIN_SIZE)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2 and x.dtype == torch.float32 and self._use_fast(x.shape[0], x.device):
@@ -594,7 +676,7 @@ def relu_ensemble_train_forward(
     layer in float32; no autograd graph is built."""
     if _allocator_tuned is None and x.device.type == "cpu":
         keep_freed_memory()
-    dt = _low_dtype(x.device)
+    dt = hidden_dtype(x.device)
     kept = MLPTape([], [])
     h = x.to(dt).unsqueeze(0).expand(layers[0].members, -1, -1)
     for lin in layers[:-1]:

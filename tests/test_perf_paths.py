@@ -322,23 +322,26 @@ def test_speed_settings_are_validated() -> None:
         DiscreteCQLConfig(precision="half")  # type: ignore[arg-type]
 
 
+def _compilable(algo: str, **kw: Any) -> Any:
+    if algo == "cql":
+        cfg: Any = CQLConfig(
+            actor_hidden=(16, 16), critic_hidden=(16, 16), batch_size=64, lagrange=True, **kw
+        )
+        return CQL(cfg, OBS, BOX, seed=2)
+    if algo == "cql-discrete":
+        return DiscreteCQL(
+            DiscreteCQLConfig(hidden=(16, 16), batch_size=64, **kw), OBS, gym.spaces.Discrete(3), seed=2
+        )
+    if algo == "bc-discrete":
+        return DiscreteBC(BCConfig(hidden=(16, 16), batch_size=64, **kw), OBS, gym.spaces.Discrete(3), seed=2)
+    return ContinuousBC(BCConfig(hidden=(16, 16), batch_size=64, **kw), OBS, BOX, seed=2)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["bc", "cql", "cql-discrete"])
+@pytest.mark.parametrize("algo", ["bc", "bc-discrete", "cql", "cql-discrete"])
 def test_compiled_update_equals_eager(algo: str) -> None:
-    discrete = algo == "cql-discrete"
-
-    def make(**kw: Any) -> Any:
-        if algo == "cql":
-            cfg: Any = CQLConfig(
-                actor_hidden=(16, 16), critic_hidden=(16, 16), batch_size=64, lagrange=True, **kw
-            )
-            return CQL(cfg, OBS, BOX, seed=2)
-        if discrete:
-            cfg = DiscreteCQLConfig(hidden=(16, 16), batch_size=64, **kw)
-            return DiscreteCQL(cfg, OBS, gym.spaces.Discrete(3), seed=2)
-        return ContinuousBC(BCConfig(hidden=(16, 16), batch_size=64, **kw), OBS, BOX, seed=2)
-
-    eager, compiled = make(), make(compile="default")
+    discrete = algo.endswith("discrete")
+    eager, compiled = _compilable(algo), _compilable(algo, compile="default")
     for b in _batches(discrete, 3):
         m_eager, m_compiled = eager.update(b), compiled.update(b)
         for k in m_eager:
@@ -347,6 +350,39 @@ def test_compiled_update_equals_eager(algo: str) -> None:
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert dataclasses.asdict(compiled.config)["compile"] == "default"
+
+
+@pytest.mark.slow
+@needs_bf16
+@pytest.mark.parametrize("algo", ["bc", "bc-discrete", "cql-discrete"])
+def test_compiled_hand_step_runs_whole_and_tracks_eager_in_bf16(
+    monkeypatch: pytest.MonkeyPatch, algo: str
+) -> None:
+    """On CPU a compiled BC or discrete-CQL step is the hand-written one, compiled as one graph."""
+    from torch._dynamo.utils import counters
+
+    calls: list[int] = []
+    real = nets.mlp_backward
+
+    def spy(*args: Any) -> list[Tensor]:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(nets, "mlp_backward", spy)
+    torch._dynamo.reset()  # the spy is traced into a fresh graph
+    counters.clear()
+    discrete = algo.endswith("discrete")
+    eager, compiled = (
+        _compilable(algo, precision="bf16"),
+        _compilable(algo, precision="bf16", compile="default"),
+    )
+    for b in _batches(discrete, 3):
+        m_eager, m_compiled = eager.update(b), compiled.update(b)
+        for k, v in m_eager.items():
+            assert abs(float(m_compiled[k]) - float(v)) <= 0.02 * abs(float(v)) + 0.02, k
+    assert calls and not counters["graph_break"], dict(counters["graph_break"])
+    a, b_ = eager.nets.state_dict(), compiled.nets.state_dict()
+    assert max(float((a[k] - b_[k]).abs().max()) for k in a if a[k].is_floating_point()) < 1e-2
 
 
 # -- hand-written passes of one relu MLP (BC, discrete CQL) ------------------------------------------
@@ -549,13 +585,13 @@ def test_discrete_cql_hand_update_equals_autograd_update(
 
 def test_hand_paths_are_taken_and_leave_targets_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = nets.relu_mlp_backward
+    real = nets.mlp_backward
 
-    def spy(*args: Any) -> None:
+    def spy(*args: Any) -> list[torch.Tensor]:
         calls.append(1)
-        real(*args)
+        return real(*args)
 
-    monkeypatch.setattr(nets, "relu_mlp_backward", spy)
+    monkeypatch.setattr(nets, "mlp_backward", spy)
     algos: list[Any] = [
         ContinuousBC(BCConfig(hidden=(16, 16)), OBS, BOX, seed=0),
         DiscreteBC(BCConfig(hidden=(16, 16)), OBS, gym.spaces.Discrete(3), seed=0),
