@@ -358,7 +358,7 @@ def run_algo(algo: str, args: argparse.Namespace) -> list[Worker]:
         ("offrl bf16", sys.executable, ["--worker", "offrl", "--precision", "bf16", *common], None),
     ]
     if args.compile:
-        mode = "" if args.compile == "default" else f" ({args.compile})"
+        mode = "" if args.compile == "default" else " autotuned"
         for precision in ("fp32", "bf16"):
             specs.append(
                 (

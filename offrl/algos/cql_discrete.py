@@ -161,7 +161,7 @@ class DiscreteCQLConfig:
     compile: Literal["default", "max-autotune-no-cudagraphs"] | None = option(
         None,
         "torch.compile mode of the update step (none: eager). On CPU it compiles the hand-written step of "
-        "relu networks, which inductor fuses into one graph (bf16: ~1.15-1.2x the eager steps/s; "
+        "relu networks, which inductor fuses into one graph (bf16, one thread: ~1.2-1.3x the eager steps/s; "
         "benchmarks/README.md); elsewhere the autograd step. Needs a C++ compiler on CPU and takes seconds "
         "on first use; a frame that fails to compile runs eagerly",
     )
