@@ -1,4 +1,5 @@
-"""Training speed of offrl side by side with d3rlpy: gradient steps per second of BC, CQL and discrete CQL.
+"""Training speed of offrl side by side with d3rlpy: gradient steps per second of BC, CQL and discrete CQL
+(the goals), and on request TD3+BC, IQL, AWAC and BCQ (continuous and discrete).
 
     python benchmarks/bench_train.py [--d3rlpy-python /tmp/d3venv/bin/python] [--algos bc cql cql-discrete]
         [--threads 2] [--rounds 5] [--seconds 3] [--profile] [--compile] [--json OUT] [--quick]
@@ -8,7 +9,8 @@ gymnasium: ``python3 -m venv /tmp/d3venv && /tmp/d3venv/bin/pip install torch==2
 /tmp/d3venv/bin/pip install d3rlpy``), on the same synthetic dataset (continuous: 11 observations, 3
 actions in [-1, 1]; discrete: 4 observations, 2 actions; 100k transitions) with matched networks:
 d3rlpy's defaults, i.e. 2×256 relu MLPs, 2 critics and 10 sampled actions per proposal for CQL, batch
-256 for every algorithm. offrl is measured through its real ``update`` on batches drawn by a
+256 for every algorithm (d3rlpy's own defaults differ for AWAC, 1024, and BCQ, 100 and discrete 32;
+BCQ's VAE is 2×256 with 100 sampled actions in the target, as d3rlpy's). offrl is measured through its real ``update`` on batches drawn by a
 ``FullPassSampler`` from a ``TransitionDataset`` (as the trainer does), d3rlpy through
 ``sample_transition_batch`` + ``update`` (as its ``fit`` does).
 
@@ -37,7 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-ALGOS = ("bc", "cql", "cql-discrete")
+ALGOS = ("bc", "cql", "cql-discrete", "td3bc", "iql", "awac", "bcq", "bcq-discrete")
+DEFAULT_ALGOS = ("bc", "cql", "cql-discrete")  # the ones with goals; the others on request
+DISCRETE = {"cql-discrete", "bcq-discrete"}
+PRECISION_ALGOS = {"bc", "cql", "cql-discrete"}  # with a precision and a compile setting
 ROWS, BATCH = 100_000, 256
 CONT_OBS, CONT_ACT, DISC_OBS, DISC_ACT = 11, 3, 4, 2
 WARMUP_STEPS = 5
@@ -95,7 +100,7 @@ class OfflineRLWorker:
         # as the trainer does (d3rlpy's worker runs with the CPU's defaults, as d3rlpy's users do)
         torch.set_flush_denormal(TrainConfig().flush_denormal)
 
-        discrete = algo == "cql-discrete"
+        discrete = algo in DISCRETE
         arrays = synthetic_arrays(discrete)
         obs_dim = arrays["observations"].shape[1]
         action_space: gym.Space = (
@@ -132,10 +137,12 @@ class OfflineRLWorker:
                 **extra,
             )
             cls = CQL
-        else:
+        elif algo == "cql-discrete":
             # d3rlpy's DiscreteCQL does not clip gradients: offrl's default clip (norm 10) is turned off
             cfg = DiscreteCQLConfig(hidden=(256, 256), batch_size=BATCH, max_grad_norm=None, **extra)
             cls = DiscreteCQL
+        else:
+            cls, cfg = _later_algorithm(algo)
         self.algo = cls(cfg, dataset.observation_space, dataset.action_space, seed=0, device=device)
         self.algo.cuda_graphs = cuda_graphs
         self.dataset = self.algo.prepare_dataset(dataset)
@@ -146,13 +153,45 @@ class OfflineRLWorker:
         self.algo.update(self.dataset.batch(self.sampler.next_batch()))
 
 
+def _later_algorithm(algo: str) -> tuple[Any, Any]:
+    """offrl's class and config for an algorithm benchmarked without a goal, sized as d3rlpy's defaults."""
+    from offrl.algos.awac import AWAC, AWACConfig
+    from offrl.algos.bcq import BCQ, BCQConfig
+    from offrl.algos.bcq_discrete import DiscreteBCQ, DiscreteBCQConfig
+    from offrl.algos.iql import IQL, IQLConfig
+    from offrl.algos.td3bc import TD3BC, TD3BCConfig
+
+    mlp = (256, 256)
+    if algo == "td3bc":
+        return TD3BC, TD3BCConfig(actor_hidden=mlp, critic_hidden=mlp, n_critics=2, batch_size=BATCH)
+    if algo == "iql":
+        return IQL, IQLConfig(hidden=mlp, n_critics=2, batch_size=BATCH)
+    if algo == "awac":
+        return AWAC, AWACConfig(actor_hidden=mlp, critic_hidden=mlp, n_critics=2, batch_size=BATCH)
+    if algo == "bcq":
+        # d3rlpy: every network (VAE included) 2×256, latent 2·A, 100 sampled actions in the target
+        cfg = BCQConfig(
+            actor_hidden=mlp,
+            critic_hidden=mlp,
+            encoder_hidden=mlp,
+            decoder_hidden=mlp,
+            n_actions=100,
+            batch_size=BATCH,
+        )
+        return BCQ, cfg
+    if algo == "bcq-discrete":
+        # d3rlpy shares one encoder between Q and the imitator; offrl's are separate 2×256 MLPs
+        return DiscreteBCQ, DiscreteBCQConfig(hidden=mlp, bc_hidden=mlp, batch_size=BATCH)
+    raise ValueError(algo)
+
+
 class D3rlpyWorker:
     """d3rlpy's algorithm fed as its ``fit`` feeds it: ``sample_transition_batch`` → ``update``."""
 
     def __init__(self, algo: str, device: str = "cpu") -> None:
         import d3rlpy
 
-        discrete = algo == "cql-discrete"
+        discrete = algo in DISCRETE
         a = synthetic_arrays(discrete)
         # d3rlpy takes next observations from the following row; the arrays are the same draws
         self.dataset = d3rlpy.dataset.MDPDataset(
@@ -167,6 +206,11 @@ class D3rlpyWorker:
             "bc": lambda: d3rlpy.algos.BCConfig(batch_size=BATCH),
             "cql": lambda: d3rlpy.algos.CQLConfig(batch_size=BATCH),
             "cql-discrete": lambda: d3rlpy.algos.DiscreteCQLConfig(batch_size=BATCH),
+            "td3bc": lambda: d3rlpy.algos.TD3PlusBCConfig(batch_size=BATCH),
+            "iql": lambda: d3rlpy.algos.IQLConfig(batch_size=BATCH),
+            "awac": lambda: d3rlpy.algos.AWACConfig(batch_size=BATCH),  # its default batch is 1024
+            "bcq": lambda: d3rlpy.algos.BCQConfig(batch_size=BATCH),  # its default batch is 100
+            "bcq-discrete": lambda: d3rlpy.algos.DiscreteBCQConfig(batch_size=BATCH),  # default 32
         }[algo]()
         self.algo = config.create(device="cuda:0" if device == "cuda" else "cpu:0")
         self.algo.build_with_dataset(self.dataset)
@@ -353,11 +397,12 @@ def run_algo(algo: str, args: argparse.Namespace) -> list[Worker]:
         specs.append(
             ("offrl fp32 eager", sys.executable, ["--worker", "offrl", "--no-cuda-graphs", *common], None)
         )
-    specs += [
-        ("offrl fp32", sys.executable, ["--worker", "offrl", "--precision", "fp32", *common], None),
-        ("offrl bf16", sys.executable, ["--worker", "offrl", "--precision", "bf16", *common], None),
-    ]
-    if args.compile:
+    specs.append(("offrl fp32", sys.executable, ["--worker", "offrl", "--precision", "fp32", *common], None))
+    if algo in PRECISION_ALGOS:
+        specs.append(
+            ("offrl bf16", sys.executable, ["--worker", "offrl", "--precision", "bf16", *common], None)
+        )
+    if args.compile and algo in PRECISION_ALGOS:
         mode = "" if args.compile == "default" else " autotuned"
         for precision in ("fp32", "bf16"):
             specs.append(
@@ -470,7 +515,13 @@ def machine(threads: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
+    p.add_argument(
+        "--algos",
+        nargs="+",
+        choices=ALGOS,
+        default=list(DEFAULT_ALGOS),
+        help="default: the three with goals (bc cql cql-discrete)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in every worker")
     p.add_argument("--rounds", type=int, default=5, help="measurement rounds; medians are reported")
     p.add_argument("--seconds", type=float, default=3.0, help="wall seconds per implementation per round")
