@@ -480,10 +480,9 @@ def run_hand_step(
     device = layers[0].weight.device
     if _allocator_tuned is None and device.type == "cpu":
         keep_freed_memory()  # the (R, 256) activations would otherwise come back as fresh pages each step
-    weights, biases = layer_params(layers)
     params = [p for lin in layers for p in (lin.weight, lin.bias)]
     out = [p.grad for p in params] if in_place else None
-    metrics, grads = grads_fn(*inputs, weights, biases, hidden_dtype(device), out)
+    metrics, grads = grads_fn(*inputs, params[0::2], params[1::2], hidden_dtype(device), out)
     set_grads(params, grads)
     return metrics
 
