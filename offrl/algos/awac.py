@@ -21,15 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import gymnasium as gym
 import torch
 from torch import Tensor
 
 from offrl import nets
-from offrl.algos.base import GaussianActorCritic, adam, step
+from offrl.algos.base import GaussianActorCritic, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 # Dataset actions on the bounds (±1) have infinite pre-tanh values; the likelihood is taken just inside.
@@ -52,6 +50,14 @@ class AWACConfig:
     exp_adv_max: float = option(100.0, "advantage weights are clipped to at most this (CORL: 100)")
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std (CORL: true)")
     max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "n_critics": self.n_critics >= 1,
+            "awac_lambda": self.awac_lambda > 0,
+            "exp_adv_max": self.exp_adv_max > 0,
+        }
+        validate(self, "awac", checks)
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
@@ -84,35 +90,16 @@ class AWAC(GaussianActorCritic):
     Config: ClassVar[type] = AWACConfig
     config: AWACConfig
 
-    def __init__(
-        self,
-        config: AWACConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        cfg = config
-        checks = {
-            "n_critics": cfg.n_critics >= 1,
-            "awac_lambda": cfg.awac_lambda > 0,
-            "exp_adv_max": cfg.exp_adv_max > 0,
-        }
-        validate(cfg, "awac", checks)
+    def build(self) -> None:
+        cfg = self.config
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
         self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
         self.nets["critic_target"] = nets.freeze(
             nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
         )
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
-        self.nets.to(self.device)
-        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
-        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
+        self.optimize("critic", self.critic, lr=cfg.critic_lr)
+        self.optimize("actor", self.actor, lr=cfg.actor_lr)
 
     # -- accessors ---------------------------------------------------------------------------------
 

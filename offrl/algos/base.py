@@ -18,6 +18,7 @@ from offrl.data.dataset import TransitionDataset
 from offrl.errors import CheckpointError, ConfigError
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ActionScaler, ObsNormalizer
+from offrl.runtime import Runtime
 from offrl.types import Batch
 
 
@@ -27,11 +28,13 @@ def flat_obs_dim(space: gym.Space) -> int:
     return int(np.prod(space.shape))
 
 
-class OfflineAlgorithm:
-    """Base of every algorithm.
+class Algorithm:
+    """Base of every algorithm, offline and online.
 
-    Subclasses build their networks into ``self.nets`` (a ModuleDict: its state is the model),
-    their optimisers into ``self.optimizers``, implement :meth:`update` and :meth:`policy`.
+    A subclass declares ``name``, ``discrete`` and ``Config``, and implements three methods:
+    :meth:`build` (networks into ``self.nets``, a ModuleDict whose state is the model, and optimisers
+    declared with :meth:`optimize`), :meth:`update` and :meth:`policy`. The base owns construction:
+    spaces, the normaliser and action scaler, the RNG, the device move, the optimisers and the counters.
     Batches given to :meth:`update` are in *learning units*: observations normalised, continuous
     actions in [−1, 1], discrete actions 0-based; :meth:`prepare_dataset` converts a dataset once.
     """
@@ -51,6 +54,7 @@ class OfflineAlgorithm:
         normalizer: ObsNormalizer | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        runtime: Runtime | None = None,
     ) -> None:
         is_discrete = isinstance(action_space, gym.spaces.Discrete)
         if is_discrete != self.discrete:
@@ -59,6 +63,7 @@ class OfflineAlgorithm:
                 f"algorithm '{self.name}' has no {kind} variant for action space {action_space}"
             )
         self.config = config
+        self.runtime = runtime if runtime is not None else Runtime()
         self.observation_space = observation_space
         self.action_space = action_space
         self.device = torch.device(device)
@@ -82,10 +87,30 @@ class OfflineAlgorithm:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.num_updates = 0
         self._acting_policy: TorchPolicy | None = None
-        self.cuda_graphs = True  # the trainer sets it from ``train.cuda_graphs``
+        self.cuda_graphs = self.runtime.cuda_graphs
         self._graph_steps: nets.CudaGraphSteps | None = None
+        self._optimizer_specs: list[tuple[str, tuple[nn.Module, ...], float, dict[str, Any]]] = []
+        self.build()
+        self.nets.to(self.device)
+        # optimisers are made after the move: fused and capturable Adam depend on the parameters' device
+        for opt_name, modules, lr, kwargs in self._optimizer_specs:
+            params = [p for m in modules for p in m.parameters()]
+            self.optimizers[opt_name] = adam(params, lr, **kwargs)
+        self._optimizer_specs.clear()
 
     # -- to implement ----------------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the networks in ``self.nets`` (on the CPU: the base moves them to the device) and declare
+        the optimisers with :meth:`optimize`. ``self.config``, the spaces' dimensions, ``self.runtime``
+        and the normaliser are set; the global torch RNG is seeded, so the same seed builds the same
+        networks."""
+        raise NotImplementedError
+
+    def optimize(self, name: str, *modules: nn.Module, lr: float, **kwargs: Any) -> None:
+        """Declare the Adam optimiser ``name`` (see :func:`adam`) of the parameters of ``modules``; it is
+        made once the networks are on the device, in declaration order."""
+        self._optimizer_specs.append((name, modules, lr, kwargs))
+
     def update(self, batch: Batch) -> dict[str, Tensor]:
         """One gradient step on a batch in learning units; returns detached scalar tensors (no host sync)."""
         raise NotImplementedError
@@ -159,7 +184,7 @@ class OfflineAlgorithm:
                 actions = scaler.to(dataset.device).to_unit(actions).clamp(-1.0, 1.0)
         return dataset.with_tensors(observations=obs, next_observations=next_obs, actions=actions)
 
-    def to(self, device: str | torch.device) -> OfflineAlgorithm:
+    def to(self, device: str | torch.device) -> Algorithm:
         self.device = torch.device(device)
         self.nets.to(self.device)
         self._graph_steps = None  # graphs captured on the old storage would be stale
@@ -193,7 +218,10 @@ class OfflineAlgorithm:
             raise CheckpointError(f"state does not fit algorithm '{self.name}' ({exc})") from None
 
 
-class ActorCritic(OfflineAlgorithm):
+OfflineAlgorithm = Algorithm  # the name before online algorithms shared the base
+
+
+class ActorCritic(Algorithm):
     """Accessors shared by actor-critic algorithms: a Q-ensemble ``nets["critic"]`` with its Polyak
     target ``nets["critic_target"]``, and an ``actor_target`` where the algorithm keeps one."""
 

@@ -12,18 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, apply_gradients, step
+from offrl.algos.base import OfflineAlgorithm, apply_gradients, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.errors import ConfigError
 from offrl.policies.artifact import TorchPolicy
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 CONTINUOUS_LR = 3e-4  # CORL any_percent_bc
@@ -150,35 +148,20 @@ class ContinuousBC(OfflineAlgorithm):
     Config: ClassVar[type] = BCConfig
     config: BCConfig
 
-    def __init__(
-        self,
-        config: BCConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
+    def build(self) -> None:
         actor: torch.nn.Module
-        if config.policy == "gaussian":
-            actor = nets.TanhGaussianActor(self.obs_dim, self.act_dim, config.hidden)
+        if self.config.policy == "gaussian":
+            actor = nets.TanhGaussianActor(self.obs_dim, self.act_dim, self.config.hidden)
         else:
-            actor = nets.DeterministicActor(self.obs_dim, self.act_dim, config.hidden)
+            actor = nets.DeterministicActor(self.obs_dim, self.act_dim, self.config.hidden)
         self.nets["actor"] = actor
-        self.nets.to(self.device)
-        self.optimizers["actor"] = adam(
-            actor.parameters(), _lr(config, False), weight_decay=config.weight_decay
-        )
-        self._train_step = nets.compiled(self._step, config.compile)
+        self.optimize("actor", actor, lr=_lr(self.config, False), weight_decay=self.config.weight_decay)
+        self._train_step = nets.compiled(self._step, self.config.compile)
         # the deterministic policy trains through the hand-written passes (same numbers, fewer ops)
         self._layers = (
-            nets.relu_linears(actor.net, torch.nn.Tanh) if config.policy == "deterministic" else None
+            nets.relu_linears(actor.net, torch.nn.Tanh) if self.config.policy == "deterministic" else None
         )
-        self._hand_grads = nets.compiled(deterministic_bc_grads, config.compile)
+        self._hand_grads = nets.compiled(deterministic_bc_grads, self.config.compile)
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
         with nets.compute_precision(self.config.precision):
@@ -219,33 +202,18 @@ class DiscreteBC(OfflineAlgorithm):
     Config: ClassVar[type] = BCConfig
     config: BCConfig
 
-    def __init__(
-        self,
-        config: BCConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        if config.policy != "deterministic":
+    def build(self) -> None:
+        if self.config.policy != "deterministic":
             raise ConfigError(
-                f"bc: policy={config.policy!r} applies to continuous actions only; discrete BC is always a "
-                f"categorical policy (action space {action_space})"
+                f"bc: policy={self.config.policy!r} applies to continuous actions only; discrete BC is always a "
+                f"categorical policy (action space {self.action_space})"
             )
-        actor = nets.DiscreteHead(self.obs_dim, self.act_dim, config.hidden)
+        actor = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.hidden)
         self.nets["actor"] = actor
-        self.nets.to(self.device)
-        self.optimizers["actor"] = adam(
-            actor.parameters(), _lr(config, True), weight_decay=config.weight_decay
-        )
-        self._train_step = nets.compiled(self._step, config.compile)
+        self.optimize("actor", actor, lr=_lr(self.config, True), weight_decay=self.config.weight_decay)
+        self._train_step = nets.compiled(self._step, self.config.compile)
         self._layers = nets.relu_linears(actor.net)
-        self._hand_grads = nets.compiled(categorical_bc_grads, config.compile)
+        self._hand_grads = nets.compiled(categorical_bc_grads, self.config.compile)
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
         with nets.compute_precision(self.config.precision):

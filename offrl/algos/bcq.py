@@ -21,18 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import ActorCritic, adam, step
+from offrl.algos.base import ActorCritic, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.policies.artifact import TorchPolicy
 from offrl.policies.modules import ContinuousBCQPolicyNet, PerturbationActor, VAEDecoder
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 LOG_STD_MIN, LOG_STD_MAX = -4.0, 15.0  # encoder log-std clamp of the authors' code
@@ -157,20 +155,8 @@ class BCQ(ActorCritic):
     Config: ClassVar[type] = BCQConfig
     config: BCQConfig
 
-    def __init__(
-        self,
-        config: BCQConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        cfg = config
+    def build(self) -> None:
+        cfg = self.config
         self.latent_dim = 2 * self.act_dim if cfg.latent_dim is None else cfg.latent_dim
         obs_dim, act_dim = self.obs_dim, self.act_dim
         self.nets["vae"] = ConditionalVAE(
@@ -186,10 +172,9 @@ class BCQ(ActorCritic):
         )
         nets.hard_update(self.actor_target, self.actor)
         nets.hard_update(self.critic_target, self.critic)
-        self.nets.to(self.device)
-        self.optimizers["vae"] = adam(self.vae.parameters(), cfg.vae_lr)
-        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
-        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
+        self.optimize("vae", self.vae, lr=cfg.vae_lr)
+        self.optimize("critic", self.critic, lr=cfg.critic_lr)
+        self.optimize("actor", self.actor, lr=cfg.actor_lr)
 
     # -- accessors ---------------------------------------------------------------------------------
     @property

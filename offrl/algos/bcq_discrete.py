@@ -14,19 +14,17 @@ import copy
 from dataclasses import dataclass
 from typing import Literal
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.base import OfflineAlgorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.errors import ConfigError
 from offrl.policies.artifact import TorchPolicy
 from offrl.policies.modules import DiscreteBCQPolicyNet, discrete_bcq_mask, masked_q
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 __all__ = [
@@ -130,26 +128,12 @@ class DiscreteBCQ(OfflineAlgorithm):
     discrete = True
     Config = DiscreteBCQConfig
 
-    def __init__(
-        self,
-        config: DiscreteBCQConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        self.config: DiscreteBCQConfig = config
-        q = nets.DiscreteHead(self.obs_dim, self.act_dim, config.hidden)
+    def build(self) -> None:
+        q = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.hidden)
         self.nets["q"] = q
         self.nets["q_target"] = nets.freeze(copy.deepcopy(q))
-        self.nets["imitator"] = nets.DiscreteHead(self.obs_dim, self.act_dim, config.bc_hidden)
-        self.nets.to(self.device)
-        self.optimizers["q"] = adam([*self.q.parameters(), *self.imitator.parameters()], config.lr)
+        self.nets["imitator"] = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.bc_hidden)
+        self.optimize("q", self.q, self.imitator, lr=self.config.lr)
 
     @property
     def q(self) -> nets.DiscreteHead:

@@ -25,15 +25,13 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import GaussianActorCritic, adam
+from offrl.algos.base import GaussianActorCritic
 from offrl.algos.registry import register
 from offrl.config import option, validate
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 ALPHA_PRIME_MAX = 1e6
@@ -79,6 +77,17 @@ class CQLConfig:
         "(H100: 1,030 -> 1,430 steps/s, 1,592 with bf16); on CPU it measured no faster and compiling takes "
         "minutes (benchmarks/README.md); a frame that fails to compile runs eagerly",
     )
+
+    def __post_init__(self) -> None:
+        checks = {
+            "n_critics": self.n_critics >= 1,
+            "n_actions": self.n_actions >= 1,
+            "init_alpha": self.init_alpha > 0,
+            "cql_temperature": self.cql_temperature > 0,
+            "cql_alpha": self.cql_alpha >= 0,
+            "bc_steps": self.bc_steps >= 0,
+        }
+        validate(self, "cql", checks)
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
@@ -152,29 +161,8 @@ class CQL(GaussianActorCritic):
     Config: ClassVar[type] = CQLConfig
     config: CQLConfig
 
-    def __init__(
-        self,
-        config: CQLConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        cfg = config
-        checks = {
-            "n_critics": cfg.n_critics >= 1,
-            "n_actions": cfg.n_actions >= 1,
-            "init_alpha": cfg.init_alpha > 0,
-            "cql_temperature": cfg.cql_temperature > 0,
-            "cql_alpha": cfg.cql_alpha >= 0,
-            "bc_steps": cfg.bc_steps >= 0,
-        }
-        validate(cfg, "cql", checks)
+    def build(self) -> None:
+        cfg = self.config
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
         self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
         self.nets["critic_target"] = nets.freeze(
@@ -184,17 +172,14 @@ class CQL(GaussianActorCritic):
         self.nets["log_alpha"] = Scalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
         if cfg.lagrange:
             self.nets["log_alpha_prime"] = Scalar(0.0)
-        self.nets.to(self.device)
         self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
 
-        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
-        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
+        self.optimize("critic", self.critic, lr=cfg.critic_lr)
+        self.optimize("actor", self.actor, lr=cfg.actor_lr)
         if cfg.auto_alpha:
-            self.optimizers["alpha"] = adam(self.nets["log_alpha"].parameters(), cfg.alpha_lr)
+            self.optimize("alpha", self.nets["log_alpha"], lr=cfg.alpha_lr)
         if cfg.lagrange:
-            self.optimizers["alpha_prime"] = adam(
-                self.nets["log_alpha_prime"].parameters(), cfg.alpha_prime_lr
-            )
+            self.optimize("alpha_prime", self.nets["log_alpha_prime"], lr=cfg.alpha_prime_lr)
         self._train_step = nets.compiled(self._step, cfg.compile)
 
     # -- accessors ---------------------------------------------------------------------------------

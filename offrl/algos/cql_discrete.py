@@ -12,18 +12,16 @@ import copy
 from dataclasses import dataclass
 from typing import Literal
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, apply_gradients, step
+from offrl.algos.base import OfflineAlgorithm, apply_gradients, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.errors import ConfigError
 from offrl.policies.artifact import TorchPolicy
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 
@@ -191,30 +189,16 @@ class DiscreteCQL(OfflineAlgorithm):
     Config = DiscreteCQLConfig
     cuda_graph_safe = True
 
-    def __init__(
-        self,
-        config: DiscreteCQLConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        self.config: DiscreteCQLConfig = config
-        q = nets.DiscreteHead(self.obs_dim, self.act_dim, config.hidden)
+    def build(self) -> None:
+        q = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.hidden)
         self.nets["q"] = q
         self.nets["q_target"] = nets.freeze(copy.deepcopy(q))
-        self.nets.to(self.device)
-        self.optimizers["q"] = adam(self.q.parameters(), config.lr)
-        self._train_step = nets.compiled(self._step, config.compile)
+        self.optimize("q", self.q, lr=self.config.lr)
+        self._train_step = nets.compiled(self._step, self.config.compile)
         # plain relu Q-networks train through the hand-written passes (same numbers, fewer ops)
         self._layers = nets.relu_linears(self.q.net)
         self._target_layers = nets.relu_linears(self.q_target.net)
-        self._hand_grads = nets.compiled(discrete_cql_grads, config.compile)
+        self._hand_grads = nets.compiled(discrete_cql_grads, self.config.compile)
 
     @property
     def q(self) -> nets.DiscreteHead:

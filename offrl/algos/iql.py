@@ -24,16 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
-import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, adam, step
+from offrl.algos.base import OfflineAlgorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.policies.artifact import TorchPolicy
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 # Dataset actions on the bounds (±1) have infinite pre-tanh values; their likelihood is taken just inside.
@@ -122,30 +120,17 @@ class IQL(OfflineAlgorithm):
     Config: ClassVar[type] = IQLConfig
     config: IQLConfig
 
-    def __init__(
-        self,
-        config: IQLConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        cfg = config
+    def build(self) -> None:
+        cfg = self.config
         # built in the same order for both variants, so a seed fixes every initialisation
         self.nets["critic"] = self._build_critic()
         self.nets["critic_target"] = nets.freeze(self._build_critic())
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
         self.nets["value"] = nets.mlp(self.obs_dim, 1, cfg.hidden)
         self.nets["actor"] = self._build_actor()
-        self.nets.to(self.device)
-        self.optimizers["value"] = adam(self.value.parameters(), cfg.value_lr)
-        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
-        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
+        self.optimize("value", self.value, lr=cfg.value_lr)
+        self.optimize("critic", self.critic, lr=cfg.critic_lr)
+        self.optimize("actor", self.actor, lr=cfg.actor_lr)
 
     # -- what the discrete variant replaces --------------------------------------------------------
     def _build_critic(self) -> nn.Module:

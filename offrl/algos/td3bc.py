@@ -22,17 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from offrl import nets
-from offrl.algos.base import ActorCritic, adam, step
+from offrl.algos.base import ActorCritic, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.policies.artifact import TorchPolicy
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 ACTOR_METRICS = ("actor_loss", "bc_loss", "lambda")
@@ -56,6 +54,16 @@ class TD3BCConfig:
     alpha: float = option(2.5, "α in λ = α / mean|Q(s, π(s))|: weight of the Q term against BC")
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std (paper, CORL: true)")
     max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "n_critics": self.n_critics >= 1,
+            "policy_freq": self.policy_freq >= 1,
+            "policy_noise": self.policy_noise >= 0,
+            "noise_clip": self.noise_clip >= 0,
+            "alpha": self.alpha >= 0,
+        }
+        validate(self, "td3bc", checks)
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
@@ -100,28 +108,8 @@ class TD3BC(ActorCritic):
     Config: ClassVar[type] = TD3BCConfig
     config: TD3BCConfig
 
-    def __init__(
-        self,
-        config: TD3BCConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        cfg = config
-        checks = {
-            "n_critics": cfg.n_critics >= 1,
-            "policy_freq": cfg.policy_freq >= 1,
-            "policy_noise": cfg.policy_noise >= 0,
-            "noise_clip": cfg.noise_clip >= 0,
-            "alpha": cfg.alpha >= 0,
-        }
-        validate(cfg, "td3bc", checks)
+    def build(self) -> None:
+        cfg = self.config
         self.nets["actor"] = nets.DeterministicActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
         self.nets["actor_target"] = nets.freeze(
             nets.DeterministicActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
@@ -132,9 +120,8 @@ class TD3BC(ActorCritic):
         )
         nets.hard_update(self.nets["actor_target"], self.nets["actor"])
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
-        self.nets.to(self.device)
-        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
-        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
+        self.optimize("critic", self.critic, lr=cfg.critic_lr)
+        self.optimize("actor", self.actor, lr=cfg.actor_lr)
         # Every update reports the same keys (the trainer averages per key): between actor steps the
         # actor's terms repeat the last actor step's values (zeros before any, e.g. after a resume).
         self._actor_metrics: dict[str, Tensor] = {}

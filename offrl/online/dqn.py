@@ -15,19 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import adam, step
+from offrl.algos.base import step
 from offrl.config import option
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
 from offrl.policies.artifact import TorchPolicy
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 
@@ -129,20 +127,8 @@ class DQN(OnlineAlgorithm):
     Config: ClassVar[type] = DQNConfig
     config: DQNConfig
 
-    def __init__(
-        self,
-        config: DQNConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        cfg = config
+    def build(self) -> None:
+        cfg = self.config
         for name in ("q", "q_target"):
             if cfg.dueling:
                 self.nets[name] = DuelingQ(self.obs_dim, self.act_dim, cfg.hidden)
@@ -150,8 +136,7 @@ class DQN(OnlineAlgorithm):
                 self.nets[name] = nets.DiscreteHead(self.obs_dim, self.act_dim, cfg.hidden)
         nets.hard_update(self.nets["q_target"], self.nets["q"])
         nets.freeze(self.nets["q_target"])
-        self.nets.to(self.device)
-        self.optimizers["q"] = adam(self.nets["q"].parameters(), cfg.lr)
+        self.optimize("q", self.nets["q"], lr=cfg.lr)
 
     def target_networks(self) -> list[nn.Module]:
         return [self.nets["q_target"]]

@@ -21,18 +21,16 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import adam, step
+from offrl.algos.base import step
 from offrl.config import option
 from offrl.errors import ConfigError
 from offrl.online.buffer import RolloutBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
 from offrl.policies.artifact import TorchPolicy
-from offrl.preprocess import ObsNormalizer
 
 
 @dataclass(frozen=True)
@@ -130,20 +128,8 @@ class PPO(OnlineAlgorithm):
     on_policy: ClassVar[bool] = True
     config: PPOConfig
 
-    def __init__(
-        self,
-        config: PPOConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        cfg = config
+    def build(self) -> None:
+        cfg = self.config
         if cfg.n_minibatches < 1 or (cfg.num_envs * cfg.n_steps) % cfg.n_minibatches:
             raise ConfigError(
                 f"ppo: num_envs·n_steps = {cfg.num_envs * cfg.n_steps} must split into n_minibatches = "
@@ -160,9 +146,7 @@ class PPO(OnlineAlgorithm):
             _orthogonal(critic, 1.0)
         self.nets["actor"] = actor
         self.nets["critic"] = critic
-        self.nets.to(self.device)
-        params = [*actor.parameters(), *critic.parameters()]
-        self.optimizers["ppo"] = adam(params, cfg.lr, eps=1e-5)
+        self.optimize("ppo", actor, critic, lr=cfg.lr, eps=1e-5)
 
     @property
     def steps_per_iteration(self) -> int:

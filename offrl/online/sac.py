@@ -14,16 +14,14 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import GaussianActorCritic, adam, apply_gradients, step
+from offrl.algos.base import GaussianActorCritic, apply_gradients, step
 from offrl.config import option, validate
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
-from offrl.preprocess import ObsNormalizer
 from offrl.types import Batch
 
 
@@ -136,20 +134,8 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
     Config: ClassVar[type] = SACConfig
     config: SACConfig
 
-    def __init__(
-        self,
-        config: SACConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        *,
-        normalizer: ObsNormalizer | None = None,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            config, observation_space, action_space, normalizer=normalizer, device=device, seed=seed
-        )
-        cfg = config
+    def build(self) -> None:
+        cfg = self.config
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
         self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
         self.nets["critic_target"] = nets.QEnsemble(
@@ -158,12 +144,11 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
         nets.freeze(self.nets["critic_target"])
         self.nets["log_alpha"] = LogAlpha(cfg.init_alpha, learn=cfg.auto_alpha)
-        self.nets.to(self.device)
         self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
-        self.optimizers["actor"] = adam(self.actor.parameters(), cfg.actor_lr)
-        self.optimizers["critic"] = adam(self.critic.parameters(), cfg.critic_lr)
+        self.optimize("actor", self.actor, lr=cfg.actor_lr)
+        self.optimize("critic", self.critic, lr=cfg.critic_lr)
         if cfg.auto_alpha:
-            self.optimizers["alpha"] = adam(self.nets["log_alpha"].parameters(), cfg.alpha_lr)
+            self.optimize("alpha", self.nets["log_alpha"], lr=cfg.alpha_lr)
         # plain relu networks train through the hand-written passes (same maths, a third of the ops)
         layers = (
             nets.relu_linears(self.actor.net),
