@@ -51,10 +51,10 @@ def critic_loss(q: Tensor, target: Tensor) -> Tensor:
     return (q - target).pow(2).mean(-1).sum()
 
 
-def td_loss(q: Tensor, target: Tensor, kind: Literal["huber", "mse"]) -> Tensor:
-    """Huber (δ = 1, as DQN) or squared TD error, mean over the batch: (B,), (B,) -> ()."""
+def td_loss(q: Tensor, target: Tensor, kind: Literal["huber", "mse"], delta: float = 1.0) -> Tensor:
+    """Huber (quadratic within ±δ; δ = 1 as DQN) or squared TD error, mean over the batch: (B,), (B,) -> ()."""
     if kind == "huber":
-        return F.smooth_l1_loss(q, target, beta=1.0)
+        return F.huber_loss(q, target, delta=delta)
     if kind == "mse":
         return F.mse_loss(q, target)
     raise ConfigError(f"'loss' must be 'huber' or 'mse', got {kind!r}")

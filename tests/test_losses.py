@@ -71,6 +71,8 @@ def test_td_loss_huber_and_mse() -> None:
     # errors −0.5, 0, 3, −2; huber: 0.125, 0, 2.5, 1.5; squared: 0.25, 0, 9, 4
     assert td_loss(q, target, "huber").item() == pytest.approx(4.125 / 4)
     assert td_loss(q, target, "mse").item() == pytest.approx(13.25 / 4)
+    # δ = 2: quadratic up to |error| 2, then 2·(|error| − 1): 0.125, 0, 4, 2
+    assert td_loss(q, target, "huber", delta=2.0).item() == pytest.approx(6.125 / 4)
     with pytest.raises(ConfigError):
         td_loss(q, target, "l1")  # type: ignore[arg-type]
 

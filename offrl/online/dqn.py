@@ -18,13 +18,12 @@ from typing import ClassVar
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
 from offrl.algos.base import adam, step
 from offrl.config import option
-from offrl.losses import double_q_target, td_target
+from offrl.losses import double_q_target, td_loss, td_target
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
 from offrl.policies.artifact import TorchPolicy
@@ -66,11 +65,6 @@ def linear_schedule(start: float, end: float, duration: float, t: float) -> floa
     if duration <= 0 or t >= duration:
         return end
     return start + (end - start) * t / duration
-
-
-def q_loss(q: Tensor, target: Tensor, delta: float) -> Tensor:
-    """Huber loss of the TD error: (B,), (B,) -> ()."""
-    return F.huber_loss(q, target, delta=delta)
 
 
 class DuelingQ(nn.Module):
@@ -207,7 +201,7 @@ class DQN(OnlineAlgorithm):
             q_obs = q_net(obs)
             target = td_target(batch.rewards, batch.terminals, q_next_target.max(-1).values, cfg.gamma)
         q = q_obs.gather(-1, batch.actions.long().unsqueeze(-1)).squeeze(-1)
-        loss = q_loss(q, target, cfg.huber_delta)
+        loss = td_loss(q, target, "huber", cfg.huber_delta)
         step(self.optimizers["q"], loss, q_net.parameters(), cfg.max_grad_norm)
         self.num_updates += 1
         if self.num_updates % cfg.target_update_interval == 0:
