@@ -6,10 +6,11 @@ current policy and a uniform proposal would pick and up on the dataset's actions
     penalty_e = mean_s [ T · logsumexp_m ((Q_e(s, a_m) − log μ(a_m|s)) / T) − Q_e(s, a_data) ]
 
 with ``a_m`` N uniform actions in [−1, 1]^A, N policy actions at s and N policy actions at s′
-(all evaluated at s), ``μ`` their proposal densities (importance weighting). The TD target, the
-critics' TD loss and the actor and temperature losses are SAC's, from ``offrl.losses``. Defaults follow the
-locomotion settings of CORL and OfflineRL-Kit (see ``CQLConfig``); like both, the logsumexp is not
-corrected by log(3N), which shifts the penalty by a constant and matters only for the Lagrange gap.
+(all evaluated at s), ``μ`` their proposal densities (importance weighting). The rest is SAC's:
+the TD target, the critics' TD loss and the actor and temperature losses come from ``offrl.losses``.
+Defaults follow the locomotion settings of CORL and OfflineRL-Kit (see ``CQLConfig``); like both,
+the logsumexp is not corrected by log(3N), which shifts the penalty by a constant and matters only
+for the Lagrange gap.
 
 One update, in order: critic step (TD + penalty), [α' step], actor step against the updated
 critics, α step, Polyak update of the target critics. Costs are kept down by: one actor pass for
