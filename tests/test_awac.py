@@ -1,8 +1,7 @@
-"""AWAC: losses against hand computations, advantages, sampling, weighted likelihood, learning."""
+"""AWAC: advantages, sampling, weighted likelihood, learning (its shared losses: tests/test_losses.py)."""
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import offrl.algos.awac as awac_module
-from offrl.algos.awac import AWAC, AWACConfig, awac_actor_loss, awac_weights, critic_loss, td_target
+from offrl.algos.awac import AWAC, AWACConfig
 from offrl.errors import ConfigError
 from offrl.types import Batch
 from tests.learning import median, scores
@@ -37,42 +36,6 @@ def random_batch(n: int = 64, act_dim: int = 1, seed: int = 0) -> Batch:
         next_obs=torch.randn(n, 2, generator=g),
         terminals=(torch.rand(n, generator=g) < 0.2).float(),
     )
-
-
-# -- pure losses ---------------------------------------------------------------------------------
-def test_weights_hand_computed_and_clipped() -> None:
-    adv = torch.tensor([0.0, math.log(2.0), -math.log(4.0), 10.0])
-    torch.testing.assert_close(
-        awac_weights(adv, lam=1.0, max_weight=100.0), torch.tensor([1.0, 2.0, 0.25, 100.0])
-    )
-    # temperature 2 halves the exponent: exp(ln 4 / 2) = 2; exp(10/2) ≈ 148 is clipped to 100
-    got = awac_weights(torch.tensor([math.log(4.0), 10.0]), lam=2.0, max_weight=100.0)
-    torch.testing.assert_close(got, torch.tensor([2.0, 100.0]))
-
-
-def test_weights_carry_no_gradient_into_the_advantage() -> None:
-    adv = torch.tensor([0.5, -0.5], requires_grad=True)
-    weights = awac_weights(adv, 1.0, 100.0)
-    assert not weights.requires_grad
-
-
-def test_actor_loss_hand_computed_and_moves_only_the_log_likelihood() -> None:
-    log_prob = torch.tensor([-1.0, -2.0], requires_grad=True)
-    weights = torch.tensor([1.0, 3.0], requires_grad=True)
-    loss = awac_actor_loss(log_prob, weights)
-    assert loss.item() == pytest.approx(-(1.0 * -1.0 + 3.0 * -2.0) / 2)
-    loss.backward()
-    assert log_prob.grad is not None
-    torch.testing.assert_close(log_prob.grad, torch.tensor([-0.5, -1.5]))  # −w / B
-    assert weights.grad is None
-
-
-def test_td_target_and_critic_loss_hand_computed() -> None:
-    next_q = torch.tensor([[3.0, 10.0], [5.0, 4.0]])  # (E=2, B=2): minima (3, 4)
-    target = td_target(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), next_q, gamma=0.5)
-    torch.testing.assert_close(target, torch.tensor([2.5, 2.0]))
-    # critic 0: (0² + 2²)/2 = 2; critic 1: (2² + 0²)/2 = 2; summed over critics
-    assert critic_loss(torch.tensor([[2.5, 0.0], [0.5, 2.0]]), target).item() == pytest.approx(4.0)
 
 
 # -- pieces of the algorithm -----------------------------------------------------------------------

@@ -14,19 +14,24 @@ import torch
 from torch import nn
 
 from offrl import nets
-from offrl.algos.bcq import BCQ, BCQConfig, bcq_soft_clipped_target, critic_loss, gaussian_kl, vae_loss
+from offrl.algos.bcq import BCQ, BCQConfig, bcq_soft_clipped_target, gaussian_kl, vae_loss
 from offrl.algos.bcq_discrete import (
     DiscreteBCQ,
     DiscreteBCQConfig,
     discrete_bcq_mask,
-    filtered_double_q_target,
     imitation_loss,
-    td_loss,
 )
 from offrl.algos.registry import algorithm_class
 from offrl.errors import ConfigError
+from offrl.losses import double_q_target
 from offrl.policies.artifact import load_policy
-from offrl.policies.modules import ContinuousBCQPolicyNet, DiscreteBCQPolicyNet, PerturbationActor, VAEDecoder
+from offrl.policies.modules import (
+    ContinuousBCQPolicyNet,
+    DiscreteBCQPolicyNet,
+    PerturbationActor,
+    VAEDecoder,
+    masked_q,
+)
 from offrl.types import Batch
 from tests.learning import median, scores
 
@@ -96,12 +101,6 @@ def test_soft_clipped_target_mixes_min_and_max_then_maximises_over_candidates() 
     torch.testing.assert_close(bcq_soft_clipped_target(q_next, 0.0), torch.tensor([4.0, 5.0]))
 
 
-def test_critic_loss_sums_critics_of_batch_means() -> None:
-    q = torch.tensor([[1.0, 2.0], [0.0, 4.0]])
-    # errors against (1, 1): critic 0 (0, 1) → 0.5; critic 1 (−1, 3) → 5
-    assert critic_loss(q, torch.tensor([1.0, 1.0])).item() == pytest.approx(5.5)
-
-
 def test_discrete_mask_keeps_actions_above_the_probability_ratio() -> None:
     logits = torch.log(torch.tensor([[1.0, 0.5, 0.2], [0.31, 1.0, 0.29], [0.1, 0.1, 0.1]]))
     # ratios to the row's most likely action: (1, .5, .2), (.31, 1, .29), (1, 1, 1)
@@ -114,14 +113,14 @@ def test_discrete_mask_keeps_actions_above_the_probability_ratio() -> None:
     )
 
 
-def test_filtered_double_q_target_uses_the_allowed_online_argmax() -> None:
+def test_masked_double_q_target_uses_the_allowed_online_argmax() -> None:
     rewards, terminals = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 0.0])
     online = torch.tensor([[1.0, 5.0, 2.0], [5.0, 0.0, 0.0], [0.0, 9.0, 3.0]])
     target = torch.tensor([[10.0, 20.0, 30.0], [7.0, 8.0, 9.0], [1.0, 2.0, 3.0]])
     mask = torch.tensor([[True, False, True], [True, True, True], [True, False, True]])
     # row 0: action 1 is filtered → online argmax among {0, 2} is 2 → 1 + 0.5·30; row 1 terminal;
     # row 2: action 1 filtered → 2 → 2 + 0.5·3
-    out = filtered_double_q_target(rewards, terminals, online, target, mask, gamma=0.5)
+    out = double_q_target(rewards, terminals, masked_q(online, mask), target, gamma=0.5)
     torch.testing.assert_close(out, torch.tensor([16.0, 0.0, 3.5]))
 
 
@@ -134,14 +133,6 @@ def test_imitation_loss_is_cross_entropy_plus_logit_penalty() -> None:
     assert imitation_loss(logits, actions, 0.1).item() == pytest.approx(
         ce + 0.1 * math.log(3) ** 2 / 4, rel=1e-6
     )
-
-
-def test_td_loss_kinds() -> None:
-    q, target = torch.tensor([0.0, 3.0]), torch.tensor([0.5, 0.0])
-    assert td_loss(q, target, "huber").item() == pytest.approx((0.125 + 2.5) / 2)
-    assert td_loss(q, target, "mse").item() == pytest.approx((0.25 + 9.0) / 2)
-    with pytest.raises(ConfigError):
-        td_loss(q, target, "l1")  # type: ignore[arg-type]
 
 
 # -- config and registry -------------------------------------------------------------------------

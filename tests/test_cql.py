@@ -14,13 +14,9 @@ import offrl.algos.cql as cql_module
 from offrl.algos.cql import (
     CQL,
     CQLConfig,
-    actor_loss,
-    alpha_loss,
     alpha_prime_loss,
     cql_penalty,
     sample_n,
-    td_loss,
-    td_target,
 )
 from offrl.errors import ConfigError
 from offrl.types import Batch
@@ -70,30 +66,6 @@ def test_cql_penalty_per_critic_mean_over_batch() -> None:
     # critic 0: (1 − 0, 4 − 2) → 1.5; critic 1: (2 − 0, 3 − 0) → 2.5
     got = cql_penalty(q_data, q_sampled, log_density, 1.0)
     torch.testing.assert_close(got, torch.tensor([1.5, 2.5]))
-
-
-def test_td_target_and_loss_hand_computed() -> None:
-    target = td_target(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), torch.tensor([10.0, 10.0]), 0.5)
-    torch.testing.assert_close(target, torch.tensor([6.0, 2.0]))  # terminal row does not bootstrap
-    loss = td_loss(torch.tensor([[6.0, 0.0], [5.0, 4.0]]), target)
-    torch.testing.assert_close(loss, torch.tensor([2.0, 2.5]))
-
-
-def test_actor_loss_uses_critic_minimum() -> None:
-    q_pi = torch.tensor([[1.0, 5.0], [3.0, 2.0]])  # min over critics: (1, 2)
-    loss = actor_loss(q_pi, torch.tensor([0.5, -1.0]), torch.tensor(2.0))
-    assert loss.item() == pytest.approx(((1.0 - 1.0) + (-2.0 - 2.0)) / 2)
-
-
-def test_alpha_loss_value_and_direction() -> None:
-    log_alpha = torch.tensor(0.5, requires_grad=True)
-    log_prob = torch.tensor([-2.0, -4.0], requires_grad=True)
-    loss = alpha_loss(log_alpha, log_prob, target_entropy=-3.0)
-    assert loss.item() == pytest.approx(-(0.5 * -6.0))
-    loss.backward()
-    # entropy (3) above target (−3): descent must lower α; no gradient into the policy
-    assert log_alpha.grad is not None and log_alpha.grad.item() == pytest.approx(6.0)
-    assert log_prob.grad is None
 
 
 def test_alpha_prime_loss_value_and_direction() -> None:

@@ -14,8 +14,6 @@ from offrl.algos.cql_discrete import (
     DiscreteCQL,
     DiscreteCQLConfig,
     discrete_cql_penalty,
-    double_q_target,
-    td_loss,
 )
 from offrl.algos.registry import algorithm_class
 from offrl.errors import ConfigError
@@ -67,29 +65,6 @@ def test_cql_penalty_is_zero_only_when_one_action_dominates() -> None:
     q = torch.tensor([[50.0, -50.0, -50.0]])
     assert discrete_cql_penalty(q, torch.tensor([0])).item() == pytest.approx(0.0, abs=1e-6)
     assert discrete_cql_penalty(q, torch.tensor([1])).item() == pytest.approx(100.0, rel=1e-6)
-
-
-def test_double_q_target_uses_online_argmax_target_values_and_masks_terminals() -> None:
-    rewards = torch.tensor([1.0, 0.0, 2.0, -1.0])
-    terminals = torch.tensor([0.0, 1.0, 0.0, 0.0])
-    online = torch.tensor(
-        [[1.0, 2.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.2, 1.0, 0.5]]
-    )  # argmax 1, 0, 2, 1
-    target = torch.tensor([[10.0, 20.0, 30.0], [7.0, 8.0, 9.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    # row 0: 1 + 0.5·20 (the target's own max, 30, is not used); row 1 terminal: 0; row 2: 2 + 0.5·3;
-    # row 3: −1 + 0.5·5
-    out = double_q_target(rewards, terminals, online, target, gamma=0.5)
-    torch.testing.assert_close(out, torch.tensor([11.0, 0.0, 3.5, 1.5]))
-
-
-def test_td_loss_huber_and_mse() -> None:
-    q = torch.tensor([0.0, 1.0, 3.0, -2.0])
-    target = torch.tensor([0.5, 1.0, 0.0, 0.0])
-    # errors −0.5, 0, 3, −2; huber: 0.125, 0, 2.5, 1.5; squared: 0.25, 0, 9, 4
-    assert td_loss(q, target, "huber").item() == pytest.approx(4.125 / 4)
-    assert td_loss(q, target, "mse").item() == pytest.approx(13.25 / 4)
-    with pytest.raises(ConfigError):
-        td_loss(q, target, "l1")  # type: ignore[arg-type]
 
 
 # -- config and registry -------------------------------------------------------------------------

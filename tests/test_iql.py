@@ -15,11 +15,8 @@ from torch import nn
 from offrl.algos.iql import (
     IQL,
     IQLConfig,
-    awr_policy_loss,
-    awr_weights,
     expectile_loss,
     iql_q_loss,
-    iql_q_target,
 )
 from offrl.algos.iql_discrete import DiscreteIQL, gather_actions
 from offrl.errors import ConfigError
@@ -69,33 +66,10 @@ def test_expectile_loss_minimiser_is_the_expectile(tau: float) -> None:
     assert grid[losses.argmin()].item() == pytest.approx(tau, abs=1e-6)
 
 
-def test_q_target_bootstraps_from_next_value_except_on_terminals() -> None:
-    target = iql_q_target(
-        torch.tensor([1.0, 2.0, -1.0]), torch.tensor([0.0, 1.0, 0.0]), torch.tensor([10.0, 10.0, -4.0]), 0.5
-    )
-    torch.testing.assert_close(target, torch.tensor([6.0, 2.0, -3.0]))
-
-
 def test_q_loss_averages_over_critics_and_batch() -> None:
     # errors² against (6, 2): critic 0 → (0, 4), critic 1 → (1, 4); mean 9/4
     loss = iql_q_loss(torch.tensor([[6.0, 0.0], [5.0, 4.0]]), torch.tensor([6.0, 2.0]))
     assert loss.item() == pytest.approx(2.25)
-
-
-def test_awr_weights_exponentiate_and_clip() -> None:
-    adv = torch.tensor([-1.0, 0.0, 1.0, 2.0], requires_grad=True)
-    w = awr_weights(adv, beta=3.0)  # exp(−3), 1, exp(3) ≈ 20.09, exp(6) ≈ 403 → 100
-    torch.testing.assert_close(w, torch.tensor([math.exp(-3.0), 1.0, math.exp(3.0), 100.0]))
-    assert not w.requires_grad  # constants for the actor
-    w = awr_weights(adv, beta=3.0, max_weight=10.0)
-    torch.testing.assert_close(w, torch.tensor([math.exp(-3.0), 1.0, 10.0, 10.0]))
-    torch.testing.assert_close(awr_weights(adv, beta=0.0), torch.ones(4))  # β = 0: plain BC
-
-
-def test_awr_policy_loss_hand_computed() -> None:
-    # −(2·(−1) + 0.5·(−2)) / 2 = 1.5
-    loss = awr_policy_loss(torch.tensor([-1.0, -2.0]), torch.tensor([2.0, 0.5]))
-    assert loss.item() == pytest.approx(1.5)
 
 
 def test_gather_actions_picks_each_rows_action_in_every_member() -> None:

@@ -113,40 +113,11 @@ def test_value_loss_clipping_hand_case() -> None:
     assert ppo.value_loss(values, old, returns, clip=None).item() == pytest.approx(0.5 * (4.0 + 0.04) / 2)
 
 
-def test_double_q_target_hand_case() -> None:
-    q_online = torch.tensor([[1.0, 3.0], [5.0, 2.0]])
-    q_target = torch.tensor([[10.0, 20.0], [30.0, 40.0]])
-    rewards, terminals = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0])
-    # row 0 terminal: r only; row 1: the online net picks action 0, the target values it at 30
-    torch.testing.assert_close(
-        dqn.double_q_target(q_online, q_target, rewards, terminals, 0.5), torch.tensor([1.0, 17.0])
-    )
-    torch.testing.assert_close(dqn.max_q_target(q_target, rewards, terminals, 0.5), torch.tensor([1.0, 22.0]))
-
-
 def test_epsilon_schedule() -> None:
     assert dqn.linear_schedule(1.0, 0.05, 100, 0) == 1.0
     assert dqn.linear_schedule(1.0, 0.05, 100, 50) == pytest.approx(0.525)
     assert dqn.linear_schedule(1.0, 0.05, 100, 100) == 0.05
     assert dqn.linear_schedule(1.0, 0.05, 100, 1000) == 0.05
-
-
-def test_sac_soft_target_and_losses_hand_case() -> None:
-    next_q = torch.tensor([[1.0, 4.0], [3.0, 2.0]])  # (E=2, B=2): minimum [1, 2]
-    y = sac.soft_td_target(
-        torch.tensor([1.0, 1.0]),
-        torch.tensor([0.0, 1.0]),
-        next_q,
-        torch.tensor([0.5, -1.0]),
-        torch.tensor(0.2),
-        0.9,
-    )
-    torch.testing.assert_close(y, torch.tensor([1.0 + 0.9 * (1.0 - 0.1), 1.0]))
-    q = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
-    assert sac.critic_loss(q, torch.tensor([0.0, 1.0])).item() == pytest.approx((1 + 1) / 2 + (0 + 1) / 2)
-    assert sac.actor_loss(next_q, torch.tensor([0.5, -1.0]), torch.tensor(0.2)).item() == pytest.approx(
-        ((0.1 - 1.0) + (-0.2 - 2.0)) / 2
-    )
 
 
 def test_dueling_head_folds_exactly_into_a_plain_q_network() -> None:

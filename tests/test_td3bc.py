@@ -17,11 +17,9 @@ import offrl.algos.td3bc as td3bc_module
 from offrl.algos.td3bc import (
     TD3BC,
     TD3BCConfig,
-    critic_loss,
     smoothing_noise,
     td3bc_actor_loss,
     td3bc_lambda,
-    td_target,
 )
 from offrl.errors import ConfigError
 from offrl.types import Batch
@@ -89,19 +87,6 @@ def test_actor_gradient_does_not_depend_on_the_reward_scale(scale: float) -> Non
     torch.testing.assert_close(grad(scale), grad(1.0))
 
 
-def test_td_target_takes_the_critic_minimum_and_stops_at_terminals() -> None:
-    next_q = torch.tensor([[3.0, 10.0], [5.0, 4.0]])  # (E=2, B=2): minima (3, 4)
-    got = td_target(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), next_q, gamma=0.5)
-    torch.testing.assert_close(got, torch.tensor([2.5, 2.0]))
-
-
-def test_critic_loss_sums_critics_means_batch() -> None:
-    q = torch.tensor([[2.5, 0.0], [0.5, 2.0]])
-    # critic 0: (0² + 2²)/2 = 2; critic 1: (2² + 0²)/2 = 2
-    assert critic_loss(q, torch.tensor([2.5, 2.0])).item() == pytest.approx(4.0)
-
-
-# -- smoothing noise -----------------------------------------------------------------------------
 def test_smoothing_noise_is_clipped_gaussian() -> None:
     g = torch.Generator().manual_seed(0)
     noise = smoothing_noise((100_000,), std=0.2, clip=0.5, generator=g)

@@ -28,6 +28,7 @@ from offrl import nets
 from offrl.algos.base import GaussianActorCritic, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
+from offrl.losses import advantage_weights, critic_loss, td_target, weighted_nll_loss
 from offrl.types import Batch
 
 # Dataset actions on the bounds (±1) have infinite pre-tanh values; the likelihood is taken just inside.
@@ -58,27 +59,6 @@ class AWACConfig:
             "exp_adv_max": self.exp_adv_max > 0,
         }
         validate(self, "awac", checks)
-
-
-# -- losses (pure) -------------------------------------------------------------------------------
-def td_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, gamma: float) -> Tensor:
-    """r + γ(1 − terminal)·min_e Q'_e(s′, a′): (B,), (B,), (E,B) -> (B,)."""
-    return rewards + gamma * (1.0 - terminals) * next_q.min(0).values
-
-
-def critic_loss(q: Tensor, target: Tensor) -> Tensor:
-    """Mean squared TD error summed over critics (as CORL): (E,B), (B,) -> ()."""
-    return (q - target).pow(2).mean(-1).sum()
-
-
-def awac_weights(adv: Tensor, lam: float, max_weight: float) -> Tensor:
-    """Advantage weights min(exp(A/λ), max_weight), without gradient: (B,) -> (B,)."""
-    return torch.exp(adv.detach() / lam).clamp(max=max_weight)
-
-
-def awac_actor_loss(log_prob: Tensor, weights: Tensor) -> Tensor:
-    """Weighted negative log-likelihood of the dataset actions: (B,), (B,) -> ()."""
-    return -(weights.detach() * log_prob).mean()
 
 
 @register
@@ -119,9 +99,8 @@ class AWAC(GaussianActorCritic):
     def _critic_terms(self, batch: Batch, next_actions: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         next_obs = batch.next_obs.flatten(1)
         with torch.no_grad():
-            target = td_target(
-                batch.rewards, batch.terminals, self.critic_target(next_obs, next_actions), self.config.gamma
-            )
+            next_v = self.critic_target(next_obs, next_actions).min(0).values
+            target = td_target(batch.rewards, batch.terminals, next_v, self.config.gamma)
         q = self.critic(batch.obs.flatten(1), batch.actions)  # (E, B)
         loss = critic_loss(q, target)
         return loss, {"critic_loss": loss.detach(), "q_mean": q.detach().mean()}
@@ -130,9 +109,9 @@ class AWAC(GaussianActorCritic):
         cfg = self.config
         obs = batch.obs.flatten(1)
         adv = self.advantage(obs, batch.actions, pi_actions)
-        weights = awac_weights(adv, cfg.awac_lambda, cfg.exp_adv_max)
+        weights = advantage_weights(adv / cfg.awac_lambda, cfg.exp_adv_max)
         log_prob = self.actor.log_prob(obs, batch.actions, ACTION_EPS)
-        loss = awac_actor_loss(log_prob, weights)
+        loss = weighted_nll_loss(log_prob, weights)
         metrics = {
             "actor_loss": loss.detach(),
             "adv_mean": adv.mean(),

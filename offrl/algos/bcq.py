@@ -29,6 +29,7 @@ from offrl import nets
 from offrl.algos.base import ActorCritic, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
+from offrl.losses import critic_loss, td_target
 from offrl.policies.artifact import TorchPolicy
 from offrl.policies.modules import ContinuousBCQPolicyNet, PerturbationActor, VAEDecoder
 from offrl.types import Batch
@@ -107,16 +108,6 @@ def bcq_soft_clipped_target(q_next: Tensor, lam: float) -> Tensor:  # (E, B, n) 
     """Value of s′: max over the n candidates of λ·min_e Q_e + (1 − λ)·max_e Q_e."""
     mixed = lam * q_next.amin(dim=0) + (1.0 - lam) * q_next.amax(dim=0)  # (B, n)
     return mixed.amax(dim=1)
-
-
-def td_target(rewards: Tensor, terminals: Tensor, next_v: Tensor, gamma: float) -> Tensor:
-    """r + γ(1 − terminal)·V(s′): (B,), (B,), (B,) -> (B,)."""
-    return rewards + gamma * (1.0 - terminals) * next_v
-
-
-def critic_loss(q: Tensor, target: Tensor) -> Tensor:  # (E, B), (B,) -> ()
-    """Squared TD error, mean over the batch, summed over critics (as the authors' code)."""
-    return (q - target).pow(2).mean(-1).sum()
 
 
 # -- networks ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from offrl import nets
 from offrl.algos.base import OfflineAlgorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
-from offrl.errors import ConfigError
+from offrl.losses import double_q_target, td_loss
 from offrl.policies.artifact import TorchPolicy
 from offrl.policies.modules import DiscreteBCQPolicyNet, discrete_bcq_mask, masked_q
 from offrl.types import Batch
@@ -31,27 +31,11 @@ __all__ = [
     "DiscreteBCQ",
     "DiscreteBCQConfig",
     "discrete_bcq_mask",
-    "filtered_double_q_target",
     "imitation_loss",
-    "td_loss",
 ]
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
-def filtered_double_q_target(
-    rewards: Tensor,
-    terminals: Tensor,
-    next_q_online: Tensor,
-    next_q_target: Tensor,
-    next_mask: Tensor,
-    gamma: float,
-) -> Tensor:  # (B,), (B,), (B, A), (B, A), (B, A) bool -> (B,)
-    """``r + γ·(1 − terminal)·Q_target(s′, a′)`` with a′ the online argmax over allowed actions at s′."""
-    next_action = masked_q(next_q_online, next_mask).argmax(dim=1, keepdim=True)  # (B, 1)
-    next_value = next_q_target.gather(1, next_action).squeeze(1)  # (B,)
-    return rewards + gamma * (1.0 - terminals) * next_value
-
-
 def imitation_loss(bc_logits: Tensor, actions: Tensor, logit_reg: float) -> Tensor:  # (B, A), (B,) -> scalar
     """Cross-entropy of the data actions plus ``logit_reg`` times the mean squared logit.
 
@@ -59,15 +43,6 @@ def imitation_loss(bc_logits: Tensor, actions: Tensor, logit_reg: float) -> Tens
     probability ratios of the filter collapse to 0 or 1.
     """
     return F.cross_entropy(bc_logits, actions) + logit_reg * bc_logits.pow(2).mean()
-
-
-def td_loss(q_data: Tensor, target: Tensor, kind: Literal["huber", "mse"]) -> Tensor:  # (B,), (B,) -> scalar
-    """Huber (δ = 1, as in DQN and the paper) or squared TD error, averaged over the batch."""
-    if kind == "huber":
-        return F.smooth_l1_loss(q_data, target, beta=1.0)
-    if kind == "mse":
-        return F.mse_loss(q_data, target)
-    raise ConfigError(f"bcq (discrete): 'loss' must be 'huber' or 'mse', got {kind!r}")
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -162,13 +137,9 @@ class DiscreteBCQ(OfflineAlgorithm):
         with torch.no_grad():
             # the online Q and imitator choose a′ among the allowed actions; the target net values it
             next_mask = discrete_bcq_mask(self.imitator(batch.next_obs), cfg.threshold)  # (B, A)
-            target = filtered_double_q_target(
-                batch.rewards,
-                batch.terminals,
-                self.q(batch.next_obs),
-                self.q_target(batch.next_obs),
-                next_mask,
-                cfg.gamma,
+            next_q_online = masked_q(self.q(batch.next_obs), next_mask)  # (B, A)
+            target = double_q_target(
+                batch.rewards, batch.terminals, next_q_online, self.q_target(batch.next_obs), cfg.gamma
             )
         q_all, bc_logits = self.q(batch.obs), self.imitator(batch.obs)  # (B, A), (B, A)
         q_data = q_all.gather(1, batch.actions.unsqueeze(1)).squeeze(1)  # (B,)

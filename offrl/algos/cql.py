@@ -6,9 +6,11 @@ current policy and a uniform proposal would pick and up on the dataset's actions
     penalty_e = mean_s [ T · logsumexp_m ((Q_e(s, a_m) − log μ(a_m|s)) / T) − Q_e(s, a_data) ]
 
 with ``a_m`` N uniform actions in [−1, 1]^A, N policy actions at s and N policy actions at s′
-(all evaluated at s), ``μ`` their proposal densities (importance weighting). Defaults follow the
-locomotion settings of CORL and OfflineRL-Kit (see ``CQLConfig``); like both, the logsumexp is not
-corrected by log(3N), which shifts the penalty by a constant and matters only for the Lagrange gap.
+(all evaluated at s), ``μ`` their proposal densities (importance weighting). The rest is SAC's:
+the TD target, the critics' TD loss and the actor and temperature losses come from ``offrl.losses``.
+Defaults follow the locomotion settings of CORL and OfflineRL-Kit (see ``CQLConfig``); like both,
+the logsumexp is not corrected by log(3N), which shifts the penalty by a constant and matters only
+for the Lagrange gap.
 
 One update, in order: critic step (TD + penalty), [α' step], actor step against the updated
 critics, α step, Polyak update of the target critics. Costs are kept down by: one actor pass for
@@ -32,6 +34,7 @@ from offrl import nets
 from offrl.algos.base import GaussianActorCritic
 from offrl.algos.registry import register
 from offrl.config import option, validate
+from offrl.losses import LearnedScalar, critic_loss, sac_actor_loss, sac_alpha_loss, td_target
 from offrl.types import Batch
 
 ALPHA_PRIME_MAX = 1e6
@@ -101,26 +104,6 @@ def cql_penalty(q_data: Tensor, q_sampled: Tensor, log_density: Tensor, temperat
     return (importance_logsumexp(q_sampled, log_density, temperature) - q_data).mean(-1)
 
 
-def td_target(rewards: Tensor, terminals: Tensor, next_v: Tensor, gamma: float) -> Tensor:
-    """r + γ(1 − terminal)·V(s′): (B,), (B,), (B,) -> (B,)."""
-    return rewards + gamma * (1.0 - terminals) * next_v
-
-
-def td_loss(q: Tensor, target: Tensor) -> Tensor:
-    """Mean squared TD error per critic: (E,B), (B,) -> (E,)."""
-    return (q - target).pow(2).mean(-1)
-
-
-def actor_loss(q_pi: Tensor, log_prob: Tensor, alpha: Tensor) -> Tensor:
-    """SAC actor loss against the critics' minimum: (E,B), (B,), () -> ()."""
-    return (alpha * log_prob - q_pi.min(0).values).mean()
-
-
-def alpha_loss(log_alpha: Tensor, log_prob: Tensor, target_entropy: float) -> Tensor:
-    """Temperature loss; its gradient raises α while entropy is below target: (), (B,) -> ()."""
-    return -(log_alpha * (log_prob + target_entropy).detach()).mean()
-
-
 def alpha_prime_loss(alpha_prime: Tensor, penalty: Tensor, cql_alpha: float, target_gap: float) -> Tensor:
     """Lagrange dual loss: α' grows while the penalty gap exceeds the target: (), (E,) -> ()."""
     return -(alpha_prime * cql_alpha * (penalty.detach() - target_gap)).sum()
@@ -138,17 +121,6 @@ def sample_n(
     u = mean + noise * log_std.exp()
     log_prob = nets.gaussian_log_prob(u, mean, log_std) - nets.tanh_log_det_jacobian(u).sum(-1)
     return torch.tanh(u), log_prob
-
-
-class Scalar(nn.Module):
-    """One learnable (or fixed) scalar, so that it is saved with the networks."""
-
-    def __init__(self, value: float, learn: bool = True) -> None:
-        super().__init__()
-        self.value = nn.Parameter(torch.tensor(float(value)), requires_grad=learn)
-
-    def forward(self) -> Tensor:
-        return self.value
 
 
 @register
@@ -169,9 +141,9 @@ class CQL(GaussianActorCritic):
             nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
         )
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
-        self.nets["log_alpha"] = Scalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
+        self.nets["log_alpha"] = LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
         if cfg.lagrange:
-            self.nets["log_alpha_prime"] = Scalar(0.0)
+            self.nets["log_alpha_prime"] = LearnedScalar(0.0)
         self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
 
         self.optimize("critic", self.critic, lr=cfg.critic_lr)
@@ -244,7 +216,7 @@ class CQL(GaussianActorCritic):
         actions, log_density, next_actions, next_log_prob = self.penalty_actions(obs, next_obs)
         target = self.soft_target(batch, next_actions, next_log_prob)
         q_data, q_sampled = self.critic_values(obs, batch.actions, actions)
-        td = td_loss(q_data, target).sum()  # summed over critics, as CORL
+        td = critic_loss(q_data, target)  # summed over critics, as CORL
         penalty = cql_penalty(q_data, q_sampled, log_density, cfg.cql_temperature)  # (E,)
         terms: dict[str, Tensor] = {}
         metrics: dict[str, Tensor] = {}
@@ -286,10 +258,10 @@ class CQL(GaussianActorCritic):
             # critic weights enter as constants: the actor loss can only move the actor
             frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
             q_pi = torch.func.functional_call(self.critic, frozen, (obs, pi))
-            loss = actor_loss(q_pi, log_pi, alpha)
+            loss = sac_actor_loss(q_pi, log_pi, alpha)
         terms = {"actor": loss}
         if cfg.auto_alpha:
-            terms["alpha"] = alpha_loss(log_alpha, log_pi, self.target_entropy)
+            terms["alpha"] = sac_alpha_loss(log_alpha, log_pi, self.target_entropy)
         metrics = {"actor_loss": loss.detach(), "alpha": alpha, "entropy": -log_pi.detach().mean()}
         if cfg.auto_alpha:
             metrics["alpha_loss"] = terms["alpha"].detach()

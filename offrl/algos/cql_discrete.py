@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
 from offrl.algos.base import OfflineAlgorithm, apply_gradients, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
-from offrl.errors import ConfigError
+from offrl.losses import double_q_target, td_loss
 from offrl.policies.artifact import TorchPolicy
 from offrl.types import Batch
 
@@ -30,28 +29,6 @@ def discrete_cql_penalty(q_all: Tensor, actions: Tensor) -> Tensor:  # (B, A), (
     """Mean over the batch of ``logsumexp_a Q(s, a) − Q(s, a_data)``; always ≥ 0."""
     q_data = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)  # (B,)
     return (torch.logsumexp(q_all, dim=1) - q_data).mean()
-
-
-def double_q_target(
-    rewards: Tensor, terminals: Tensor, next_q_online: Tensor, next_q_target: Tensor, gamma: float
-) -> Tensor:  # (B,), (B,), (B, A), (B, A) -> (B,)
-    """``r + γ·(1 − terminal)·Q_target(s′, argmax_a′ Q_online(s′, a′))``.
-
-    Only true terminations stop bootstrapping; time-limit truncations never reach the batch as
-    terminals, so targets bootstrap through them.
-    """
-    next_action = next_q_online.argmax(dim=1, keepdim=True)  # (B, 1)
-    next_value = next_q_target.gather(1, next_action).squeeze(1)  # (B,)
-    return rewards + gamma * (1.0 - terminals) * next_value
-
-
-def td_loss(q_data: Tensor, target: Tensor, kind: Literal["huber", "mse"]) -> Tensor:  # (B,), (B,) -> scalar
-    """Huber (δ = 1, as in DQN) or squared TD error, averaged over the batch."""
-    if kind == "huber":
-        return F.smooth_l1_loss(q_data, target, beta=1.0)
-    if kind == "mse":
-        return F.mse_loss(q_data, target)
-    raise ConfigError(f"cql: 'loss' must be 'huber' or 'mse', got {kind!r}")
 
 
 def cql_loss_and_grad(

@@ -6,7 +6,7 @@ IQL never evaluates Q on an action the dataset does not contain. Three regressio
     value   V(s)      ← upper expectile (τ) of min_e Q_target_e(s, a_data)        (expectile_loss)
     critic  Q_e(s, a) ← r + γ·(1 − terminal)·V(s′)                               (iql_q_loss)
     actor   π         ← argmax E[ w · log π(a_data|s) ],  w = min(exp(β·A), 100),
-                         A = min_e Q_target_e(s, a_data) − V(s)                  (awr_policy_loss)
+                         A = min_e Q_target_e(s, a_data) − V(s)                  (weighted_nll_loss)
 
 then a Polyak update of the target critics. As in the authors' reference implementation, the
 critic's target and the actor's advantage use the value network just updated. The value
@@ -31,6 +31,7 @@ from offrl import nets
 from offrl.algos.base import OfflineAlgorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
+from offrl.losses import advantage_weights, td_target, weighted_nll_loss
 from offrl.policies.artifact import TorchPolicy
 from offrl.types import Batch
 
@@ -90,24 +91,9 @@ def expectile_loss(diff: Tensor, expectile: float) -> Tensor:  # (B,) -> scalar
     return (weight * diff.pow(2)).mean()
 
 
-def iql_q_target(rewards: Tensor, terminals: Tensor, next_v: Tensor, gamma: float) -> Tensor:
-    """r + γ·(1 − terminal)·V(s′): (B,), (B,), (B,) -> (B,). Timeouts are not terminals: they bootstrap."""
-    return rewards + gamma * (1.0 - terminals) * next_v
-
-
 def iql_q_loss(q: Tensor, target: Tensor) -> Tensor:  # (E, B), (B,) -> scalar
-    """Squared TD error averaged over critics and batch."""
+    """Squared TD error averaged over critics and batch (as CORL; ``losses.critic_loss`` sums critics)."""
     return (q - target).pow(2).mean()
-
-
-def awr_weights(adv: Tensor, beta: float, max_weight: float = 100.0) -> Tensor:  # (B,) -> (B,)
-    """exp(β·A) clipped above at ``max_weight``; constants for the actor (no gradient)."""
-    return torch.exp(beta * adv.detach()).clamp(max=max_weight)
-
-
-def awr_policy_loss(log_prob: Tensor, weights: Tensor) -> Tensor:  # (B,), (B,) -> scalar
-    """Advantage-weighted negative log-likelihood of the dataset actions."""
-    return -(weights * log_prob).mean()
 
 
 # -- algorithm -----------------------------------------------------------------------------------
@@ -188,13 +174,13 @@ class IQL(OfflineAlgorithm):
         return expectile_loss(q_t - v, self.config.expectile), v
 
     def _critic_loss(self, batch: Batch, obs: Tensor, next_v: Tensor) -> tuple[Tensor, Tensor]:
-        target = iql_q_target(batch.rewards, batch.terminals, next_v, self.config.gamma)
+        target = td_target(batch.rewards, batch.terminals, next_v, self.config.gamma)
         q = self.q_data(self.critic, obs, batch.actions)  # (E, B)
         return iql_q_loss(q, target), q
 
     def _actor_loss(self, obs: Tensor, actions: Tensor, adv: Tensor) -> tuple[Tensor, Tensor]:
-        weights = awr_weights(adv, self.config.beta, self.config.max_weight)
-        return awr_policy_loss(self.log_prob(obs, actions), weights), weights
+        weights = advantage_weights(self.config.beta * adv, self.config.max_weight)
+        return weighted_nll_loss(self.log_prob(obs, actions), weights), weights
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         """Every loss term with its graph, nothing stepped; each key names the optimiser it drives."""

@@ -30,6 +30,7 @@ from offrl import nets
 from offrl.algos.base import ActorCritic, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
+from offrl.losses import critic_loss, td_target
 from offrl.policies.artifact import TorchPolicy
 from offrl.types import Batch
 
@@ -77,16 +78,6 @@ def smoothing_noise(
     """Target policy smoothing noise clip(N(0, std²), −clip, clip) of the given shape."""
     noise = torch.randn(shape, generator=generator, device=device) * std
     return noise.clamp(-clip, clip)
-
-
-def td_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, gamma: float) -> Tensor:
-    """r + γ(1 − terminal)·min_e Q'_e(s′, a′): (B,), (B,), (E,B) -> (B,)."""
-    return rewards + gamma * (1.0 - terminals) * next_q.min(0).values
-
-
-def critic_loss(q: Tensor, target: Tensor) -> Tensor:
-    """Mean squared TD error summed over critics (as TD3 and CORL): (E,B), (B,) -> ()."""
-    return (q - target).pow(2).mean(-1).sum()
 
 
 def td3bc_lambda(q_pi: Tensor, alpha: float) -> Tensor:
@@ -151,8 +142,8 @@ class TD3BC(ActorCritic):
     def target(self, batch: Batch) -> Tensor:
         """TD target from the target critics at smoothed target-policy actions: (B,)."""
         next_obs = batch.next_obs.flatten(1)
-        next_q = self.critic_target(next_obs, self.target_actions(next_obs))  # (E, B)
-        return td_target(batch.rewards, batch.terminals, next_q, self.config.gamma)
+        next_v = self.critic_target(next_obs, self.target_actions(next_obs)).min(0).values  # (B,)
+        return td_target(batch.rewards, batch.terminals, next_v, self.config.gamma)
 
     def _critic_terms(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         q = self.critic(batch.obs.flatten(1), batch.actions)  # (E, B)

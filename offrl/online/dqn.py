@@ -17,12 +17,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
 from offrl.algos.base import step
 from offrl.config import option
+from offrl.losses import double_q_target, td_loss, td_target
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
 from offrl.policies.artifact import TorchPolicy
@@ -63,24 +63,6 @@ def linear_schedule(start: float, end: float, duration: float, t: float) -> floa
     if duration <= 0 or t >= duration:
         return end
     return start + (end - start) * t / duration
-
-
-def double_q_target(
-    q_next_online: Tensor, q_next_target: Tensor, rewards: Tensor, terminals: Tensor, gamma: float
-) -> Tensor:
-    """r + γ(1 − terminal)·Q′(s′, argmax_a Q(s′, a)): (B,A), (B,A), (B,), (B,) -> (B,)."""
-    best = q_next_online.argmax(-1, keepdim=True)
-    return rewards + gamma * (1.0 - terminals) * q_next_target.gather(-1, best).squeeze(-1)
-
-
-def max_q_target(q_next_target: Tensor, rewards: Tensor, terminals: Tensor, gamma: float) -> Tensor:
-    """r + γ(1 − terminal)·max_a Q′(s′, a): (B,A), (B,), (B,) -> (B,)."""
-    return rewards + gamma * (1.0 - terminals) * q_next_target.max(-1).values
-
-
-def q_loss(q: Tensor, target: Tensor, delta: float) -> Tensor:
-    """Huber loss of the TD error: (B,), (B,) -> ()."""
-    return F.huber_loss(q, target, delta=delta)
 
 
 class DuelingQ(nn.Module):
@@ -198,13 +180,13 @@ class DQN(OnlineAlgorithm):
             q_all = q_net(torch.cat([obs, next_obs]))
             q_obs = q_all[:b]
             target = double_q_target(
-                q_all[b:].detach(), q_next_target, batch.rewards, batch.terminals, cfg.gamma
+                batch.rewards, batch.terminals, q_all[b:].detach(), q_next_target, cfg.gamma
             )
         else:
             q_obs = q_net(obs)
-            target = max_q_target(q_next_target, batch.rewards, batch.terminals, cfg.gamma)
+            target = td_target(batch.rewards, batch.terminals, q_next_target.max(-1).values, cfg.gamma)
         q = q_obs.gather(-1, batch.actions.long().unsqueeze(-1)).squeeze(-1)
-        loss = q_loss(q, target, cfg.huber_delta)
+        loss = td_loss(q, target, "huber", cfg.huber_delta)
         step(self.optimizers["q"], loss, q_net.parameters(), cfg.max_grad_norm)
         self.num_updates += 1
         if self.num_updates % cfg.target_update_interval == 0:

@@ -28,6 +28,7 @@ from offrl import nets
 from offrl.algos.base import step
 from offrl.config import option
 from offrl.errors import ConfigError
+from offrl.losses import td_target
 from offrl.online.buffer import RolloutBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
 from offrl.policies.artifact import TorchPolicy
@@ -76,7 +77,7 @@ def gae(
     A_t = δ_t + γλ(1 − end_t)·A_{t+1}; ``ends`` marks every episode end (termination or truncation),
     so a truncated step bootstraps from V(s′_t) but the recursion does not run into the next episode.
     """
-    deltas = rewards + gamma * (1.0 - terminals) * next_values - values
+    deltas = td_target(rewards, terminals, next_values, gamma) - values
     carry = (gamma * lam) * (1.0 - ends)
     advantages = torch.empty_like(deltas)
     running = torch.zeros_like(deltas[0])

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from offrl import nets
 from offrl.algos.base import GaussianActorCritic, apply_gradients, step
 from offrl.config import option, validate
+from offrl.losses import LearnedScalar, critic_loss, sac_actor_loss, sac_alpha_loss, soft_td_target
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
 from offrl.types import Batch
@@ -57,29 +58,6 @@ class SACConfig:
         validate(self, "sac")
 
 
-# -- losses (pure) -------------------------------------------------------------------------------
-def soft_td_target(
-    rewards: Tensor, terminals: Tensor, next_q: Tensor, next_log_prob: Tensor, alpha: Tensor, gamma: float
-) -> Tensor:
-    """r + γ(1 − terminal)·(min_e Q′_e(s′, a′) − α log π(a′|s′)): (B,), (B,), (E,B), (B,), () -> (B,)."""
-    return rewards + gamma * (1.0 - terminals) * (next_q.min(0).values - alpha * next_log_prob)
-
-
-def critic_loss(q: Tensor, target: Tensor) -> Tensor:
-    """Mean squared TD error, summed over critics: (E,B), (B,) -> ()."""
-    return (q - target).pow(2).mean(-1).sum()
-
-
-def actor_loss(q_pi: Tensor, log_prob: Tensor, alpha: Tensor) -> Tensor:
-    """E[α log π(a|s) − min_e Q_e(s, a)], a ~ π(·|s): (E,B), (B,), () -> ()."""
-    return (alpha * log_prob - q_pi.min(0).values).mean()
-
-
-def alpha_loss(log_alpha: Tensor, log_prob: Tensor, target_entropy: float) -> Tensor:
-    """Temperature loss; its gradient raises α while the entropy is below target: (), (B,) -> ()."""
-    return -(log_alpha * (log_prob + target_entropy).detach()).mean()
-
-
 # -- the same losses with their gradients, for the hand-written step (tests check them against autograd)
 def critic_loss_and_grad(q: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`critic_loss` and its gradient w.r.t. ``q``: (E,B), (B,) -> (), (E,B)."""
@@ -115,17 +93,6 @@ def tanh_gaussian_sample_grad(
     return torch.cat([g_u, g_log_std * inside], dim=-1)
 
 
-class LogAlpha(nn.Module):
-    """log α as a module, so it is saved with the networks."""
-
-    def __init__(self, alpha: float, learn: bool) -> None:
-        super().__init__()
-        self.value = nn.Parameter(torch.tensor(math.log(alpha)), requires_grad=learn)
-
-    def forward(self) -> Tensor:
-        return self.value
-
-
 class SAC(GaussianActorCritic, OnlineAlgorithm):
     """Soft Actor-Critic with twin critics and automatic entropy tuning (continuous actions)."""
 
@@ -143,7 +110,7 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
         )
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
         nets.freeze(self.nets["critic_target"])
-        self.nets["log_alpha"] = LogAlpha(cfg.init_alpha, learn=cfg.auto_alpha)
+        self.nets["log_alpha"] = LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
         self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.optimize("actor", self.actor, lr=cfg.actor_lr)
         self.optimize("critic", self.critic, lr=cfg.critic_lr)
@@ -267,7 +234,7 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
         # the critic's weights enter as constants: the actor loss moves the actor only
         frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
         q_pi = torch.func.functional_call(self.critic, frozen, (obs, pi[:b]))
-        a_loss = actor_loss(q_pi, log_pi[:b], alpha)
+        a_loss = sac_actor_loss(q_pi, log_pi[:b], alpha)
         step(self.optimizers["actor"], a_loss, self.actor.parameters(), cfg.max_grad_norm)
         metrics = {
             "critic_loss": c_loss.detach(),
@@ -277,7 +244,7 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
             "entropy": -log_pi[:b].detach().mean(),
         }
         if cfg.auto_alpha:
-            al = alpha_loss(log_alpha, log_pi[:b], self.target_entropy)
+            al = sac_alpha_loss(log_alpha, log_pi[:b], self.target_entropy)
             step(self.optimizers["alpha"], al)
             metrics["alpha_loss"] = al.detach()
         nets.soft_update(self.critic_target, self.critic, cfg.tau)

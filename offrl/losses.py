@@ -1,0 +1,98 @@
+"""RL numerics shared by several algorithms, written once with one argument order each.
+
+Pure functions of tensors, shapes in their docstrings (E critics, B rows, A actions). What belongs to
+one algorithm (the CQL penalty, IQL's expectile loss, TD3+BC's actor loss, BCQ's VAE loss) stays in
+that algorithm's file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from offrl.errors import ConfigError
+
+
+# -- targets ---------------------------------------------------------------------------------------
+def td_target(rewards: Tensor, terminals: Tensor, next_v: Tensor, gamma: float) -> Tensor:
+    """r + γ(1 − terminal)·V(s′): (B,), (B,), (B,) -> (B,).
+
+    Every bootstrapped target goes through here. Only a true termination stops bootstrapping: a
+    time-limit truncation never reaches a batch as a terminal (datasets and buffers keep the two
+    apart), so targets bootstrap through timeouts.
+    """
+    return rewards + gamma * (1.0 - terminals) * next_v
+
+
+def soft_td_target(
+    rewards: Tensor, terminals: Tensor, next_q: Tensor, next_log_prob: Tensor, alpha: Tensor, gamma: float
+) -> Tensor:
+    """SAC's target, :func:`td_target` of the soft value min_e Q′_e(s′, a′) − α log π(a′|s′), a′ ~ π(·|s′):
+    (B,), (B,), (E,B), (B,), () -> (B,)."""
+    return td_target(rewards, terminals, next_q.min(0).values - alpha * next_log_prob, gamma)
+
+
+def double_q_target(
+    rewards: Tensor, terminals: Tensor, next_q_online: Tensor, next_q_target: Tensor, gamma: float
+) -> Tensor:
+    """:func:`td_target` of Q_target(s′, argmax_a′ Q_online(s′, a′)) (van Hasselt et al. 2016):
+    (B,), (B,), (B,A), (B,A) -> (B,). Mask ``next_q_online`` to restrict the argmax (discrete BCQ)."""
+    next_action = next_q_online.argmax(dim=1, keepdim=True)  # (B, 1)
+    return td_target(rewards, terminals, next_q_target.gather(1, next_action).squeeze(1), gamma)
+
+
+# -- critic losses ---------------------------------------------------------------------------------
+def critic_loss(q: Tensor, target: Tensor) -> Tensor:
+    """Squared TD error of a Q-ensemble, mean over the batch per critic, summed over critics (as TD3,
+    SAC, CORL and BCQ's code): (E,B), (B,) -> ()."""
+    return (q - target).pow(2).mean(-1).sum()
+
+
+def td_loss(q: Tensor, target: Tensor, kind: Literal["huber", "mse"], delta: float = 1.0) -> Tensor:
+    """Huber (quadratic within ±δ; δ = 1 as DQN) or squared TD error, mean over the batch: (B,), (B,) -> ()."""
+    if kind == "huber":
+        return F.huber_loss(q, target, delta=delta)
+    if kind == "mse":
+        return F.mse_loss(q, target)
+    raise ConfigError(f"'loss' must be 'huber' or 'mse', got {kind!r}")
+
+
+# -- SAC -------------------------------------------------------------------------------------------
+def sac_actor_loss(q_pi: Tensor, log_prob: Tensor, alpha: Tensor) -> Tensor:
+    """E[α log π(a|s) − min_e Q_e(s, a)], a ~ π(·|s): (E,B), (B,), () -> ()."""
+    return (alpha * log_prob - q_pi.min(0).values).mean()
+
+
+def sac_alpha_loss(log_alpha: Tensor, log_prob: Tensor, target_entropy: float) -> Tensor:
+    """Temperature loss −E[log α·(log π + H̄)]; its gradient raises α while the entropy is below the
+    target H̄: (), (B,) -> ()."""
+    return -(log_alpha * (log_prob + target_entropy).detach()).mean()
+
+
+class LearnedScalar(nn.Module):
+    """One scalar parameter ``value`` (learnable or fixed), a module so that it is saved with the networks
+    (SAC's and CQL's log α, CQL's log α')."""
+
+    def __init__(self, value: float, learn: bool = True) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(value)), requires_grad=learn)
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
+# -- advantage-weighted regression -----------------------------------------------------------------
+def advantage_weights(scaled_adv: Tensor, max_weight: float) -> Tensor:
+    """exp(β·A) clipped above at ``max_weight``, constants for the actor: (B,) -> (B,).
+
+    Takes β·A as the caller writes it (AWAC's A/λ, IQL's β·A), so each keeps its paper's rounding.
+    """
+    return torch.exp(scaled_adv.detach()).clamp(max=max_weight)
+
+
+def weighted_nll_loss(log_prob: Tensor, weights: Tensor) -> Tensor:
+    """Weighted negative log-likelihood of the dataset actions, weights constant: (B,), (B,) -> ()."""
+    return -(weights.detach() * log_prob).mean()
