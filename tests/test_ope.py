@@ -19,6 +19,7 @@ from offrl.data.dataset import TransitionDataset
 from offrl.data.recorder import record
 from offrl.errors import OfflineRLError
 from offrl.evaluation import evaluate
+from offrl.losses import td_target
 from offrl.ope import fqe as fqe_mod
 from offrl.ope import importance as imp
 from offrl.ope import metrics
@@ -257,9 +258,7 @@ def test_fqe_target_and_expectation_on_hand_values() -> None:
     r, term = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
     next_v = torch.tensor([[10.0, 10.0], [4.0, 4.0]])  # two members
     # 1 + 0.9·10 = 10, 2 + 0 = 2;  1 + 0.9·4 = 4.6
-    torch.testing.assert_close(
-        fqe_mod.fqe_target(r, term, next_v, 0.9), torch.tensor([[10.0, 2.0], [4.6, 2.0]])
-    )
+    torch.testing.assert_close(td_target(r, term, next_v, 0.9), torch.tensor([[10.0, 2.0], [4.6, 2.0]]))
     q = torch.tensor([[[1.0, 3.0], [2.0, 4.0]]])  # (E=1, B=2, A=2)
     probs = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
     torch.testing.assert_close(fqe_mod.expected_value(q, probs), torch.tensor([[2.5, 2.0]]))

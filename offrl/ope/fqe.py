@@ -26,6 +26,7 @@ from offrl.algos.base import adam, flat_obs_dim, step
 from offrl.config import option
 from offrl.data.dataset import TransitionDataset
 from offrl.errors import ConfigError, OfflineRLError
+from offrl.losses import td_target
 from offrl.preprocess import ActionScaler, ObsNormalizer
 from offrl.types import Policy
 
@@ -138,11 +139,6 @@ def policy_choices(
 
 
 # -- the maths, on tensors -----------------------------------------------------------------------
-def fqe_target(rewards: Tensor, terminals: Tensor, next_values: Tensor, gamma: float) -> Tensor:
-    """r + γ(1 − terminal)·V̄(s′):  (B,), (B,), (E, B) -> (E, B)."""
-    return rewards + gamma * (1.0 - terminals) * next_values
-
-
 def expected_value(q_all: Tensor, probs: Tensor) -> Tensor:
     """Σ_a π(a|s) Q(s, a):  (E, B, A), (B, A) -> (E, B)."""
     return (q_all * probs).sum(-1)
@@ -244,7 +240,7 @@ class FQE:
         with torch.no_grad():
             next_v = self._v(self.q_target, self.next_obs.index_select(0, idx), self.next_choices.take(idx))
             # the network works in units of value_scale, so rewards are divided by it here
-            y = fqe_target(
+            y = td_target(  # (E, B): the rewards broadcast over the ensemble
                 self.rewards.index_select(0, idx) / self.value_scale,
                 self.terminals.index_select(0, idx),
                 next_v,
