@@ -18,6 +18,7 @@ from offrl.data.dataset import TransitionDataset
 from offrl.errors import CheckpointError, ConfigError
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ActionScaler, ObsNormalizer
+from offrl.runtime import Runtime
 from offrl.types import Batch
 
 
@@ -51,6 +52,7 @@ class OfflineAlgorithm:
         normalizer: ObsNormalizer | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        runtime: Runtime | None = None,
     ) -> None:
         is_discrete = isinstance(action_space, gym.spaces.Discrete)
         if is_discrete != self.discrete:
@@ -82,7 +84,8 @@ class OfflineAlgorithm:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.num_updates = 0
         self._acting_policy: TorchPolicy | None = None
-        self.cuda_graphs = True  # the trainer sets it from ``train.cuda_graphs``
+        self.runtime = runtime if runtime is not None else Runtime()
+        self.cuda_graphs = self.runtime.cuda_graphs
         self._graph_steps: nets.CudaGraphSteps | None = None
 
     # -- to implement ----------------------------------------------------------------------------
