@@ -372,8 +372,8 @@ def fit(
     init_from: str | os.PathLike[str] | None = None,
     **settings: Any,
 ) -> RunResult:
-    """Train ``algo`` on a dataset file in full passes; ``settings`` are algorithm or ``train.``-prefixed
-    trainer settings, e.g. ``fit("cql", "data.h5", "runs/cql", epochs=10, cql_alpha=5.0, eval_every=0)``.
+    """Train ``algo`` on a dataset file in full passes; ``settings`` are algorithm, ``train.``-prefixed
+    trainer or ``runtime.``-prefixed runtime settings, e.g. ``fit("cql", "data.h5", "runs/cql", epochs=10, cql_alpha=5.0, eval_every=0)``.
     ``init_from`` (a run directory or checkpoint folder) warm-starts the networks from its weights."""
     from offrl.data.format import read_raw
 
@@ -401,7 +401,7 @@ def resume(
     """Continue a run from its newest checkpoint up to its configured length (or ``epochs`` passes)."""
     from offrl.data.format import read_raw
 
-    doc = cfgmod.read_toml(Path(run_dir) / "config.toml")
+    doc = cfgmod.read_toml(Path(run_dir) / run.CONFIG_TOML)
     cfg = load_run_config(run_dir, read_raw(doc["dataset"]).action_space)
     if epochs is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, steps=None))

@@ -359,3 +359,31 @@ def test_report_numbers_from_records(tmp_path: Path) -> None:
 def test_shipped_grids_parse(path: Path) -> None:
     grid = load_grid(path)
     assert grid.seeds and (grid.datasets or grid.online)
+
+
+def test_grid_runtime_settings_reach_the_runtime() -> None:
+    """Grids written before [runtime] set precision among an algorithm's settings and threads in
+    [train]; both spellings, and runtime.KEY, end up in the run's runtime, and the record's thread count
+    follows them."""
+    from offrl.bench import grid as gridmod
+    from offrl.train import resolve_config
+
+    doc = {
+        "seeds": 1,
+        "datasets": ["x.h5"],
+        "budget": {"epochs": 1},
+        "train": {"eval_every": 0},
+        "algos": {
+            "cql": {"continuous": {"precision": "bf16"}},
+            "cql2": {"algo": "cql", "runtime": {"threads": 3}},
+        },
+    }
+    g = parse_grid(doc)
+    box = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    plain, threaded = (gridmod._offline_settings(g, a, discrete=False) for a in g.algos)
+    cfg = resolve_config("cql", "x.h5", action_space=box, overrides=plain)
+    assert (cfg.runtime.precision, cfg.runtime.threads) == ("bf16", 1)
+    cfg = resolve_config("cql", "x.h5", action_space=box, overrides=threaded)
+    assert cfg.runtime.threads == 3 and "train.threads" not in threaded
+    cell = gridmod.Cell("c", "offline", "cql2", "cql", "t", 0, "cpu", threaded)
+    assert runner.cell_threads(cell) == 3
