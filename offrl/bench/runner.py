@@ -116,7 +116,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _resumable(cell: Cell, run_dir: Path) -> bool:
     """An interrupted earlier attempt of this very cell left a checkpoint to continue from."""
     mark = _read_json(run_dir / CELL_FILE)
-    return mark is not None and mark.get("config_hash") == cell.config_hash() and run_status(run_dir).resumable
+    return (
+        mark is not None and mark.get("config_hash") == cell.config_hash() and run_status(run_dir).resumable
+    )
 
 
 def _float(v: Any) -> float | None:
