@@ -95,10 +95,10 @@ class OfflineRLWorker:
         from offrl.algos.cql_discrete import DiscreteCQL, DiscreteCQLConfig
         from offrl.data import format as fmt
         from offrl.data.dataset import TransitionDataset
-        from offrl.train import TrainConfig
 
-        # as the trainer does (d3rlpy's worker runs with the CPU's defaults, as d3rlpy's users do)
-        torch.set_flush_denormal(TrainConfig().flush_denormal)
+        # as the trainer does by default (Runtime.flush_denormal; d3rlpy's worker runs with the CPU's
+        # defaults, as d3rlpy's users do)
+        torch.set_flush_denormal(True)
 
         discrete = algo in DISCRETE
         arrays = synthetic_arrays(discrete)

@@ -134,9 +134,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from offrl.evaluation import evaluate
-    from offrl.policies.artifact import POLICY_JSON, _find_artifact, load_policy
+    from offrl.policies.artifact import POLICY_JSON, find_artifact, load_policy
 
-    folder = _find_artifact(Path(args.policy))
+    folder = find_artifact(Path(args.policy))
     meta = json.loads((folder / POLICY_JSON).read_text())
     env_id = args.env or meta.get("env_id")
     if not env_id:
@@ -162,11 +162,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_algos(args: argparse.Namespace) -> int:
+def _print_settings(cls: type, skip: frozenset[str] = frozenset()) -> None:
     import dataclasses
 
-    from offrl.algos import registry
     from offrl.config import field_help
+
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in skip:
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            print(f"  {f.name:<24} {default!s:<18} {helps[f.name]}")
+
+
+def _cmd_algos(args: argparse.Namespace) -> int:
+    from offrl.algos import registry
+    from offrl.runtime import RUNTIME_KEYS, Runtime
     from offrl.train import TrainConfig
 
     if args.name is None:
@@ -179,52 +189,24 @@ def _cmd_algos(args: argparse.Namespace) -> int:
     if not shown:
         raise OfflineRLError(f"unknown algorithm {args.name!r}; available: {', '.join(registry.names())}")
     for variant, cls in shown:
-        print(f"{args.name} ({variant}): {cls.Config.__name__}")
-        helps = field_help(cls.Config)
-        for f in dataclasses.fields(cls.Config):
-            default = f.default if f.default is not dataclasses.MISSING else "(required)"
-            print(f"  {f.name:<24} {default!s:<18} {helps[f.name]}")
+        print(f"{args.name} ({variant}) hyperparameters: {cls.Config.__name__}")
+        _print_settings(cls.Config, skip=RUNTIME_KEYS)
         print()
+    print("runtime settings (runtime.KEY: how the run computes, recorded in config.toml [runtime]):")
+    _print_settings(Runtime)
+    print()
     print("trainer settings (train.KEY):")
-    helps = field_help(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        print(f"  {f.name:<24} {f.default!s:<18} {helps[f.name]}")
+    _print_settings(TrainConfig)
     return 0
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
     from offrl import builtin, suites
 
-    specs = suites.all_specs()
     if args.action == "list":
-        print(f"{'name':<44} {'env':<26} {'level':<14} {'transitions':>11} {'score':>6}  local")
-        for name, recipe in builtin.RECIPES.items():
-            built = "yes" if builtin.dataset_path(name).exists() else "-"
-            print(f"{name:<44} {recipe.env_id:<26} {'mixed':<14} {'':>11} {'':>6}  {built}")
-        for name, spec in specs.items():
-            local = "yes" if builtin.dataset_path(name).exists() else "-"
-            score = spec.built.get("normalized_score")
-            score_s = f"{score:6.1f}" if score is not None else f"{'?':>6}"
-            print(
-                f"{name:<44} {spec.env.env_id:<26} {spec.level:<14} {spec.transitions:>11,} {score_s}  {local}"
-            )
-        hint = suites.missing_manifests_hint()
-        if hint:
-            print(hint)
-        pending = {f"{s.suite}/{s.env.key}": s.env.pending for s in specs.values() if s.env.pending}
-        for env_name, why in pending.items():
-            print(f"{env_name}: not listed yet: {why}")
-        short = {
-            f"{s.suite}/{s.env.key}": s.env.expert_shortfall for s in specs.values() if s.env.expert_shortfall
-        }
-        for env_name, why in short.items():
-            print(f"{env_name}: expert below its reference: {why}")
-        print(
-            f"\nscore: normalised score of the behaviour data (0 random, 100 expert reference)."
-            f"\ndata directory: {builtin.data_dir()} (set OFFRL_DATA_DIR to move it); "
-            f"manifests: {suites.suites_dir()}"
-        )
+        print(suites.format_dataset_list())
         return 0
+    specs = suites.all_specs()
     if not args.name:
         raise OfflineRLError("datasets build: name a dataset or a suite (see `offrl datasets list`)")
     if args.name in builtin.RECIPES:
@@ -325,6 +307,32 @@ def _cmd_online(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_iterate(args: argparse.Namespace) -> int:
+    from offrl import config as cfgmod
+    from offrl.iterate import ITERATE_JSON, IterateConfig, run_iterate
+
+    cfg = IterateConfig(
+        env=args.env,
+        algo=args.algo,
+        dataset=args.dataset,
+        rounds=args.rounds,
+        steps_per_round=args.steps_per_round,
+        seed=args.seed,
+        warm_start=args.warm_start,
+        epochs=args.epochs,
+        steps=args.steps,
+        settings=dict(cfgmod.parse_sets(args.set or [])),
+        device=args.device,
+        config_file=args.config,
+    )
+    result = run_iterate(cfg, args.out, log=print)
+    if result.skipped:
+        print(f"{len(result.skipped)} round(s) finished before, skipped")
+    print(f"{len(result.rounds)} rounds in {result.out / ITERATE_JSON}")
+    print(f"next: offrl report {result.out} --out {result.out / 'report'}")
+    return 0
+
+
 def _cmd_ope(args: argparse.Namespace) -> int:
     import torch
 
@@ -404,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
-        "--config", help="TOML config file: top-level seed/device, [train] and [algo_config] tables"
+        "--config",
+        help="TOML config file: top-level seed/device, [train], [algo_config] and [runtime] tables",
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
@@ -465,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--seed", type=int, help="seed of networks, exploration and episodes (default 0)")
     p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--config", help="TOML config: algo, env, seed, device, [train] and [algo_config] tables")
+    p.add_argument(
+        "--config", help="TOML config: algo, env, seed, device, [train], [algo_config] and [runtime] tables"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     p.set_defaults(func=_cmd_online)
@@ -496,9 +507,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_ope)
 
-    from offrl.iterate import add_parser as add_iterate_parser
+    from offrl.config import field_help
+    from offrl.iterate import IterateConfig
 
-    add_iterate_parser(sub)  # `offrl iterate`; dispatched through func like the others
+    helps = field_help(IterateConfig)
+    p = sub.add_parser(
+        "iterate", help="K rounds of deploy → append to the dataset → train offline (growing-batch RL)"
+    )
+    p.add_argument("--env", required=True, help=helps["env"])
+    p.add_argument("--algo", required=True, help=helps["algo"])
+    p.add_argument("--rounds", type=int, required=True, help=helps["rounds"])
+    p.add_argument("--steps-per-round", type=int, required=True, help=helps["steps_per_round"])
+    p.add_argument("--dataset", required=True, metavar="FILE", help=helps["dataset"])
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory; rerun to continue it")
+    p.add_argument("--seed", type=int, default=0, help=helps["seed"])
+    p.add_argument("--warm-start", action="store_true", help=helps["warm_start"])
+    p.add_argument("--epochs", type=int, help=helps["epochs"])
+    p.add_argument("--steps", type=int, help=helps["steps"])
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
+    p.add_argument("--device", default="cpu", help=helps["device"])
+    p.add_argument("--config", help=helps["config_file"])
+    p.set_defaults(func=_cmd_iterate)
     return parser
 
 

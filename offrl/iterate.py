@@ -24,7 +24,6 @@ happened just before a crash is recognised instead of repeated.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
     import gymnasium as gym
     import numpy as np
 
-    from offrl.data.format import RawDataset
     from offrl.train import RunConfig
 
 ITERATE_JSON = "iterate.json"
@@ -119,74 +117,32 @@ def collect_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
 
 
-# -- the dataset file --------------------------------------------------------------------------------
-def _read_checked_env(path: Path, env: str) -> RawDataset:
-    from offrl.data.format import read_raw
-
-    raw = read_raw(path)
-    if raw.env_id != env:
-        recorded = f"was recorded in {raw.env_id!r}" if raw.env_id else "names no environment"
-        raise DatasetError(
-            path, f"{recorded}, but --env is {env!r}; use a file of that environment or a new one"
-        )
-    if raw.infos:
-        raise DatasetError(
-            path,
-            f"carries per-step infos ({', '.join(sorted(raw.infos))}) that deployed rounds cannot supply; "
-            "start from a copy without them",
-        )
-    return raw
-
-
-def _compression(path: Path) -> str | None:
-    import h5py
-
-    from offrl.data.format import OBSERVATIONS
-
-    with h5py.File(path, "r") as f:
-        comp = f[OBSERVATIONS].compression
-    return comp if comp in ("lzf", "gzip") else None
-
-
-def append_episodes(dest: Path, part: Path, env: str, marker: dict[str, Any]) -> int:
-    """Merge the episodes of ``part`` after those of ``dest`` (created when missing) and replace ``dest``
-    in one rename, so a crash leaves the old file intact. Returns the merged row count.
-
-    Action log-probabilities are kept only when both sides carry them (the format wants all or none).
-    """
-    from offrl.data.format import read_raw
-    from offrl.data.writer import write_merged
-
-    new = read_raw(part)
-    old = _read_checked_env(dest, env) if dest.exists() else None
-    raws = [new] if old is None else [old, new]
-    base = raws[0]
-    meta = {k: v for k, v in base.metadata.items() if k not in ("created", "package_versions")}
-    if old is None:  # the recorder's keys describe one round, not the file
-        meta = {"description": f"made by `offrl iterate` in {env}"}
-    meta[APPENDS_KEY] = [*meta.get(APPENDS_KEY, []), marker]
-    write_merged(
-        dest,
-        raws,
-        env_id=base.env_id,
-        env_spec=base.env_spec,
-        metadata=meta,
-        ref_min_return=base.ref_min_return,
-        ref_max_return=base.ref_max_return,
-        compression=_compression(dest) if old is not None else None,
-    )
-    return sum(r.num_transitions for r in raws)
-
-
 # -- iterate.json ----------------------------------------------------------------------------------
 def _identity(cfg: IterateConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in _IDENTITY}
 
 
 def _run_config_doc(run_cfg: RunConfig) -> dict[str, Any]:
+    from offrl.run import algo_settings
+
     return _json_plain(
-        {"train": cfgmod.to_dict(run_cfg.train), "algo_config": cfgmod.to_dict(run_cfg.algo_config)}
+        {
+            "train": cfgmod.to_dict(run_cfg.train),
+            "algo_config": algo_settings(run_cfg.algo_config),
+            "runtime": cfgmod.to_dict(run_cfg.runtime),
+        }
     )
+
+
+def _recorded_run_config_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """The run config recorded in iterate.json as :func:`_run_config_doc` writes it now: older files
+    kept runtime settings in [train] and [algo_config] and had no [runtime] table."""
+    from offrl.runtime import Runtime, migrate
+    from offrl.train import DEFAULT_RUNTIME
+
+    doc = migrate(doc)
+    runtime: Runtime = cfgmod.replace(DEFAULT_RUNTIME, doc.get("runtime", {}), f"{ITERATE_JSON} [runtime]")
+    return _json_plain({**doc, "runtime": cfgmod.to_dict(runtime)})
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -203,6 +159,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 def _load_state(cfg: IterateConfig, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
     """iterate.json of an earlier invocation with the same settings, or a new one (written now, before
     any data is collected, so that the file's row count at the start is known on every rerun)."""
+    from offrl.data.append import read_checked_env
+
     path = out / ITERATE_JSON
     ident = _json_plain(_identity(cfg))
     run_doc = _run_config_doc(run_cfg)
@@ -213,7 +171,7 @@ def _load_state(cfg: IterateConfig, run_cfg: RunConfig, out: Path) -> dict[str, 
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
         recorded = state.get("config", {})
         diffs = _differences({k: recorded.get(k) for k in _IDENTITY}, ident)
-        diffs += _differences(state.get("run_config", {}), run_doc)
+        diffs += _differences(_recorded_run_config_doc(state.get("run_config", {})), run_doc)
         if diffs:
             raise ConfigError(
                 f"{out} holds an iterate run with other settings ({'; '.join(diffs)}); "
@@ -225,7 +183,7 @@ def _load_state(cfg: IterateConfig, run_cfg: RunConfig, out: Path) -> dict[str, 
         raise ConfigError(f"{out} is not empty and has no {ITERATE_JSON}; use a new or empty --out")
     initial = 0
     if dataset.exists():
-        initial = _read_checked_env(dataset, cfg.env).num_transitions
+        initial = read_checked_env(dataset, cfg.env).num_transitions
     state = {
         "version": STATE_VERSION,
         "run_id": uuid.uuid4().hex,
@@ -271,6 +229,7 @@ def _collect(
     cfg: IterateConfig, out: Path, state: dict[str, Any], k: int, action_space: gym.Space, show: bool
 ) -> dict[str, Any]:
     """Deploy, append to the dataset, and return round k's summary so far (status ``collected``)."""
+    from offrl.data.append import append_episodes, read_checked_env
     from offrl.data.recorder import record
 
     t0 = time.perf_counter()
@@ -288,7 +247,7 @@ def _collect(
     }
     rows, last = 0, None
     if dataset.exists():
-        raw = _read_checked_env(dataset, cfg.env)
+        raw = read_checked_env(dataset, cfg.env)
         rows, last = raw.num_transitions, (raw.metadata.get(APPENDS_KEY) or [None])[-1]
     if rows == before + n and last == marker:
         entry["appended_before_restart"] = True  # appended, then interrupted before iterate.json said so
@@ -313,7 +272,14 @@ def _collect(
                 progress=show,
                 policy_description=entry["policy"],
             )
-            rows = append_episodes(dataset, part, cfg.env, marker)
+            rows = append_episodes(
+                dataset,
+                part,
+                cfg.env,
+                marker_key=APPENDS_KEY,
+                marker=marker,
+                description=f"made by `offrl iterate` in {cfg.env}",
+            )
     entry.update(
         {
             "dataset_transitions": rows,
@@ -328,6 +294,7 @@ def _collect(
 
 def _train(cfg: IterateConfig, run_cfg: RunConfig, out: Path, entry: dict[str, Any], show: bool) -> _Trained:
     """Train (or resume, or adopt a finished) round run; ``(passes, steps, steps/s, resumed)``."""
+    from offrl.run import run_status
     from offrl.train import Trainer
 
     k = int(entry["round"])
@@ -337,12 +304,11 @@ def _train(cfg: IterateConfig, run_cfg: RunConfig, out: Path, entry: dict[str, A
             dataset, f"changed since round {k}'s data was appended (SHA-256 differs from {ITERATE_JSON})"
         )
     run_dir = round_dir(out, k)
-    info: dict[str, Any] = {}
-    if (run_dir / "run.json").exists():
-        info = json.loads((run_dir / "run.json").read_text())
-    if info.get("status") == "finished":  # trained, then interrupted before iterate.json said so
+    status = run_status(run_dir)
+    if status.status == "finished":  # trained, then interrupted before iterate.json said so
+        info = status.info
         return _Trained(int(info.get("passes_done", 0)), int(info.get("steps_done", 0)), 0.0, True)
-    if info.get("status") == "running" and (run_dir / "checkpoints" / "latest.json").exists():
+    if status.resumable:
         result = Trainer(run_cfg, run_dir).run(resume=True, show_progress=show)
         return _Trained(result.passes, result.steps, result.steps_per_second, True)
     shutil.rmtree(run_dir, ignore_errors=True)  # nothing to continue from
@@ -369,7 +335,7 @@ def _write_record(
     task = f"{cfg.env} round {k:03d}"
     settings = {
         **_json_plain(_overrides(cfg)),
-        "train.threads": run_cfg.train.threads,
+        "train.threads": run_cfg.runtime.threads,
         "iterate.round": k,
         "iterate.steps_per_round": cfg.steps_per_round,
         "iterate.warm_start": cfg.warm_start,
@@ -408,10 +374,12 @@ def _write_record(
 
 
 def _finish_entry(entry: dict[str, Any], run_dir: Path, outcome: _Trained) -> None:
+    from offrl.run import run_status
+
     ev = None
     if (run_dir / "eval.json").exists():
         ev = json.loads((run_dir / "eval.json").read_text())
-    run_info = json.loads((run_dir / "run.json").read_text())
+    run_info = run_status(run_dir).info
     entry.update(
         {
             "status": "finished",
@@ -493,6 +461,7 @@ def run_iterate(
     """Run (or continue) the rounds of ``cfg`` in ``out``; see the module docstring."""
     import gymnasium as gym
 
+    from offrl.data.append import read_checked_env
     from offrl.logger import progress_enabled
 
     cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).resolve()))
@@ -519,7 +488,7 @@ def run_iterate(
         _finish_entry(entry, round_dir(out_dir, k), outcome)
         # collection plus training; a resumed training counts its own tail only (training_resumed)
         wall = entry["collect_wall_time_s"] + time.perf_counter() - t0
-        raw = _read_checked_env(Path(cfg.dataset), cfg.env)
+        raw = read_checked_env(Path(cfg.dataset), cfg.env)
         facts = {
             "ref_min_return": raw.ref_min_return,
             "ref_max_return": raw.ref_max_return,
@@ -571,49 +540,3 @@ def iterate(
         config_file=None if config_file is None else str(config_file),
     )
     return run_iterate(cfg, out, show_progress=show_progress, log=log)
-
-
-# -- command line ----------------------------------------------------------------------------------
-def add_parser(sub: Any) -> None:
-    """Register ``offrl iterate`` on the CLI's subparsers."""
-    helps = cfgmod.field_help(IterateConfig)
-    p = sub.add_parser(
-        "iterate", help="K rounds of deploy → append to the dataset → train offline (growing-batch RL)"
-    )
-    p.add_argument("--env", required=True, help=helps["env"])
-    p.add_argument("--algo", required=True, help=helps["algo"])
-    p.add_argument("--rounds", type=int, required=True, help=helps["rounds"])
-    p.add_argument("--steps-per-round", type=int, required=True, help=helps["steps_per_round"])
-    p.add_argument("--dataset", required=True, metavar="FILE", help=helps["dataset"])
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory; rerun to continue it")
-    p.add_argument("--seed", type=int, default=0, help=helps["seed"])
-    p.add_argument("--warm-start", action="store_true", help=helps["warm_start"])
-    p.add_argument("--epochs", type=int, help=helps["epochs"])
-    p.add_argument("--steps", type=int, help=helps["steps"])
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
-    p.add_argument("--device", default="cpu", help=helps["device"])
-    p.add_argument("--config", help=helps["config_file"])
-    p.set_defaults(func=cmd)
-
-
-def cmd(args: argparse.Namespace) -> int:
-    cfg = IterateConfig(
-        env=args.env,
-        algo=args.algo,
-        dataset=args.dataset,
-        rounds=args.rounds,
-        steps_per_round=args.steps_per_round,
-        seed=args.seed,
-        warm_start=args.warm_start,
-        epochs=args.epochs,
-        steps=args.steps,
-        settings=dict(cfgmod.parse_sets(args.set or [])),
-        device=args.device,
-        config_file=args.config,
-    )
-    result = run_iterate(cfg, args.out, log=print)
-    if result.skipped:
-        print(f"{len(result.skipped)} round(s) finished before, skipped")
-    print(f"{len(result.rounds)} rounds in {result.out / ITERATE_JSON}")
-    print(f"next: offrl report {result.out} --out {result.out / 'report'}")
-    return 0

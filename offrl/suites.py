@@ -424,3 +424,36 @@ def ensure(name: str, *, progress: bool = True) -> Path:
             print(f"building {name} into {path} (first use) …", flush=True)
         build(name, path, progress=progress)
     return path
+
+
+def format_dataset_list() -> str:
+    """The table of ``offrl datasets list``: built-in recipes and the suites' datasets, whether each is
+    built here, and the notes of the manifests (pending environments, experts below their reference)."""
+    from offrl import builtin
+
+    specs = all_specs()
+    lines = [f"{'name':<44} {'env':<26} {'level':<14} {'transitions':>11} {'score':>6}  local"]
+    for name, recipe in builtin.RECIPES.items():
+        built = "yes" if builtin.dataset_path(name).exists() else "-"
+        lines.append(f"{name:<44} {recipe.env_id:<26} {'mixed':<14} {'':>11} {'':>6}  {built}")
+    for name, spec in specs.items():
+        local = "yes" if builtin.dataset_path(name).exists() else "-"
+        score = spec.built.get("normalized_score")
+        score_s = f"{score:6.1f}" if score is not None else f"{'?':>6}"
+        lines.append(
+            f"{name:<44} {spec.env.env_id:<26} {spec.level:<14} {spec.transitions:>11,} {score_s}  {local}"
+        )
+    hint = missing_manifests_hint()
+    if hint:
+        lines.append(hint)
+    pending = {f"{s.suite}/{s.env.key}": s.env.pending for s in specs.values() if s.env.pending}
+    lines += [f"{env_name}: not listed yet: {why}" for env_name, why in pending.items()]
+    short = {
+        f"{s.suite}/{s.env.key}": s.env.expert_shortfall for s in specs.values() if s.env.expert_shortfall
+    }
+    lines += [f"{env_name}: expert below its reference: {why}" for env_name, why in short.items()]
+    lines.append(
+        f"\nscore: normalised score of the behaviour data (0 random, 100 expert reference)."
+        f"\ndata directory: {builtin.data_dir()} (set OFFRL_DATA_DIR to move it); manifests: {suites_dir()}"
+    )
+    return "\n".join(lines)

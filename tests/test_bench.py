@@ -199,7 +199,6 @@ def test_grid_end_to_end_resume_failure_and_report(tmp_path: Path, dataset: Path
 
 
 def _end_to_end(grid: Path, results: Path, pool: runner.LocalBackend, tmp_path: Path) -> None:
-    online = runner.online_entry() is not None
     summary = runner.run_grid(grid, results, backend=pool, show_progress=False)
     recs = _records(results)
     offline_ok = [f"{a}__cp__s{s}" for a in ("bc", "cql") for s in (0, 1)]
@@ -214,11 +213,8 @@ def _end_to_end(grid: Path, results: Path, pool: runner.LocalBackend, tmp_path: 
         assert recs[cid]["status"] == "failed" and recs[cid]["attempts"] == 2
         assert "learning rate" in recs[cid]["error"]
     assert sorted(summary.failed) == ["bad__cp__s0", "bad__cp__s1"]
-    if online:
-        on = recs["online-dqn__CartPole-v1__s0"]
-        assert on["status"] == "finished" and on["x_unit"] == "env_steps" and on["final"]["step"] == 200
-    else:
-        assert len(summary.online_skipped) == 2 and "not available" in " ".join(summary.messages)
+    on = recs["online-dqn__CartPole-v1__s0"]
+    assert on["status"] == "finished" and on["x_unit"] == "env_steps" and on["final"]["step"] == 200
 
     # resume: only the cells whose records are gone run again; failed cells are not retried by default.
     # cql s1 finished its run before its record was lost: it is trained again from scratch; bc s0 was
@@ -243,23 +239,11 @@ def _end_to_end(grid: Path, results: Path, pool: runner.LocalBackend, tmp_path: 
     text = (out / "report.md").read_text()
     assert "### cp" in text and BEST_LABEL in text and "IQM [95% CI]" in text
     assert "| bad | 0/2 (2 failed) |" in text and "failed after 2 attempt(s)" in text
-    pngs = {"curves-cp.png", "aggregate.png"} | ({"online-CartPole-v1.png"} if online else set())
+    pngs = {"curves-cp.png", "aggregate.png", "online-CartPole-v1.png"}
     assert pngs <= {p.name for p in out.iterdir()}
     for name in pngs:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         assert f"]({name})" in text
-
-
-def test_online_cells_skipped_without_the_online_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    grid = tmp_path / "grid.toml"
-    grid.write_text('seeds = 2\n[[online]]\nalgo = "sac"\nenv = "Pendulum-v1"\nsteps = 100\n')
-    monkeypatch.setattr(runner, "online_entry", lambda: None)
-    assert cli.main(["bench", str(grid), "--out", str(tmp_path / "res")]) == 0
-    out = capsys.readouterr().out
-    assert "skipping 2 online cell(s): offrl.online.loop is not available yet" in out
-    assert not list((tmp_path / "res" / "records").iterdir())
 
 
 @pytest.mark.slow  # starts a local Ray instance: ~10 s or more
@@ -375,3 +359,31 @@ def test_report_numbers_from_records(tmp_path: Path) -> None:
 def test_shipped_grids_parse(path: Path) -> None:
     grid = load_grid(path)
     assert grid.seeds and (grid.datasets or grid.online)
+
+
+def test_grid_runtime_settings_reach_the_runtime() -> None:
+    """Grids written before [runtime] set precision among an algorithm's settings and threads in
+    [train]; both spellings, and runtime.KEY, end up in the run's runtime, and the record's thread count
+    follows them."""
+    from offrl.bench import grid as gridmod
+    from offrl.train import resolve_config
+
+    doc = {
+        "seeds": 1,
+        "datasets": ["x.h5"],
+        "budget": {"epochs": 1},
+        "train": {"eval_every": 0},
+        "algos": {
+            "cql": {"continuous": {"precision": "bf16"}},
+            "cql2": {"algo": "cql", "runtime": {"threads": 3}},
+        },
+    }
+    g = parse_grid(doc)
+    box = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    plain, threaded = (gridmod._offline_settings(g, a, discrete=False) for a in g.algos)
+    cfg = resolve_config("cql", "x.h5", action_space=box, overrides=plain)
+    assert (cfg.runtime.precision, cfg.runtime.threads) == ("bf16", 1)
+    cfg = resolve_config("cql", "x.h5", action_space=box, overrides=threaded)
+    assert cfg.runtime.threads == 3 and "train.threads" not in threaded
+    cell = gridmod.Cell("c", "offline", "cql2", "cql", "t", 0, "cpu", threaded)
+    assert runner.cell_threads(cell) == 3

@@ -109,6 +109,29 @@ def test_rerun_skips_finished_rounds(two_rounds: tuple[Path, Path]) -> None:
         _run(data, out, epochs=2)
 
 
+def test_iterate_json_written_before_the_runtime_table_is_continued(
+    tmp_path: Path, two_rounds: tuple[Path, Path]
+) -> None:
+    """Older iterate.json files kept threads in [train] and precision in [algo_config]: same settings."""
+    import shutil
+
+    src_data, src_out = two_rounds
+    data, out = tmp_path / "data.h5", tmp_path / "it"
+    shutil.copy(src_data, data)
+    shutil.copytree(src_out, out)
+    state = _state(out)
+    state["config"]["dataset"] = str(data.resolve())
+    run_config = state["run_config"]
+    runtime = run_config.pop("runtime")
+    run_config["train"].update({k: runtime[k] for k in ("threads", "flush_denormal", "cuda_graphs")})
+    run_config["algo_config"].update({k: runtime[k] for k in ("precision", "compile")})
+    (out / ITERATE_JSON).write_text(json.dumps(state))
+    result = _run(data, out)
+    assert result.ran == [] and result.skipped == [0, 1]
+    with pytest.raises(ConfigError, match=r"other settings \(runtime\.threads: 1 → 2\)"):
+        _run(data, out, **{"train.threads": 2})
+
+
 def test_append_before_a_crash_is_not_repeated(tmp_path: Path, two_rounds: tuple[Path, Path]) -> None:
     """iterate.json lost round 1 after its data reached the file: the rerun adopts the rows and trains."""
     import shutil

@@ -3,6 +3,7 @@ autoreset, truncation vs termination), checkpoint/resume state, artefacts and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -317,10 +318,8 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
 
 def test_sac_bf16_update_stays_close_to_fp32(tmp_path: Path) -> None:
     """bf16 hidden layers (float32 master weights, heads and losses) change one update only slightly."""
-    algos = [
-        sac.SAC(_config(("sac", "Pendulum-v1"), 1, precision=p).algo_config, *_pendulum_spaces())
-        for p in ("fp32", "bf16")
-    ]
+    base = _config(("sac", "Pendulum-v1"), 1).algo_config
+    algos = [sac.SAC(dataclasses.replace(base, precision=p), *_pendulum_spaces()) for p in ("fp32", "bf16")]
     algos[1].load_state_dict(algos[0].state_dict())
     g = torch.Generator().manual_seed(0)
     obs, nxt = torch.randn(64, 3, generator=g), torch.randn(64, 3, generator=g)

@@ -211,4 +211,4 @@ def test_flush_denormal_is_a_recorded_run_setting(tmp_path: Path) -> None:
         Trainer(cfg, tmp_path / run)
         tiny = torch.tensor([1e-30]) * 1e-9  # a float32 subnormal, unless flushed
         assert bool((tiny == 0).item()) is flush
-        assert cfg.train.flush_denormal is flush
+        assert cfg.runtime.flush_denormal is flush

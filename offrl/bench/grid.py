@@ -132,8 +132,10 @@ def _flatten_settings(table: dict[str, Any], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in table.items():
         if isinstance(v, dict):
-            if k not in ("train", "algo", "algo_config"):
-                raise ConfigError(f"{where}: '{k}' is a table; only train.KEY and algo.KEY may be nested")
+            if k not in ("train", "algo", "algo_config", "runtime"):
+                raise ConfigError(
+                    f"{where}: '{k}' is a table; only train.KEY, algo.KEY and runtime.KEY may be nested"
+                )
             for kk, vv in v.items():
                 if isinstance(vv, dict):
                     raise ConfigError(f"{where}: '{k}.{kk}' is nested too deep")
@@ -331,7 +333,6 @@ def dataset_facts(source: str, base: Path | None = None) -> DatasetFacts:
 
 def _offline_settings(grid: GridConfig, algo: AlgoSpec, discrete: bool) -> dict[str, Any]:
     settings: dict[str, Any] = {f"train.{k}": v for k, v in grid.train.items()}
-    settings.setdefault("train.threads", 1)  # one thread per run: the pool parallelises across runs
     variant = algo.variant_settings["discrete" if discrete else "continuous"]
     specific = {**algo.settings, **variant}
     own_budget = {k: specific.pop(k) for k in _BUDGET_KEYS if k in specific}
@@ -340,6 +341,15 @@ def _offline_settings(grid: GridConfig, algo: AlgoSpec, discrete: bool) -> dict[
     for k, v in (own_budget or grid.budget).items():
         settings[f"train.{k}"] = v
     settings.update(specific)
+    return _one_thread_by_default(settings)
+
+
+def _one_thread_by_default(settings: dict[str, Any]) -> dict[str, Any]:
+    """One torch thread per run unless the grid sets a thread count: the pool parallelises across runs."""
+    from offrl.run import runtime_setting
+
+    if runtime_setting(settings, "threads") is None:
+        settings["train.threads"] = 1
     return settings
 
 
@@ -389,7 +399,7 @@ def expand(grid: GridConfig) -> list[Cell]:
                     )
                 )
     for on in grid.online:
-        settings = {"train.threads": 1, **on.settings, "train.steps": on.steps}
+        settings = _one_thread_by_default({**on.settings, "train.steps": on.steps})
         for seed in grid.seeds:
             cells.append(
                 Cell(

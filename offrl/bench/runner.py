@@ -41,6 +41,7 @@ from tqdm import tqdm
 from offrl.bench.grid import Cell, GridConfig, expand, load_grid
 from offrl.errors import ConfigError, OfflineRLError
 from offrl.logger import progress_enabled
+from offrl.run import run_status, runtime_setting
 from offrl.utils import atomic_write_json, atomic_write_text
 
 RECORD_SCHEMA = 1
@@ -82,24 +83,14 @@ def _run_offline(cell: Cell, run_dir: Path, resume: bool) -> CellOutcome:
 ONLINE_MODULE = "offrl.online.loop"
 
 
-def online_entry() -> Any | None:
-    """The online loop's module if it is importable and has ``train_online``, else None."""
-    try:
-        module = importlib.import_module(ONLINE_MODULE)
-    except ImportError:
-        return None
-    return module if hasattr(module, "train_online") else None
-
-
 def _run_online(cell: Cell, run_dir: Path, resume: bool) -> CellOutcome:
-    module = online_entry()
-    if module is None:
-        raise OfflineRLError(f"online cells need {ONLINE_MODULE}.train_online, which is not available")
+    from offrl.online import loop
+
     assert cell.env_id is not None
-    if resume and hasattr(module, "resume_online"):
-        result = module.resume_online(run_dir, show_progress=False)
+    if resume:
+        result = loop.resume_online(run_dir, show_progress=False)
     else:
-        result = module.train_online(
+        result = loop.train_online(
             cell.algo_name,
             cell.env_id,
             run_dir,
@@ -125,13 +116,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _resumable(cell: Cell, run_dir: Path) -> bool:
     """An interrupted earlier attempt of this very cell left a checkpoint to continue from."""
     mark = _read_json(run_dir / CELL_FILE)
-    run = _read_json(run_dir / "run.json")
     return (
-        mark is not None
-        and mark.get("config_hash") == cell.config_hash()
-        and run is not None
-        and run.get("status") == "running"
-        and (run_dir / "checkpoints" / "latest.json").exists()
+        mark is not None and mark.get("config_hash") == cell.config_hash() and run_status(run_dir).resumable
     )
 
 
@@ -187,6 +173,11 @@ def _final(run_dir: Path, evaluations: list[dict[str, Any]]) -> dict[str, Any] |
     }
 
 
+def cell_threads(cell: Cell) -> int:
+    """The torch threads a cell's run uses (grids set one per run: the pool parallelises across runs)."""
+    return int(runtime_setting(cell.settings, "threads", 1))
+
+
 def _base_record(cell: Cell, attempt: int) -> dict[str, Any]:
     return {
         "schema": RECORD_SCHEMA,
@@ -197,7 +188,7 @@ def _base_record(cell: Cell, attempt: int) -> dict[str, Any]:
         "algo": cell.algo,
         "task": cell.task,
         "seed": cell.seed,
-        "threads": int(cell.settings.get("train.threads", 1)),
+        "threads": cell_threads(cell),
         "attempts": attempt,
         "host": socket.gethostname(),
     }
@@ -251,7 +242,7 @@ def finished_record(
 ) -> dict[str, Any]:
     """The record of ``cell`` whose run finished in ``run_dir`` (also written by ``offrl iterate``)."""
     evaluations = read_evaluations(run_dir)
-    run_info = _read_json(run_dir / "run.json") or {}
+    run_info = run_status(run_dir).info
     record = _base_record(cell, attempt)
     record.update(
         {
@@ -361,7 +352,7 @@ class RayBackend:
         self.slots = slots if slots is not None else max(1, cpus)
 
     def submit(self, cell: Cell, attempt: int) -> Any:
-        threads = int(cell.settings.get("train.threads", 1))
+        threads = cell_threads(cell)
         return self._remote.options(num_cpus=threads, max_retries=0).remote(
             cell.to_dict(), self.results_dir, attempt
         )
@@ -389,7 +380,6 @@ class BenchSummary:
     ran: list[str] = field(default_factory=list)  # cells trained in this invocation (finished or not)
     skipped: list[str] = field(default_factory=list)  # already recorded for the same config
     failed: list[str] = field(default_factory=list)  # recorded as failed (now or before)
-    online_skipped: list[str] = field(default_factory=list)  # online cells without an online loop
     messages: list[str] = field(default_factory=list)
 
 
@@ -418,7 +408,7 @@ def _failed_record(cell: Cell, attempt: int, error: dict[str, Any] | BaseExcepti
 
 def default_workers(cells: list[Cell]) -> int:
     """As many workers as the cores hold runs of the grid's largest thread count."""
-    threads = max((int(c.settings.get("train.threads", 1)) for c in cells), default=1)
+    threads = max((cell_threads(c) for c in cells), default=1)
     return max(1, available_cores() // max(1, threads))
 
 
@@ -457,21 +447,14 @@ def run_grid(
     atomic_write_json(results / "cells.json", {"name": grid.name, "cells": [c.to_dict() for c in cells]})
 
     todo: list[Cell] = []
-    online_ok = online_entry() is not None
     for cell in cells:
         status = _recorded_status(results, cell)
         if status == "finished" or (status == "failed" and not retry_failed):
             summary.skipped.append(cell.cell_id)
             if status == "failed":
                 summary.failed.append(cell.cell_id)
-        elif cell.kind == "online" and not online_ok:
-            summary.online_skipped.append(cell.cell_id)
         else:
             todo.append(cell)
-    if summary.online_skipped:
-        summary.messages.append(
-            f"skipping {len(summary.online_skipped)} online cell(s): {ONLINE_MODULE} is not available yet"
-        )
     if summary.skipped:
         n_failed = len(summary.failed)
         summary.messages.append(

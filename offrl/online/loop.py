@@ -16,7 +16,7 @@ no stored transition crosses an episode boundary; time-limit truncations are sto
 which targets bootstrap through. Evaluation and checkpoints happen only where the storage can be
 saved (always for a replay buffer, between rollouts for PPO), logging against environment steps.
 
-Run directory (as the offline trainer's, see docs/online.md):
+Run directory (the harness's, offrl.run, as the offline trainer's; see docs/online.md):
 
     RUN_DIR/config.toml  RUN_DIR/run.json  RUN_DIR/checkpoints/step_NNNNNNNNN/  RUN_DIR/policy/
     RUN_DIR/metrics.jsonl  RUN_DIR/tb/  RUN_DIR/eval.json
@@ -25,13 +25,9 @@ Run directory (as the offline trainer's, see docs/online.md):
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import importlib
-import json
 import math
 import os
-import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,21 +39,20 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from offrl import config as cfgmod
-from offrl import nets
+from offrl import run
 from offrl.algos.base import OfflineAlgorithm
-from offrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_latest
+from offrl.checkpoint import load_checkpoint
 from offrl.config import option
-from offrl.errors import CheckpointError, ConfigError, OfflineRLError
-from offrl.logger import JsonlLogger, Logger, MultiLogger, TensorboardLogger, progress_enabled
+from offrl.errors import CheckpointError, ConfigError
+from offrl.logger import Logger
 from offrl.online.buffer import ReplayBuffer, RolloutBuffer, Transition
-from offrl.utils import atomic_write_json, atomic_write_text, package_versions
+from offrl.run import MetricAccumulator, StepClock
+from offrl.runtime import Runtime
 
 Storage = ReplayBuffer | RolloutBuffer
 
 
-class OnlineDiverged(OfflineRLError):
-    """A loss became NaN or infinite; the run directory stays at its last checkpoint."""
+OnlineDiverged = run.TrainingDiverged  # the one divergence error, under its online name
 
 
 class OnlineAlgorithm(OfflineAlgorithm):
@@ -127,11 +122,6 @@ class OnlineTrainConfig:
         1, "how many most recent checkpoints to keep (each holds the replay buffer)"
     )
     log_every: int = option(1000, "environment steps between metric reads (the loop's only metric syncs)")
-    threads: int = option(1, "torch intra-op threads (small networks run fastest on one)")
-    flush_denormal: bool = option(
-        True,
-        nets.FLUSH_DENORMAL_HELP,
-    )
     max_episode_steps: int | None = option(
         None, "time limit of training and evaluation episodes; none: the environment's own"
     )
@@ -145,9 +135,13 @@ class OnlineTrainConfig:
     )
 
 
+ONLINE_RUNTIME = Runtime(threads=1)  # the online default: small networks run fastest on one thread
+
+
 @dataclass(frozen=True)
 class OnlineRunConfig:
-    """An online run: algorithm, environment, seed, device, the loop's and the algorithm's settings."""
+    """An online run: algorithm, environment, seed, device, the loop's and the algorithm's settings,
+    the runtime."""
 
     algo: str
     env: str
@@ -155,21 +149,14 @@ class OnlineRunConfig:
     device: str = "cpu"
     train: OnlineTrainConfig = OnlineTrainConfig()
     algo_config: Any = None
+    runtime: Runtime = ONLINE_RUNTIME
 
     def to_toml(self) -> str:
-        return cfgmod.dumps_toml(
-            {
-                "algo": self.algo,
-                "env": self.env,
-                "seed": self.seed,
-                "device": self.device,
-                "train": cfgmod.to_dict(self.train),
-                "algo_config": cfgmod.to_dict(self.algo_config),
-            }
-        )
+        return run.dumps_run_config(self)
 
 
-def _spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+    """The observation and action spaces of ``env_id``."""
     try:
         probe = gym.make(env_id)
     except gym.error.Error as exc:
@@ -193,102 +180,66 @@ def resolve_online_config(
 ) -> OnlineRunConfig:
     """Defaults ← config file ← arguments and ``overrides`` (``--set``), validated.
 
-    Plain override keys are looked up in the algorithm's config, then the loop's; ``train.k`` and
-    ``algo.k`` address one explicitly. Unknown keys are errors that list the valid ones.
+    Plain override keys are looked up in the runtime, the algorithm's config, then the loop's;
+    ``train.k``, ``algo.k`` and ``runtime.k`` address one explicitly (see
+    :func:`offrl.run.split_overrides`). Unknown keys are errors that list the valid ones.
     """
-    doc: dict[str, Any] = {}
+    s = run.Settings()
     if config_file is not None:
-        doc = cfgmod.read_toml(config_file)
-        unknown = set(doc) - {*_TOP_KEYS, "train", "algo_config"}
-        if unknown:
-            raise ConfigError(
-                f"{config_file}: unknown top-level key(s) {sorted(unknown)}; "
-                f"valid: {sorted([*_TOP_KEYS, 'train', 'algo_config'])}"
-            )
+        s = run.read_config_file(config_file, _TOP_KEYS, algo)
     src = str(config_file) if config_file is not None else "arguments"
-    if algo is not None and doc.get("algo", algo) != algo:
-        raise ConfigError(f"{config_file}: configures algorithm {doc['algo']!r}, but --algo is {algo!r}")
-    top: dict[str, Any] = {k: doc[k] for k in _TOP_KEYS if k in doc}
-    top.update(
+    s.top.update(
         {k: v for k, v in (("algo", algo), ("env", env), ("seed", seed), ("device", device)) if v is not None}
     )
-    train_d: dict[str, Any] = dict(doc.get("train", {}))
-    algo_d: dict[str, Any] = dict(doc.get("algo_config", {}))
     overrides = dict(overrides or {})
-    for k in ("seed", "device", "env"):
-        if k in overrides:
-            top[k] = overrides.pop(k)
-    if "algo" not in top or "env" not in top:
+    s.top.update({k: overrides[k] for k in ("seed", "device", "env") if k in overrides})
+    if "algo" not in s.top or "env" not in s.top:
         raise ConfigError(f"{src}: the algorithm and the environment are required (--algo, --env)")
-    train_keys = {f.name for f in dataclasses.fields(OnlineTrainConfig)}
-    _, act_space = _spaces(str(top["env"]))
-    algo_cls = algorithm_class(str(top["algo"]), act_space)
-    algo_keys = {f.name for f in dataclasses.fields(algo_cls.Config)}
-    for key, value in overrides.items():
-        if key.startswith("train."):
-            train_d[key[6:]] = value
-        elif key.startswith(("algo.", "algo_config.")):
-            algo_d[key.split(".", 1)[1]] = value
-        elif key in algo_keys:
-            algo_d[key] = value
-        elif key in train_keys:
-            train_d[key] = value
-        else:
-            valid = ["seed", "device", "env", *sorted(f"train.{k}" for k in train_keys), *sorted(algo_keys)]
-            raise ConfigError(
-                f"unknown setting {key!r} for online '{top['algo']}'; valid: {', '.join(valid)}"
-            )
+    _, act_space = env_spaces(str(s.top["env"]))
+    algo_cls = algorithm_class(str(s.top["algo"]), act_space)
+    s.update(
+        run.split_overrides(
+            overrides,
+            top_keys=("seed", "device", "env"),
+            train_cls=OnlineTrainConfig,
+            algo_cls=algo_cls.Config,
+            who=f"online '{s.top['algo']}'",
+        )
+    )
     try:
-        run_seed = int(top.get("seed", 0))
+        run_seed = int(s.top.get("seed", 0))
     except ValueError:
-        raise ConfigError(f"{src}: seed must be an integer, got {top['seed']!r}") from None
+        raise ConfigError(f"{src}: seed must be an integer, got {s.top['seed']!r}") from None
+    train_cfg, algo_cfg, runtime = run.build_tables(
+        s,
+        train_cls=OnlineTrainConfig,
+        algo_cls=algo_cls.Config,
+        runtime=ONLINE_RUNTIME,
+        source=src,
+        algo=str(s.top["algo"]),
+    )
     return OnlineRunConfig(
-        algo=str(top["algo"]),
-        env=str(top["env"]),
+        algo=str(s.top["algo"]),
+        env=str(s.top["env"]),
         seed=run_seed,
-        device=str(top.get("device", "cpu")),
-        train=cfgmod.from_dict(OnlineTrainConfig, train_d, f"{src} [train]"),
-        algo_config=cfgmod.from_dict(algo_cls.Config, algo_d, f"{src} [algo_config] ('{top['algo']}')"),
+        device=str(s.top.get("device", "cpu")),
+        train=train_cfg,
+        algo_config=algo_cfg,
+        runtime=runtime,
     )
 
 
 def load_online_config(run_dir: str | os.PathLike[str]) -> OnlineRunConfig:
-    """The config a run directory was started with."""
-    return resolve_online_config(None, None, config_file=Path(run_dir) / "config.toml")
+    """The config a run directory was started with (older layouts included)."""
+    return resolve_online_config(None, None, config_file=Path(run_dir) / run.CONFIG_TOML)
 
 
-# -- helpers ------------------------------------------------------------------------------------------
 def reset_seed(seed: int, env_steps: int, index: int) -> int:
     """Reset seed of sub-environment ``index`` when episodes (re)start after ``env_steps`` steps."""
     return int(np.random.SeedSequence(seed, spawn_key=(env_steps, index)).generate_state(1)[0])
 
 
-class _Accumulator:
-    """Sums per-update metrics on the device; :meth:`read` is the one host sync per log interval."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.keys: list[str] | None = None
-        self.sums: Tensor | None = None
-        self.count = 0
-
-    def add(self, metrics: dict[str, Tensor]) -> None:
-        if self.keys is None:
-            self.keys = list(metrics)
-        vals = torch.stack(
-            [torch.as_tensor(metrics[k], device=self.device).float().reshape(()) for k in self.keys]
-        )
-        self.sums = vals if self.sums is None else self.sums + vals
-        self.count += 1
-
-    def read(self) -> dict[str, float]:
-        if self.sums is None or self.keys is None:
-            return {}
-        means = dict(zip(self.keys, (self.sums / self.count).tolist()))
-        self.sums, self.count = None, 0
-        return means
-
-
+# -- the loop ---------------------------------------------------------------------------------------
 @dataclass
 class OnlineResult:
     run_dir: Path
@@ -305,21 +256,21 @@ class OnlineTrainer:
     def __init__(self, cfg: OnlineRunConfig, run_dir: str | os.PathLike[str]) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+        self.rd = run.RunDirectory(self.run_dir, prefix="step", digits=9, unit="environment step")
+        self.device = run.run_device(cfg.device)
         if cfg.train.steps is None or cfg.train.steps <= 0:
             raise ConfigError(f"give a positive number of environment steps (--steps), got {cfg.train.steps}")
-        nets.set_cpu_numerics(cfg.train.threads, cfg.train.flush_denormal)
-        obs_space, act_space = _spaces(cfg.env)
+        cfg.runtime.apply()
+        obs_space, act_space = env_spaces(cfg.env)
         algo_cls = algorithm_class(cfg.algo, act_space)
-        self.algo = algo_cls(cfg.algo_config, obs_space, act_space, device=self.device, seed=cfg.seed)
+        self.algo = algo_cls(
+            cfg.algo_config, obs_space, act_space, device=self.device, seed=cfg.seed, runtime=cfg.runtime
+        )
         self.storage = self.algo.make_storage()
         unit = self.algo.steps_per_iteration
         self.total_steps = math.ceil(cfg.train.steps / unit) * unit
         self.env_steps = 0
         self.episodes = 0
-        self.logger: Logger | None = None
 
     def describe_schedule(self) -> str:
         a, t = self.algo, self.cfg.train
@@ -357,8 +308,6 @@ class OnlineTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _save(self) -> None:
-        ckdir = self.run_dir / "checkpoints"
-        name = f"step_{self.env_steps:09d}"
         state = {
             "algo": self.algo.state_dict(),
             "storage": self.storage.state_dict(),
@@ -366,14 +315,15 @@ class OnlineTrainer:
             "env_steps": self.env_steps,
             "episodes": self.episodes,
         }
-        meta = {"algo": self.cfg.algo, "env_id": self.cfg.env, "env_steps": self.env_steps}
-        save_checkpoint(ckdir / name, state, meta)
-        write_latest(ckdir, name, {"env_steps": self.env_steps})
-        self.algo.policy().save(self.run_dir / "policy", extra=self._policy_extra())
-        keep = self.cfg.train.keep_checkpoints
-        if keep > 0:
-            for old in sorted(p for p in ckdir.glob("step_*") if p.is_dir())[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        self.rd.save(
+            self.env_steps,
+            state,
+            {"algo": self.cfg.algo, "env_id": self.cfg.env, "env_steps": self.env_steps},
+            latest={"env_steps": self.env_steps},
+            policy=self.algo.policy(),
+            policy_extra=self._policy_extra(),
+            keep=self.cfg.train.keep_checkpoints,
+        )
 
     def _policy_extra(self) -> dict[str, Any]:
         return {
@@ -400,59 +350,37 @@ class OnlineTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, show_progress: bool | None = None) -> OnlineResult:
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        run_json = self.run_dir / "run.json"
+        cfg, rd = self.cfg, self.rd
         if resume:
-            ck = latest_checkpoint(self.run_dir / "checkpoints")
-            if ck is None:
-                raise ConfigError(f"{self.run_dir}: no checkpoint to resume from")
-            self._restore(ck)
-            info = json.loads(run_json.read_text()) if run_json.exists() else {}
-        else:
-            if (self.run_dir / "checkpoints").exists():
-                raise ConfigError(f"{self.run_dir} already holds a run; use --resume or another --out")
-            info = {
-                "env_id": cfg.env,
-                "online": True,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "package_versions": package_versions(),
-            }
-        atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
-        info.update({"status": "running", "total_env_steps": self.total_steps})
-        atomic_write_json(run_json, info)
-        self.logger = MultiLogger(
-            [JsonlLogger(self.run_dir / "metrics.jsonl"), TensorboardLogger(self.run_dir / "tb")]
+            self._restore(rd.resume_point(cfg.runtime))
+        rd.last_saved = self.env_steps
+        logger = rd.begin(
+            resume=resume,
+            config_toml=cfg.to_toml(),
+            info={"env_id": cfg.env, "online": True},
+            totals={"total_env_steps": self.total_steps},
         )
-        show = progress_enabled() if show_progress is None else show_progress
-        bar = tqdm(
-            total=self.total_steps, initial=self.env_steps, disable=not show, unit="step", dynamic_ncols=True
-        )
+        bar = run.progress_bar(self.total_steps, self.env_steps, show_progress)
         envs = self._make_envs()
         try:
-            final_eval, sps, stopped = self._loop(envs, bar)
-        except OnlineDiverged as exc:
-            info.update({"status": "diverged", "error": str(exc)})
-            atomic_write_json(run_json, info)
-            raise
+            final_eval, sps, stopped = self._loop(envs, bar, logger)
+        except run.TrainingDiverged as exc:
+            raise rd.diverged(exc) from None
         finally:
             envs.close()
             bar.close()
-            self.logger.close()
-        if final_eval is not None:
-            atomic_write_json(self.run_dir / "eval.json", final_eval)
-        info.update(
-            {
-                "status": "finished",
-                "env_steps_done": self.env_steps,
-                "updates_done": self.algo.num_updates,
-                "stopped_early": stopped,
-            }
+            rd.close()
+        rd.finish(
+            final_eval,
+            env_steps_done=self.env_steps,
+            updates_done=self.algo.num_updates,
+            stopped_early=stopped,
         )
-        atomic_write_json(run_json, info)
         return OnlineResult(self.run_dir, self.env_steps, self.algo.num_updates, final_eval, sps, stopped)
 
-    def _loop(self, envs: gym.vector.SyncVectorEnv, bar: tqdm) -> tuple[dict[str, Any] | None, float, bool]:
+    def _loop(
+        self, envs: gym.vector.SyncVectorEnv, bar: tqdm, logger: Logger
+    ) -> tuple[dict[str, Any] | None, float, bool]:
         t, algo, storage = self.cfg.train, self.algo, self.storage
         n = algo.num_envs
         # episodes (re)start here with seeds derived from the step, so a resume restarts them afresh
@@ -461,12 +389,10 @@ class OnlineTrainer:
         ep_return, ep_length = np.zeros(n), np.zeros(n, dtype=np.int64)
         finished_returns: list[float] = []
         finished_lengths: list[int] = []
-        acc = _Accumulator(self.device)
-        start_steps = self.env_steps
-        last_eval = last_ckpt = last_log = self.env_steps
+        acc = run.MetricAccumulator(self.device)
+        clock = run.StepClock(self.env_steps)
+        last_eval = last_ckpt = self.env_steps
         final_eval: dict[str, Any] | None = None
-        t_start = time.perf_counter()
-        last_log_t, pause_total = t_start, 0.0
         stopped = False
         algo.train_mode(True)
         while self.env_steps < self.total_steps:
@@ -505,65 +431,46 @@ class OnlineTrainer:
                 acc.add(metrics)
             bar.update(n)
 
-            if self.env_steps - last_log >= t.log_every:
-                now = time.perf_counter()
-                sps = (self.env_steps - last_log) / max(now - last_log_t, 1e-9)
-                self._log(acc, finished_returns, finished_lengths, sps, bar)
+            if self.env_steps - clock.last_step >= t.log_every:
+                self._log(acc, finished_returns, finished_lengths, clock, bar, logger)
                 finished_returns, finished_lengths = [], []
-                last_log, last_log_t = self.env_steps, now
             if not storage.can_checkpoint:
                 continue
-            t_pause = time.perf_counter()
             is_last = self.env_steps >= self.total_steps
-            if (t.eval_every and self.env_steps // t.eval_every > last_eval // t.eval_every) or is_last:
-                final_eval = self._evaluate()
-                last_eval = self.env_steps
-                if t.snapshots:
-                    self._snapshot(final_eval)
-                stopped = t.stop_return is not None and final_eval["mean"] >= t.stop_return
-            if (
-                stopped
-                or is_last
-                or (
-                    t.checkpoint_every
-                    and self.env_steps // t.checkpoint_every > last_ckpt // t.checkpoint_every
-                )
-            ):
-                self._save()
-                last_ckpt = self.env_steps
-            paused = time.perf_counter() - t_pause
-            last_log_t += paused  # steps/s counts collection and learning only
-            pause_total += paused
+            with clock.paused():  # steps/s counts collection and learning only
+                if (t.eval_every and self.env_steps // t.eval_every > last_eval // t.eval_every) or is_last:
+                    final_eval = self._evaluate(logger)
+                    last_eval = self.env_steps
+                    if t.snapshots:
+                        self._snapshot(final_eval)
+                    stopped = t.stop_return is not None and final_eval["mean"] >= t.stop_return
+                if (
+                    stopped
+                    or is_last
+                    or (
+                        t.checkpoint_every
+                        and self.env_steps // t.checkpoint_every > last_ckpt // t.checkpoint_every
+                    )
+                ):
+                    self._save()
+                    last_ckpt = self.env_steps
             if stopped:
                 break
         if acc.count or finished_returns:
-            now = time.perf_counter()
-            self._log(
-                acc,
-                finished_returns,
-                finished_lengths,
-                (self.env_steps - last_log) / max(now - last_log_t, 1e-9),
-                bar,
-            )
-        elapsed = time.perf_counter() - t_start - pause_total
-        sps = (self.env_steps - start_steps) / elapsed if elapsed > 0 else 0.0
-        return final_eval, sps, stopped
+            self._log(acc, finished_returns, finished_lengths, clock, bar, logger)
+        return final_eval, clock.overall_rate(self.env_steps), stopped
 
     def _log(
         self,
-        acc: _Accumulator,
+        acc: MetricAccumulator,
         returns: Sequence[float],
         lengths: Sequence[int],
-        sps: float,
+        clock: StepClock,
         bar: tqdm,
+        logger: Logger,
     ) -> None:
-        means = acc.read()
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
-            raise OnlineDiverged(
-                f"non-finite {', '.join(repr(k) for k in bad)} before environment step {self.env_steps}; "
-                f"the run is left at its last checkpoint in {self.run_dir}"
-            )
+        means = acc.read(self.algo.num_updates, "update")
+        sps = clock.interval_rate(self.env_steps)
         out = {f"train/{k}": v for k, v in means.items()}
         out["train/updates"] = float(self.algo.num_updates)
         out["train/episodes"] = float(self.episodes)
@@ -571,29 +478,17 @@ class OnlineTrainer:
             out["train/episode_return"] = float(np.mean(returns))
             out["train/episode_length"] = float(np.mean(lengths))
         out["time/steps_per_second"] = sps
-        assert self.logger is not None
-        self.logger.log(self.env_steps, out)
+        logger.log(self.env_steps, out)
         postfix = {"steps/s": f"{sps:.0f}"}
         if returns:
             postfix["return"] = f"{np.mean(returns):.1f}"
         bar.set_postfix(postfix, refresh=False)
 
-    def _evaluate(self) -> dict[str, Any]:
-        from offrl.evaluation import evaluate
-
+    def _evaluate(self, logger: Logger) -> dict[str, Any]:
         t = self.cfg.train
-        self.algo.train_mode(False)
-        result = evaluate(
-            self.algo.policy(),
-            self.cfg.env,
-            episodes=t.eval_episodes,
-            seed=t.eval_seed,
-            num_envs=t.eval_envs,
-            max_episode_steps=t.max_episode_steps,
+        result = run.evaluate_and_log(
+            self.algo, self.cfg.env, t, logger, self.env_steps, max_episode_steps=t.max_episode_steps
         )
-        self.algo.train_mode(True)
-        assert self.logger is not None
-        self.logger.log(self.env_steps, {"eval/return_mean": result.mean, "eval/return_std": result.std})
         return {**result.to_dict(), "env_steps": self.env_steps}
 
 
@@ -610,9 +505,9 @@ def train_online(
     show_progress: bool | None = None,
     **settings: Any,
 ) -> OnlineResult:
-    """Train ``algo`` online in ``env``; ``settings`` are algorithm or ``train.``-prefixed loop settings,
-    e.g. ``train_online("sac", "Pendulum-v1", "runs/sac", steps=20_000, learning_starts=1000,
-    **{"train.eval_every": 2000})``."""
+    """Train ``algo`` online in ``env``; ``settings`` are algorithm, ``train.``-prefixed loop or
+    ``runtime.``-prefixed settings, e.g. ``train_online("sac", "Pendulum-v1", "runs/sac", steps=20_000,
+    learning_starts=1000, **{"train.eval_every": 2000})``."""
     overrides = dict(settings)
     if steps is not None:
         overrides["train.steps"] = steps

@@ -187,7 +187,7 @@ class TorchPolicy:
         return folder
 
 
-def _find_artifact(path: Path) -> Path:
+def find_artifact(path: Path) -> Path:
     """Accept the artefact folder itself, or a run folder holding one under ``policy/``."""
     for candidate in (path, path / "policy"):
         if (candidate / POLICY_JSON).is_file():
@@ -201,7 +201,7 @@ def load_policy(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu", seed: int | None = None
 ) -> TorchPolicy:
     """Rebuild a policy from its artefact folder (or a run folder) without the training code."""
-    folder = _find_artifact(Path(path))
+    folder = find_artifact(Path(path))
     try:
         meta = json.loads((folder / POLICY_JSON).read_text())
     except json.JSONDecodeError as exc:
