@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import offrl.algos.awac as awac_module
 from offrl.algos.awac import AWAC, AWACConfig
 from offrl.errors import ConfigError
 from offrl.types import Batch
@@ -140,27 +138,6 @@ def test_update_metrics_are_deterministic_per_seed() -> None:
         assert torch.equal(v, runs[1][k]), k
 
 
-def test_update_never_reads_tensors_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    algo = make(max_grad_norm=1.0)
-    batch = random_batch()
-
-    def guard(name: str):  # type: ignore[no-untyped-def]
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if sys._getframe(1).f_code.co_filename == awac_module.__file__:
-                raise AssertionError(f"host sync: Tensor.{name} called in awac.py")
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, guard(name))
-    algo.update(batch)
-    with pytest.raises(AssertionError, match="host sync"):  # the guard itself works
-        exec(compile("bool(torch.ones(()))", awac_module.__file__, "eval"), {"torch": torch})
-
-
 def _bandit_mode(awac_lambda: float) -> float:
     """Mean policy mode after training on one-step data: a = +0.5 pays 1, a = −0.5 pays 0."""
     algo = make(awac_lambda=awac_lambda, actor_lr=1e-3, critic_lr=1e-3, seed=1)
@@ -188,13 +165,6 @@ def test_advantage_weights_favour_the_better_action() -> None:
 def test_invalid_config_is_rejected(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=next(iter(bad))):
         make(**bad)
-
-
-def test_policy_acts_in_env_units() -> None:
-    algo = AWAC(AWACConfig(**SMALL), OBS_SPACE, gym.spaces.Box(-2.0, 2.0, (1,), np.float32))
-    for deterministic in (True, False):
-        actions = algo.act(np.zeros((4, 2), np.float32), deterministic=deterministic)
-        assert actions.shape == (4, 1) and np.all(np.abs(actions) <= 2.0)
 
 
 # -- learning ------------------------------------------------------------------------------------

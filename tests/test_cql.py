@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-import offrl.algos.cql as cql_module
 from offrl.algos.cql import (
     CQL,
     CQLConfig,
@@ -22,7 +20,6 @@ from offrl.errors import ConfigError
 from offrl.types import Batch
 
 OBS_SPACE = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-ACT_SPACE = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
 SMALL = {"actor_hidden": (32, 32), "critic_hidden": (32, 32), "batch_size": 64, "n_actions": 4}
 
 
@@ -138,20 +135,6 @@ def test_critic_values_match_one_by_one_evaluation() -> None:
 
 
 # -- the algorithm -------------------------------------------------------------------------------
-def test_loss_terms_send_gradient_only_to_their_own_parameters() -> None:
-    algo = make(lagrange=True)
-    terms = algo.loss_terms(random_batch())
-    assert set(terms) == {"critic", "actor", "alpha", "alpha_prime"}
-    owned = {
-        name: {id(p) for g in opt.param_groups for p in g["params"]} for name, opt in algo.optimizers.items()
-    }
-    params = [p for p in algo.nets.parameters() if p.requires_grad]
-    for name, loss in terms.items():
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        touched = {id(p) for p, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
-        assert touched, name
-        assert touched <= owned[name], name
-    assert all(not p.requires_grad for p in algo.critic_target.parameters())
 
 
 def test_update_metrics_are_detached_scalars_and_deterministic() -> None:
@@ -171,29 +154,6 @@ def test_update_metrics_are_detached_scalars_and_deterministic() -> None:
     for k, v in runs[0].items():
         assert isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad, k
         assert torch.equal(v, runs[1][k]), k
-
-
-def test_update_never_reads_tensors_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`.item()`, `float(t)`, `if t:` … called from cql.py itself would each sync a GPU per step."""
-    algo = make(lagrange=True, max_q_backup=True, backup_entropy=True, bc_steps=1, max_grad_norm=1.0)
-    batch = random_batch()
-
-    def guard(name: str):  # type: ignore[no-untyped-def]
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if sys._getframe(1).f_code.co_filename == cql_module.__file__:
-                raise AssertionError(f"host sync: Tensor.{name} called in cql.py")
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, guard(name))
-    for _ in range(2):  # bc warm-up step, then the SAC actor step
-        algo.update(batch)
-    with pytest.raises(AssertionError, match="host sync"):  # the guard itself works
-        exec(compile("bool(torch.ones(()))", cql_module.__file__, "eval"), {"torch": torch})
 
 
 @pytest.mark.parametrize("target_gap, direction", [(10.0, -1), (-10.0, 1)])
@@ -225,12 +185,6 @@ def test_bc_warmup_maximises_data_likelihood() -> None:
     gain_bc, gain_sac = _likelihood_gain(100), _likelihood_gain(0)
     assert gain_bc > 0.4
     assert gain_bc > gain_sac + 0.3
-
-
-def test_policy_acts_in_env_units() -> None:
-    algo = CQL(CQLConfig(**SMALL), OBS_SPACE, ACT_SPACE)  # type: ignore[arg-type]
-    actions = algo.act(np.zeros((4, 2), np.float32))
-    assert actions.shape == (4, 1) and np.all(np.abs(actions) <= 2.0)
 
 
 def _ood_gap(cql_alpha: float) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import offrl.algos.td3bc as td3bc_module
 from offrl.algos.td3bc import (
     TD3BC,
     TD3BCConfig,
@@ -182,20 +180,6 @@ def test_metrics_keep_their_keys_between_actor_steps() -> None:
     assert not torch.equal(second["critic_loss"], first["critic_loss"])
 
 
-def test_loss_terms_send_gradient_only_to_their_own_parameters() -> None:
-    algo = make()
-    terms = algo.loss_terms(random_batch())
-    assert set(terms) == {"critic", "actor"}
-    owned = {n: {id(p) for g in o.param_groups for p in g["params"]} for n, o in algo.optimizers.items()}
-    params = [p for p in algo.nets.parameters() if p.requires_grad]
-    for name, loss in terms.items():
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        touched = {id(p) for p, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
-        assert touched and touched <= owned[name], name
-    targets = [*algo.actor_target.parameters(), *algo.critic_target.parameters()]
-    assert all(not p.requires_grad for p in targets)
-
-
 def test_update_is_deterministic_per_seed() -> None:
     batch = random_batch()
     runs = []
@@ -204,28 +188,6 @@ def test_update_is_deterministic_per_seed() -> None:
         runs.append([algo.update(batch) for _ in range(3)][-1])
     for k, v in runs[0].items():
         assert torch.equal(v, runs[1][k]), k
-
-
-def test_update_never_reads_tensors_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    algo = make(max_grad_norm=1.0)
-    batch = random_batch()
-
-    def guard(name: str):  # type: ignore[no-untyped-def]
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if sys._getframe(1).f_code.co_filename == td3bc_module.__file__:
-                raise AssertionError(f"host sync: Tensor.{name} called in td3bc.py")
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, guard(name))
-    for _ in range(2):  # an actor step, then a critic-only step
-        algo.update(batch)
-    with pytest.raises(AssertionError, match="host sync"):  # the guard itself works
-        exec(compile("bool(torch.ones(()))", td3bc_module.__file__, "eval"), {"torch": torch})
 
 
 def _bandit_action(alpha: float) -> float:
@@ -253,13 +215,6 @@ def test_q_term_pulls_the_policy_off_the_behaviour_mean_towards_the_better_actio
 def test_invalid_config_is_rejected(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=next(iter(bad))):
         make(**bad)
-
-
-def test_policy_acts_in_env_units() -> None:
-    algo = TD3BC(TD3BCConfig(**SMALL), OBS_SPACE, gym.spaces.Box(-2.0, 2.0, (1,), np.float32))
-    actions = algo.act(np.zeros((4, 2), np.float32))
-    assert actions.shape == (4, 1) and np.all(np.abs(actions) <= 2.0)
-    assert math.isfinite(float(actions.sum()))
 
 
 # -- learning ------------------------------------------------------------------------------------

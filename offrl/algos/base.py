@@ -42,6 +42,7 @@ class Algorithm:
     name: ClassVar[str]
     discrete: ClassVar[bool]
     Config: ClassVar[type]
+    online: ClassVar[bool] = False  # trained by the online loop (``OnlineAlgorithm``), not from a dataset
     # whose update steps (run through ``_run_step``) are checked to replay correctly as CUDA graphs
     cuda_graph_safe: ClassVar[bool] = False
 

@@ -358,8 +358,8 @@ def _has_variant(name: str, discrete: bool) -> bool:
 
     try:
         registry.algorithm_class(name, discrete=discrete)
-    except ConfigError as exc:
-        if "unknown algorithm" in str(exc):
+    except ConfigError:
+        if name not in registry.names(online=False):  # unknown, or an online algorithm
             raise
         return False
     return True

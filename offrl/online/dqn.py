@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from offrl import nets
 from offrl.algos.base import step
+from offrl.algos.registry import register
 from offrl.config import option
 from offrl.losses import double_q_target, td_loss, td_target
 from offrl.online.buffer import ReplayBuffer
@@ -101,6 +102,7 @@ class DuelingQ(nn.Module):
         return head
 
 
+@register
 class DQN(OnlineAlgorithm):
     """Double DQN with ε-greedy exploration and an optional dueling head (discrete actions)."""
 
@@ -195,6 +197,3 @@ class DQN(OnlineAlgorithm):
             else:
                 nets.soft_update(q_target, q_net, cfg.tau)
         return {"loss": loss.detach(), "q_mean": q.detach().mean()}
-
-
-ALGORITHMS = (DQN,)

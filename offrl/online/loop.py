@@ -25,7 +25,6 @@ Run directory (the harness's, offrl.run, as the offline trainer's; see docs/onli
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import os
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from offrl import run
+from offrl.algos import registry
 from offrl.algos.base import OfflineAlgorithm
 from offrl.checkpoint import load_checkpoint
 from offrl.config import option
@@ -60,6 +60,7 @@ class OnlineAlgorithm(OfflineAlgorithm):
     from :class:`OfflineAlgorithm`; the loop calls the hooks below. Every config has ``num_envs``.
     """
 
+    online: ClassVar[bool] = True
     on_policy: ClassVar[bool] = False
 
     @property
@@ -87,24 +88,13 @@ class OnlineAlgorithm(OfflineAlgorithm):
 
 
 # -- algorithms by name ---------------------------------------------------------------------------
-_MODULES = {"sac": "offrl.online.sac", "dqn": "offrl.online.dqn", "ppo": "offrl.online.ppo"}
-
-
 def algorithm_names() -> list[str]:
-    return sorted(_MODULES)
+    return registry.names(online=True)
 
 
 def algorithm_class(name: str, action_space: gym.Space) -> type[OnlineAlgorithm]:
     """The online algorithm ``name`` for an action space (PPO has both variants)."""
-    if name not in _MODULES:
-        raise ConfigError(f"unknown online algorithm {name!r}; available: {', '.join(algorithm_names())}")
-    module = importlib.import_module(_MODULES[name])
-    discrete = isinstance(action_space, gym.spaces.Discrete)
-    for cls in module.ALGORITHMS:
-        if cls.discrete == discrete:
-            return cls
-    kind = "discrete" if discrete else "continuous"
-    raise ConfigError(f"online algorithm {name!r} has no {kind} variant; the action space is {action_space}")
+    return registry.algorithm_class(name, action_space, online=True)  # type: ignore[return-value]
 
 
 # -- configuration ----------------------------------------------------------------------------------

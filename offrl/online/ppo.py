@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from offrl import nets
 from offrl.algos.base import step
+from offrl.algos.registry import register
 from offrl.config import option
 from offrl.errors import ConfigError
 from offrl.losses import td_target
@@ -120,6 +121,7 @@ def _orthogonal(net: nn.Module, out_gain: float) -> None:
         nn.init.zeros_(m.bias)
 
 
+@register
 class PPO(OnlineAlgorithm):
     """PPO with a tanh-squashed Gaussian policy (continuous actions)."""
 
@@ -262,10 +264,8 @@ class PPO(OnlineAlgorithm):
         }
 
 
+@register
 class PPODiscrete(PPO):
     """PPO with a categorical policy (discrete actions)."""
 
     discrete: ClassVar[bool] = True
-
-
-ALGORITHMS = (PPO, PPODiscrete)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from offrl import nets
 from offrl.algos.base import GaussianActorCritic, apply_gradients, step
+from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.losses import LearnedScalar, critic_loss, sac_actor_loss, sac_alpha_loss, soft_td_target
 from offrl.online.buffer import ReplayBuffer
@@ -93,6 +94,7 @@ def tanh_gaussian_sample_grad(
     return torch.cat([g_u, g_log_std * inside], dim=-1)
 
 
+@register
 class SAC(GaussianActorCritic, OnlineAlgorithm):
     """Soft Actor-Critic with twin critics and automatic entropy tuning (continuous actions)."""
 
@@ -250,6 +252,3 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
         nets.soft_update(self.critic_target, self.critic, cfg.tau)
         self.num_updates += 1
         return metrics
-
-
-ALGORITHMS = (SAC,)
