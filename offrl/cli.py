@@ -134,10 +134,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from offrl.evaluation import evaluate
-    from offrl.policies.artifact import POLICY_JSON, find_artifact, load_policy
+    from offrl.policies.artifact import find_artifact, load_policy, read_policy_json
 
     folder = find_artifact(Path(args.policy))
-    meta = json.loads((folder / POLICY_JSON).read_text())
+    meta = read_policy_json(folder)
     env_id = args.env or meta.get("env_id")
     if not env_id:
         raise OfflineRLError(f"{args.policy}: the policy records no environment; give --env ENV_ID")

@@ -31,11 +31,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from offrl import config as cfgmod
-from offrl.checkpoint import latest_checkpoint, save_checkpoint, write_latest
+from offrl.checkpoint import latest_checkpoint, save_checkpoint, sweep_checkpoints, write_latest
 from offrl.errors import ConfigError, OfflineRLError
 from offrl.logger import JsonlLogger, Logger, MultiLogger, TensorboardLogger, progress_enabled
 from offrl.runtime import RUNTIME_KEYS, Runtime, migrate
-from offrl.utils import atomic_write_json, atomic_write_text, package_versions
+from offrl.utils import atomic_write_json, atomic_write_text, package_versions, sweep_leftovers
 
 if TYPE_CHECKING:
     from offrl.algos.base import OfflineAlgorithm
@@ -227,6 +227,7 @@ class RunDirectory:
     ) -> Logger:
         """Record the run as running (a new one: refuse a directory that holds one) and open its loggers."""
         self.path.mkdir(parents=True, exist_ok=True)
+        self.sweep()
         if resume:
             self.info = run_status(self.path).info
         else:
@@ -243,6 +244,13 @@ class RunDirectory:
             [JsonlLogger(self.path / "metrics.jsonl"), TensorboardLogger(self.path / "tb")]
         )
         return self.logger
+
+    def sweep(self) -> list[str]:
+        """Clear what writes cut short by a kill left behind (hidden staging folders and temporary
+        files of checkpoints, the policy and the run's records); a folder moved aside for its
+        replacement is put back. Only while this process is the run folder's one writer."""
+        own = (CONFIG_TOML, RUN_JSON, "eval.json", "policy")
+        return [*sweep_leftovers(self.path, own), *sweep_checkpoints(self.checkpoints)]
 
     def write_status(self, status: str, **fields: Any) -> None:
         self.info.update({"status": status, **fields})

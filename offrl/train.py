@@ -30,7 +30,15 @@ from offrl import config as cfgmod
 from offrl import run
 from offrl.algos import registry
 from offrl.algos.base import OfflineAlgorithm
-from offrl.checkpoint import latest_checkpoint, load_checkpoint
+from offrl.checkpoint import (
+    STATE_JSON,
+    Fields,
+    RunConfigFileError,
+    StateFileError,
+    latest_checkpoint,
+    load_checkpoint,
+    set_torch_rng_state,
+)
 from offrl.config import option
 from offrl.data.dataset import TransitionDataset
 from offrl.errors import ConfigError
@@ -130,17 +138,22 @@ def resolve_config(
     )
 
 
+def read_run_toml(run_dir: str | os.PathLike[str]) -> Fields:
+    """A run directory's ``config.toml``, its fields checked as they are read (:class:`RunConfigFileError`)."""
+    path = Path(run_dir) / run.CONFIG_TOML
+    return Fields(cfgmod.read_toml(path), path, RunConfigFileError)
+
+
 def load_run_config(run_dir: str | os.PathLike[str], action_space: Any) -> RunConfig:
     """The config a run directory was started with (older layouts included)."""
-    path = Path(run_dir) / run.CONFIG_TOML
-    doc = cfgmod.read_toml(path)
+    doc = read_run_toml(run_dir)
     return resolve_config(
-        doc["algo"],
-        doc["dataset"],
+        doc.text("algo"),
+        doc.text("dataset"),
         action_space=action_space,
-        seed=int(doc["seed"]),
-        device=doc["device"],
-        config_file=path,
+        seed=doc.integer("seed"),
+        device=doc.text("device"),
+        config_file=doc.path,
     )
 
 
@@ -173,7 +186,7 @@ def load_initial_weights(algo: OfflineAlgorithm, source: str | os.PathLike[str])
     state, _ = load_checkpoint(folder, algo.device)
     try:
         algo.nets.load_state_dict(state["algo"]["nets"])
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise ConfigError(
             f"{folder}: its weights do not fit this '{algo.name}' configuration (same algorithm and "
             f"network sizes needed to start from them): {exc}"
@@ -273,16 +286,19 @@ class Trainer:
 
     def _restore(self, folder: Path) -> int:
         state, meta = load_checkpoint(folder, self.device)
-        if meta.get("dataset_sha256") not in (None, self.dataset_sha):
+        path = folder / STATE_JSON  # errors name the file and the field (StateFileError)
+        s, m = Fields(state, path, StateFileError, "state"), Fields(meta, path, StateFileError, "meta")
+        passes, step = m.integer("pass", minimum=0), s.integer("step", minimum=0)
+        if m.get("dataset_sha256", (str, type(None)), "a string", None) not in (None, self.dataset_sha):
             raise ConfigError(
                 f"{self.cfg.dataset} has changed since this run started (SHA-256 differs from the checkpoint's); "
                 "refusing to resume on different data"
             )
-        self.algo.load_state_dict(state["algo"])
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = int(state["step"])
-        return int(meta["pass"])
+        s.use("algo", self.algo.load_state_dict)
+        s.use("sampler", self.sampler.load_state_dict)
+        s.use("torch_rng", set_torch_rng_state)
+        self.step = step
+        return passes
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, show_progress: bool | None = None) -> RunResult:
@@ -401,8 +417,7 @@ def resume(
     """Continue a run from its newest checkpoint up to its configured length (or ``epochs`` passes)."""
     from offrl.data.format import read_raw
 
-    doc = cfgmod.read_toml(Path(run_dir) / run.CONFIG_TOML)
-    cfg = load_run_config(run_dir, read_raw(doc["dataset"]).action_space)
+    cfg = load_run_config(run_dir, read_raw(read_run_toml(run_dir).text("dataset")).action_space)
     if epochs is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, steps=None))
     return Trainer(cfg, run_dir).run(resume=True, show_progress=show_progress)

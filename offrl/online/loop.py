@@ -41,7 +41,7 @@ from tqdm import tqdm
 from offrl import run
 from offrl.algos import registry
 from offrl.algos.base import OfflineAlgorithm
-from offrl.checkpoint import load_checkpoint
+from offrl.checkpoint import STATE_JSON, Fields, StateFileError, load_checkpoint, set_torch_rng_state
 from offrl.config import option
 from offrl.errors import CheckpointError, ConfigError
 from offrl.logger import Logger
@@ -330,13 +330,15 @@ class OnlineTrainer:
 
     def _restore(self, folder: Path) -> None:
         state, meta = load_checkpoint(folder, self.device)
-        if meta.get("algo") != self.cfg.algo:
+        path = folder / STATE_JSON  # errors name the file and the field (StateFileError)
+        s, m = Fields(state, path, StateFileError, "state"), Fields(meta, path, StateFileError, "meta")
+        if m.text("algo") != self.cfg.algo:
             raise CheckpointError(f"{folder}: a checkpoint of '{meta.get('algo')}', not '{self.cfg.algo}'")
-        self.algo.load_state_dict(state["algo"])
-        self.storage.load_state_dict(state["storage"])
-        torch.set_rng_state(state["torch_rng"])
-        self.env_steps = int(state["env_steps"])
-        self.episodes = int(state["episodes"])
+        env_steps, episodes = s.integer("env_steps", minimum=0), s.integer("episodes", minimum=0)
+        s.use("algo", self.algo.load_state_dict)
+        s.use("storage", self.storage.load_state_dict)
+        s.use("torch_rng", set_torch_rng_state)
+        self.env_steps, self.episodes = env_steps, episodes
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, show_progress: bool | None = None) -> OnlineResult:

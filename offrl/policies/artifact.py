@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,32 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from offrl import nets
+from offrl.checkpoint import (
+    Fields,
+    FileContentError,
+    WeightsFileError,
+    read_json,
+    read_tensors,
+    write_tensors,
+)
 from offrl.errors import CheckpointError
 from offrl.policies.modules import build_continuous_bcq, build_discrete_bcq
 from offrl.preprocess import ActionScaler, ObsNormalizer
 from offrl.spaces import space_from_dict, space_to_dict
-from offrl.utils import atomic_path, atomic_write_json
+from offrl.utils import WriteError, atomic_path, replace_folder, staging_folder
 
 ARTIFACT_VERSION = 1
 POLICY_JSON = "policy.json"
 POLICY_WEIGHTS = "policy.safetensors"
+ARTIFACT_FILES = (POLICY_JSON, POLICY_WEIGHTS)
+
+
+class PolicyFileError(FileContentError, CheckpointError):
+    """An artefact's ``policy.json`` is not JSON, not an object, or lacks a field or holds one of the
+    wrong type (the message names the file and the field)."""
 
 
 def _build_deterministic(a: dict[str, Any]) -> nn.Module:
@@ -178,13 +192,35 @@ class TorchPolicy:
         }
 
     def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-        """Write the artefact folder; each file is replaced atomically."""
+        """Write the artefact folder atomically: both files are written in a hidden staging folder
+        beside it, which then takes its place, so a reader never pairs the JSON of one save with the
+        weights of another. A folder that holds other files too keeps them: there each file is
+        replaced atomically, one after the other. A failed write raises :class:`offrl.utils.WriteError`."""
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / POLICY_WEIGHTS) as tmp:
-            save_file(self.tensors(), str(tmp))
-        atomic_write_json(folder / POLICY_JSON, {**self.describe(), **(extra or {})})
+        if folder.is_dir() and any(p.name not in ARTIFACT_FILES for p in folder.iterdir()):
+            self._write_files(folder, folder, extra)
+            return folder
+        staged = staging_folder(folder)
+        try:
+            self._write_files(staged, folder, extra)
+            replace_folder(staged, folder)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
         return folder
+
+    def _write_files(self, where: Path, folder: Path, extra: dict[str, Any] | None) -> None:
+        """Write the weights, then the JSON, into ``where``; errors name them in ``folder``."""
+        text = json.dumps({**self.describe(), **(extra or {})}, indent=2, sort_keys=True, allow_nan=False)
+        for name in (POLICY_WEIGHTS, POLICY_JSON):
+            try:
+                with atomic_path(where / name) as tmp:
+                    if name == POLICY_WEIGHTS:
+                        write_tensors(self.tensors(), tmp, folder / name)
+                    else:
+                        tmp.write_text(text + "\n")
+            except OSError as exc:
+                raise WriteError(f"{folder / name}: could not be written ({exc.strerror or exc})") from None
 
 
 def find_artifact(path: Path) -> Path:
@@ -197,30 +233,54 @@ def find_artifact(path: Path) -> Path:
     )
 
 
+def read_policy_json(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """An artefact's ``policy.json``, with the fields offrl reads checked (:class:`PolicyFileError`
+    names the file and the field): ``kind``, ``arch``, the spaces, and the optional ``env_id`` and
+    reference returns."""
+    path = Path(folder) / POLICY_JSON
+    doc = Fields(read_json(path, PolicyFileError), path, PolicyFileError)
+    version = doc.integer("artifact_version", 0, minimum=0)
+    if version > ARTIFACT_VERSION:
+        raise CheckpointError(
+            f"{folder}: artefact version {version} is newer than this offrl reads ({ARTIFACT_VERSION})"
+        )
+    kind = doc.text("kind")
+    if kind not in POLICY_KINDS:
+        raise doc.fail("kind", f"is {kind!r}, not a policy kind offrl knows ({', '.join(POLICY_KINDS)})")
+    arch = doc.fields("arch")
+    arch.integer("obs_dim", minimum=1)
+    arch.integer("act_dim", minimum=1)
+    for key in ("hidden", "critic_hidden", "decoder_hidden"):
+        if key in arch.data:
+            widths = arch.get(key, list, "a list of layer widths")
+            if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+                raise arch.fail(key, f"is {widths!r}, expected a list of positive integer layer widths")
+    arch.text("activation", "relu")
+    for key in ("observation_space", "action_space"):
+        doc.fields(key)
+    doc.get("env_id", (str, type(None)), "a string (an environment id)", None)
+    for key in ("ref_min_return", "ref_max_return"):
+        doc.get(key, (int, float, type(None)), "a number", None)
+    return doc.data
+
+
 def load_policy(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu", seed: int | None = None
 ) -> TorchPolicy:
-    """Rebuild a policy from its artefact folder (or a run folder) without the training code."""
+    """Rebuild a policy from its artefact folder (or a run folder) without the training code.
+
+    Every field read from ``policy.json`` is checked (:class:`PolicyFileError`), and the weights file
+    must be a complete safetensors file without NaN or infinity (:class:`WeightsFileError`); nothing
+    is ever unpickled."""
     folder = find_artifact(Path(path))
-    try:
-        meta = json.loads((folder / POLICY_JSON).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{folder / POLICY_JSON}: invalid JSON ({exc})") from None
-    if int(meta.get("artifact_version", 0)) > ARTIFACT_VERSION:
-        raise CheckpointError(
-            f"{folder}: artefact version {meta.get('artifact_version')} is newer than this offrl reads ({ARTIFACT_VERSION})"
-        )
-    kind = meta.get("kind")
-    if kind not in POLICY_KINDS:
-        raise CheckpointError(f"{folder / POLICY_JSON}: unknown policy kind {kind!r}")
+    meta = read_policy_json(folder)
+    doc = Fields(meta, folder / POLICY_JSON, PolicyFileError)
+    kind = str(meta["kind"])
     arch = meta["arch"]
-    obs_space = space_from_dict(meta["observation_space"])
-    act_space = space_from_dict(meta["action_space"])
-    try:
-        tensors = load_file(str(folder / POLICY_WEIGHTS), device=str(device))
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{folder / POLICY_WEIGHTS}: unreadable weights ({exc})") from None
-    net = POLICY_KINDS[kind][0](arch).to(device)
+    obs_space = doc.use("observation_space", space_from_dict)
+    act_space = doc.use("action_space", space_from_dict)
+    tensors = read_tensors(folder / POLICY_WEIGHTS, device)
+    net = doc.use("arch", lambda a: POLICY_KINDS[kind][0](a).to(device))
 
     def part(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -233,6 +293,8 @@ def load_policy(
         if "scaler.low" in tensors:
             scaler = ActionScaler(tensors["scaler.low"], tensors["scaler.high"]).to(device)
     except (RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"{folder}: weights do not match the described architecture ({exc})") from None
+        raise WeightsFileError(
+            folder / POLICY_WEIGHTS, f"does not match the architecture in {POLICY_JSON} ({exc})"
+        ) from None
     net.eval()
     return TorchPolicy(kind, net, arch, normalizer, scaler, obs_space, act_space, seed=seed)
