@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -63,20 +65,24 @@ def categorical_bc_grads(
 def bc_step(algo: ContinuousBC | DiscreteBC, dtype: torch.dtype) -> StepFn | None:
     """The deterministic and the categorical policy train through the hand-written passes; the Gaussian
     policy keeps its reference step."""
-    actor = algo.nets["actor"]
+    net = cast(nn.Module, algo.nets["actor"].net)
+    grads_fn: hand.GradsFn
     if algo.discrete:
-        layers, grads_fn = hand.relu_linears(actor.net), categorical_bc_grads
+        layers, grads_fn = hand.relu_linears(net), categorical_bc_grads
     elif algo.config.policy == "deterministic":
-        layers, grads_fn = hand.relu_linears(actor.net, nn.Tanh), deterministic_bc_grads
+        layers, grads_fn = hand.relu_linears(net, nn.Tanh), deterministic_bc_grads
     else:
         return None
     if layers is None:
         return None
+    linears = layers
     mode = algo.runtime.compile
     fn = compiled(grads_fn, mode)
 
     def fast_step(batch: Batch) -> dict[str, Tensor]:
-        metrics = hand.run_hand_step(fn, layers, batch.obs, batch.actions, dtype=dtype, in_place=mode is None)
+        metrics = hand.run_hand_step(
+            fn, linears, batch.obs, batch.actions, dtype=dtype, in_place=mode is None
+        )
         apply_gradients(algo.optimizers["actor"], algo.config.max_grad_norm)
         return metrics
 

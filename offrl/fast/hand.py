@@ -58,7 +58,7 @@ def params(layers: Sequence[nn.Module]) -> list[Tensor]:
 
 def weights(layers: Sequence[nn.Module]) -> tuple[list[Tensor], list[Tensor]]:
     """The layers' weights in ``x @ W`` orientation and their biases, as :mod:`offrl.fast.relu` takes them."""
-    ws = [lin.weight.t() if isinstance(lin, nn.Linear) else lin.weight for lin in layers]
+    ws: list[Tensor] = [lin.weight.t() if isinstance(lin, nn.Linear) else lin.weight for lin in layers]  # type: ignore[misc]
     return ws, [lin.bias for lin in layers]  # type: ignore[misc]
 
 

@@ -29,7 +29,7 @@ class StepRunner:
     """
 
     def __init__(self, algo: Any) -> None:
-        self.algo = algo
+        self.algo: Any = algo
         self.runtime = algo.runtime
         self.kernels = Kernels(algo.nets, self.runtime.dtype, self.runtime.fast_paths)
         self._steps: dict[Any, StepFn] = {}
@@ -45,7 +45,8 @@ class StepRunner:
 
     def _choose(self, fn: StepFn) -> StepFn:
         algo, rt = self.algo, self.runtime
-        if getattr(fn, "__self__", None) is algo and fn.__name__ == "_step":
+        reference = getattr(fn, "__self__", None) is algo and getattr(fn, "__name__", None) == "_step"
+        if reference:
             fast = registry.fast_step(algo, relu.hidden_dtype(rt.dtype, algo.device))
             if fast is not None:
                 return fast
