@@ -27,6 +27,7 @@ Figures are ratios against d3rlpy measured in the same run, never assertions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -96,10 +97,6 @@ class OfflineRLWorker:
         from offrl.data import format as fmt
         from offrl.data.dataset import TransitionDataset
 
-        # as the trainer does by default (Runtime.flush_denormal; d3rlpy's worker runs with the CPU's
-        # defaults, as d3rlpy's users do)
-        torch.set_flush_denormal(True)
-
         discrete = algo in DISCRETE
         arrays = synthetic_arrays(discrete)
         obs_dim = arrays["observations"].shape[1]
@@ -115,12 +112,16 @@ class OfflineRLWorker:
             **arrays,
         )
         dataset = TransitionDataset(raw, device)
-        # only name the new fields when they differ from their defaults, so older checkouts run too
+        # speed settings: the runtime's; older checkouts kept precision and compile in the algorithm
+        # configs (named only where they differ from their defaults) and had no runtime
+        old_api = "precision" in {f.name for f in dataclasses.fields(BCConfig)}
         extra: dict[str, Any] = {}
-        if precision != "fp32":
-            extra["precision"] = precision
-        if compile_mode is not None:
-            extra["compile"] = compile_mode
+        if old_api:
+            torch.set_flush_denormal(True)  # as the trainer did
+            if precision != "fp32":
+                extra["precision"] = precision
+            if compile_mode is not None:
+                extra["compile"] = compile_mode
         # d3rlpy's defaults: 2×256 MLPs everywhere, 2 critics, 10 sampled actions, Lagrange α' on
         cls: Any
         cfg: Any
@@ -143,8 +144,21 @@ class OfflineRLWorker:
             cls = DiscreteCQL
         else:
             cls, cfg = _later_algorithm(algo)
-        self.algo = cls(cfg, dataset.observation_space, dataset.action_space, seed=0, device=device)
-        self.algo.cuda_graphs = cuda_graphs
+        if old_api:
+            self.algo = cls(cfg, dataset.observation_space, dataset.action_space, seed=0, device=device)
+            self.algo.cuda_graphs = cuda_graphs
+        else:
+            from offrl.runtime import Runtime
+
+            runtime = Runtime(
+                threads=torch.get_num_threads(),
+                precision=precision,  # type: ignore[arg-type]
+                compile=compile_mode,  # type: ignore[arg-type]
+                cuda_graphs=cuda_graphs,
+            )
+            runtime.apply()  # as the trainer does (d3rlpy's worker runs with the CPU's defaults)
+            spaces = (dataset.observation_space, dataset.action_space)
+            self.algo = cls(cfg, *spaces, seed=0, device=device, runtime=runtime)
         self.dataset = self.algo.prepare_dataset(dataset)
         self.sampler = self.dataset.sampler(BATCH, seed=0, drop_last=True)
         self.algo.train_mode(True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -29,7 +30,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from offrl import nets
 from offrl.algos.awac import AWAC, AWACConfig
 from offrl.algos.base import OfflineAlgorithm
 from offrl.algos.bc import BCConfig, ContinuousBC, DiscreteBC
@@ -40,6 +40,7 @@ from offrl.algos.cql_discrete import DiscreteCQL, DiscreteCQLConfig
 from offrl.algos.iql import IQL, IQLConfig
 from offrl.algos.iql_discrete import DiscreteIQL
 from offrl.algos.td3bc import TD3BC, TD3BCConfig
+from offrl.runtime import Runtime
 from offrl.types import Batch
 
 OBS, ACT, N_DISCRETE = 11, 3, 4
@@ -71,9 +72,7 @@ CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], bool]] = [
     (
         "cql bf16",
         CQL,
-        lambda b: CQLConfig(
-            batch_size=b, actor_hidden=(256, 256), critic_hidden=(256, 256), lagrange=True, precision="bf16"
-        ),
+        lambda b: CQLConfig(batch_size=b, actor_hidden=(256, 256), critic_hidden=(256, 256), lagrange=True),
         False,
     ),
     ("cql discrete", DiscreteCQL, lambda b: DiscreteCQLConfig(batch_size=b, hidden=(256, 256)), True),
@@ -109,9 +108,7 @@ COMPILED_CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], bo
     (
         "cql compiled",
         CQL,
-        lambda b: CQLConfig(
-            batch_size=b, actor_hidden=(256, 256), critic_hidden=(256, 256), lagrange=True, compile="default"
-        ),
+        lambda b: CQLConfig(batch_size=b, actor_hidden=(256, 256), critic_hidden=(256, 256), lagrange=True),
         False,
     ),
     (
@@ -122,33 +119,31 @@ COMPILED_CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], bo
             actor_hidden=(256, 256),
             critic_hidden=(256, 256),
             lagrange=True,
-            compile="default",
-            precision="bf16",
         ),
         False,
     ),
     (
         "cql compiled tf32",  # "tf32" in a name: float32 matmuls on TF32 tensor cores for that case
         CQL,
-        lambda b: CQLConfig(
-            batch_size=b, actor_hidden=(256, 256), critic_hidden=(256, 256), lagrange=True, compile="default"
-        ),
+        lambda b: CQLConfig(batch_size=b, actor_hidden=(256, 256), critic_hidden=(256, 256), lagrange=True),
         False,
     ),
     (
         "cql discrete compiled",
         DiscreteCQL,
-        lambda b: DiscreteCQLConfig(batch_size=b, hidden=(256, 256), compile="default"),
+        lambda b: DiscreteCQLConfig(batch_size=b, hidden=(256, 256)),
         True,
     ),
 ]
 
 
-def kernel_profile(cls: type[OfflineAlgorithm], cfg: Any, discrete: bool, steps: int = 20) -> dict[str, Any]:
+def kernel_profile(
+    name: str, cls: type[OfflineAlgorithm], cfg: Any, discrete: bool, steps: int = 20
+) -> dict[str, Any]:
     """Per eager step: how many GPU kernels run and how long they take together (what a graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
-    algo = build(cls, cfg, discrete, False)
+    algo = build(cls, cfg, discrete, runtime_of(name, False))
     data = batches(4, cfg.batch_size, discrete, "cuda")
     for b in data:
         algo.update(b)
@@ -191,11 +186,19 @@ def batches(n: int, size: int, discrete: bool, device: str) -> list[Batch]:
     return out
 
 
-def build(cls: type[OfflineAlgorithm], cfg: Any, discrete: bool, graphs: bool) -> OfflineAlgorithm:
+def runtime_of(name: str, graphs: bool) -> Runtime:
+    """A case's runtime, from its name: "bf16" computes hidden layers in bfloat16, "compiled" compiles."""
+    return Runtime(
+        precision="bf16" if "bf16" in name else "fp32",
+        compile="default" if "compiled" in name else None,
+        cuda_graphs=graphs,
+    )
+
+
+def build(cls: type[OfflineAlgorithm], cfg: Any, discrete: bool, runtime: Runtime) -> OfflineAlgorithm:
     action_space = gym.spaces.Discrete(N_DISCRETE) if discrete else box()
     obs_space = gym.spaces.Box(-np.inf, np.inf, (OBS,), np.float32)
-    algo = cls(cfg, obs_space, action_space, device="cuda", seed=0)
-    algo.cuda_graphs = graphs
+    algo = cls(cfg, obs_space, action_space, device="cuda", seed=0, runtime=runtime)
     algo.train_mode(True)
     return algo
 
@@ -210,7 +213,8 @@ def check_case(
 ) -> dict[str, Any]:
     cfg = make_cfg(64)
     data = batches(steps, 64, discrete, "cuda")
-    eager, graphed = build(cls, cfg, discrete, False), build(cls, cfg, discrete, True)
+    eager = build(cls, cfg, discrete, runtime_of(name, False))
+    graphed = build(cls, cfg, discrete, runtime_of(name, True))
     metric_diff, kept = 0.0, True
     saved: dict[str, Any] | None = None
     previous: dict[str, torch.Tensor] | None = None
@@ -227,11 +231,11 @@ def check_case(
     graphs_used = graphed._graph_steps is not None and graphed._graph_steps.captured > 0
     # resume: a fresh instance from the mid-run state, fed the second half
     assert saved is not None
-    resumed = build(cls, cfg, discrete, True)
+    resumed = build(cls, cfg, discrete, runtime_of(name, True))
     resumed.load_state_dict(saved)
     for b in data[steps // 2 :]:
         resumed.update(b)
-    precision = getattr(cfg, "precision", "fp32")
+    precision = runtime_of(name, True).precision
     result = {
         "case": name,
         "graph captured": graphs_used,
@@ -245,7 +249,7 @@ def check_case(
     # speed at batch 256
     cfg256 = make_cfg(256)
     for label, graphs in (("eager", False), ("graphed", True)):
-        algo = build(cls, cfg256, discrete, graphs)
+        algo = build(cls, cfg256, discrete, runtime_of(name, graphs))
         data256 = batches(8, 256, discrete, "cuda")
         for b in data256:
             algo.update(b)
@@ -263,13 +267,11 @@ def check_compiled(
 ) -> dict[str, Any]:
     """A compiled step replayed as a graph against the uncompiled eager step (compiling is slow, so
     one compiled instance serves both the comparison and the timing)."""
-    import dataclasses
-
     cfg = make_cfg(256)
     data = batches(steps, 256, discrete, "cuda")
     torch.backends.cuda.matmul.allow_tf32 = "tf32" in name
-    eager = build(cls, dataclasses.replace(cfg, compile=None), discrete, False)
-    graphed = build(cls, cfg, discrete, True)
+    eager = build(cls, cfg, discrete, dataclasses.replace(runtime_of(name, False), compile=None))
+    graphed = build(cls, cfg, discrete, runtime_of(name, True))
     t0 = time.perf_counter()
     for b in data:
         eager.update(b)
@@ -302,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 0
-    print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, hand backward {nets.HAND_BACKWARD}")
+    print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     results = []
     if args.profile:
         for name, cls, make_cfg, discrete in (CASES[3], CASES[5], CASES[6], CASES[0]):
-            prof = {"case": name, **kernel_profile(cls, make_cfg(256), discrete)}
+            prof = {"case": name, **kernel_profile(name, cls, make_cfg(256), discrete)}
             print(json.dumps(prof), flush=True)
             results.append({**prof, "ok": True})
     cases = COMPILED_CASES if args.compile else CANDIDATE_CASES if args.candidates else CASES

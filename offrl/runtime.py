@@ -65,9 +65,14 @@ class Runtime:
         validate(self, "runtime", {"threads": self.threads >= 1})
 
     def apply(self) -> None:
-        """The process-wide torch settings of a run: intra-op threads and subnormal flushing."""
+        """The process-wide settings of a run: intra-op threads, subnormal flushing and, with the fast
+        paths, an allocator that keeps freed memory (see :func:`offrl.fast.memory.keep_freed_memory`)."""
         torch.set_num_threads(self.threads)
         torch.set_flush_denormal(self.flush_denormal)
+        if self.fast_paths:
+            from offrl.fast.memory import keep_freed_memory  # the speed layer imports this module
+
+            keep_freed_memory()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -42,3 +42,4 @@ def test_offrl_worker_builds_and_steps(algo: str, precision: str) -> None:
     after = worker.algo.nets.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "a step changed no parameter"
     assert worker.algo.discrete == (algo in bench.DISCRETE)
+    assert worker.algo.runtime.precision == precision

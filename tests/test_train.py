@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from offrl import cli
 from offrl.data.writer import DatasetWriter
 from offrl.errors import ConfigError
+from offrl.runtime import Runtime
 from offrl.train import Trainer, TrainingDiverged, fit, resolve_config, resume
 
 
@@ -127,13 +128,17 @@ def test_configs_built_in_code_are_checked_like_files() -> None:
     from offrl.algos.bc import BCConfig
     from offrl.algos.cql_discrete import DiscreteCQLConfig
 
-    with pytest.raises(ConfigError, match=r"bc: invalid precision='fp16' \(one of 'fp32', 'bf16'\)"):
-        BCConfig(precision="fp16")  # type: ignore[arg-type]
+    with pytest.raises(
+        ConfigError, match=r"bc: invalid policy='mixture' \(one of 'deterministic', 'gaussian'\)"
+    ):
+        BCConfig(policy="mixture")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"runtime: invalid precision='fp16' \(one of 'fp32', 'bf16'\)"):
+        Runtime(precision="fp16")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"compile='fast'.*None\)"):
-        BCConfig(compile="fast")  # type: ignore[arg-type]
+        Runtime(compile="fast")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"cql \(discrete\): invalid loss='l1'.*, lr=-1\.0"):
         DiscreteCQLConfig(loss="l1", lr=-1.0)  # type: ignore[arg-type]
-    BCConfig(compile=None, precision="bf16")  # valid choices pass
+    Runtime(compile=None, precision="bf16")  # valid choices pass
 
 
 def test_resume_refuses_changed_dataset(tmp_path: Path) -> None:

@@ -11,11 +11,13 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim import optimizer as optim_mod
 
 from offrl import nets
 from offrl.data.dataset import TransitionDataset
 from offrl.errors import CheckpointError, ConfigError
+from offrl.fast.graphs import CudaGraphSteps
+from offrl.fast.optim import adam
+from offrl.fast.runner import StepRunner
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ActionScaler, ObsNormalizer
 from offrl.runtime import Runtime
@@ -45,6 +47,8 @@ class Algorithm:
     online: ClassVar[bool] = False  # trained by the online loop (``OnlineAlgorithm``), not from a dataset
     # whose update steps (run through ``_run_step``) are checked to replay correctly as CUDA graphs
     cuda_graph_safe: ClassVar[bool] = False
+    # whose reference steps are checked to run under torch.compile (the runtime's ``compile``)
+    compile_safe: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -89,7 +93,8 @@ class Algorithm:
         self.num_updates = 0
         self._acting_policy: TorchPolicy | None = None
         self.cuda_graphs = self.runtime.cuda_graphs
-        self._graph_steps: nets.CudaGraphSteps | None = None
+        self._graph_steps: CudaGraphSteps | None = None
+        self._runner: StepRunner | None = None
         self._optimizer_specs: list[tuple[str, tuple[nn.Module, ...], float, dict[str, Any]]] = []
         self.build()
         self.nets.to(self.device)
@@ -121,16 +126,21 @@ class Algorithm:
         raise NotImplementedError
 
     def _run_step(self, fn: Callable[..., dict[str, Tensor]], batch: Batch, *args: Any) -> dict[str, Tensor]:
-        """``fn(batch, *args)``: the part of an update that runs on the device. On CUDA, for algorithms
-        marked ``cuda_graph_safe``, it is captured once and replayed as a CUDA graph
-        (``args`` must be hashable settings such as a phase flag: each value gets its own graph)."""
+        """``fn(batch, *args)``: the part of an update that runs on the device, as the runtime says
+        (:class:`offrl.fast.runner.StepRunner`: a registered fast step in place of ``self._step``,
+        compile, precision). On CUDA, for algorithms marked ``cuda_graph_safe``, it is captured once and
+        replayed as a CUDA graph (``args`` must be hashable settings such as a phase flag: each value gets
+        its own graph)."""
+        if self._runner is None or self._runner.runtime is not self.runtime:
+            self._runner = StepRunner(self)
+        run = self._runner.step(fn)
         if not (self.cuda_graphs and self.cuda_graph_safe and batch.obs.is_cuda):
-            return fn(batch, *args)
+            return run(batch, *args)
         if self._graph_steps is None:
-            if not nets.CudaGraphSteps.supported():
-                return fn(batch, *args)
-            self._graph_steps = nets.CudaGraphSteps([self.generator])
-        return self._graph_steps.run(fn, batch, args)
+            if not CudaGraphSteps.supported():
+                return run(batch, *args)
+            self._graph_steps = CudaGraphSteps([self.generator])
+        return self._graph_steps.run(run, batch, args)
 
     def target_networks(self) -> Iterable[nn.Module]:
         """Networks that must never receive gradients (for the contract tests)."""
@@ -249,18 +259,6 @@ class GaussianActorCritic(ActorCritic):
         return self._policy("tanh_gaussian", self.actor, self.config.actor_hidden)
 
 
-def adam(params: Iterable[nn.Parameter], lr: float, **kwargs: Any) -> torch.optim.Adam:
-    """Adam with the fastest implementation available for these tensors: fused (one kernel per tensor)
-    on CPU and CUDA, foreach elsewhere. On CPU, foreach still runs op by op; fused is ~2.5× faster."""
-    params = list(params)
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    # capturable keeps the step counters on the GPU, so a CUDA graph can replay the step
-    capturable = any(p.is_cuda for p in params)
-    return torch.optim.Adam(
-        params, lr=lr, fused=fused or None, foreach=None if fused else True, capturable=capturable, **kwargs
-    )
-
-
 def step(
     optimizer: torch.optim.Optimizer,
     loss: Tensor,
@@ -273,67 +271,3 @@ def step(
     if max_grad_norm is not None and params is not None:
         nn.utils.clip_grad_norm_(list(params), max_grad_norm, foreach=True)
     optimizer.step()
-
-
-def apply_gradients(optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> None:
-    """Optional clip → step for gradients already in ``.grad`` (set by a hand-written backward); clips
-    the global norm over the optimiser's parameters."""
-    if max_grad_norm is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
-    if not _fused_adam_step(optimizer):
-        optimizer.step()
-
-
-def _fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
-    """``optimizer.step()`` of a fused Adam as the two kernels it runs, without its Python bookkeeping
-    (as long as the kernels on a policy-sized network). Same kernels and arguments, so the same numbers.
-    False (nothing done) wherever that would not be the plain step: first step, hooks, other options."""
-    # private torch API: checked for, so another torch version falls back to the public step
-    fused_adam = getattr(torch, "_fused_adam_", None)
-    if fused_adam is None or type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
-        return False
-    g = optimizer.param_groups[0]
-    hooks = (
-        getattr(optimizer, "_optimizer_step_pre_hooks", True),
-        getattr(optimizer, "_optimizer_step_post_hooks", True),
-        getattr(optim_mod, "_global_optimizer_pre_hooks", True),
-        getattr(optim_mod, "_global_optimizer_post_hooks", True),
-    )
-    if (
-        not g.get("fused")
-        or any(g.get(k, True) for k in ("amsgrad", "maximize", "capturable", "differentiable"))
-        or g.get("decoupled_weight_decay", False)
-        or not isinstance(g.get("lr"), float)
-        or any(hooks)
-    ):
-        return False
-    params: list[Tensor] = g["params"]
-    states: list[dict[str, Tensor]] = [optimizer.state.get(p, {}) for p in params]
-    grads = [p.grad for p in params]
-    if any(
-        "step" not in s or grad is None or p.device != params[0].device or p.dtype != params[0].dtype
-        for p, s, grad in zip(params, states, grads, strict=True)
-    ):
-        return False
-    steps = [s["step"] for s in states]
-    torch._foreach_add_(steps, 1)
-    beta1, beta2 = g["betas"]
-    fused_adam(
-        params,
-        cast(list[Tensor], grads),
-        [s["exp_avg"] for s in states],
-        [s["exp_avg_sq"] for s in states],
-        [],
-        steps,
-        amsgrad=False,
-        lr=g["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=g["weight_decay"],
-        eps=g["eps"],
-        maximize=False,
-        grad_scale=None,
-        found_inf=None,
-    )
-    return True

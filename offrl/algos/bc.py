@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, apply_gradients, step
+from offrl.algos.base import OfflineAlgorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.errors import ConfigError
@@ -51,18 +51,6 @@ class BCConfig:
     max_grad_norm: float | None = option(
         None, "clip the policy gradient's global norm to this value (none: no clipping)"
     )
-    precision: Literal["fp32", "bf16"] = option(
-        "fp32",
-        "compute precision of the hidden layers in update: 'bf16' runs them in bfloat16 (fast on CPUs with "
-        "AMX/AVX-512 BF16) with float32 master weights, output layer and loss",
-    )
-    compile: Literal["default", "max-autotune-no-cudagraphs"] | None = option(
-        None,
-        "torch.compile mode of the update step (none: eager). On CPU it compiles the hand-written step of "
-        "relu networks, which inductor fuses into one graph (bf16, one thread: ~1.1x the eager steps/s; "
-        "benchmarks/README.md); elsewhere the autograd step. Needs a C++ compiler on CPU and takes seconds "
-        "on first use; a frame that fails to compile runs eagerly",
-    )
 
     def __post_init__(self) -> None:
         validate(self, "bc")
@@ -84,53 +72,6 @@ def bc_cross_entropy_loss(logits: Tensor, actions: Tensor) -> Tensor:  # (B, N),
     return F.cross_entropy(logits, actions)
 
 
-def tanh_mse_loss_and_grad(pre: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:  # (B, A), (B, A)
-    """:func:`bc_mse_loss` of ``tanh(pre)`` and its gradient w.r.t. ``pre``: 2·(a − target)·(1 − a²)/(B·A)."""
-    a = torch.tanh(pre)
-    diff = a - target
-    grad = torch.addcmul(diff, diff, a.square_(), value=-1.0).mul_(2.0 / diff.numel())
-    return diff.square_().mean(), grad
-
-
-def cross_entropy_loss_and_grad(logits: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:  # (B, N), (B,)
-    """:func:`bc_cross_entropy_loss` and its gradient w.r.t. ``logits``: (softmax − onehot(actions))/B."""
-    idx = actions.unsqueeze(1)
-    grad = torch.softmax(logits, dim=1)
-    grad.scatter_add_(1, idx, torch.full(idx.shape, -1.0, dtype=grad.dtype, device=grad.device))
-    return bc_cross_entropy_loss(logits, actions), grad.div_(logits.shape[0])
-
-
-# -- hand-written steps: functions of tensors only, so that they compile once for every instance ------
-def deterministic_bc_grads(
-    obs: Tensor,  # (B, obs_dim)
-    actions: Tensor,  # (B, A)
-    weights: list[Tensor],
-    biases: list[Tensor],
-    dtype: torch.dtype,
-    out: list[Tensor | None] | None = None,
-) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """Metrics and float32 gradients of :func:`bc_mse_loss` of ``tanh(MLP(obs))`` (see :func:`nets.run_hand_step`)."""
-    pre, tape = nets.mlp_train_forward(weights, biases, obs, dtype)
-    loss, grad = tanh_mse_loss_and_grad(pre, actions)
-    return {"loss": loss}, nets.mlp_backward(weights, tape, grad, out)
-
-
-def categorical_bc_grads(
-    obs: Tensor,  # (B, obs_dim)
-    actions: Tensor,  # (B,) int64
-    weights: list[Tensor],
-    biases: list[Tensor],
-    dtype: torch.dtype,
-    out: list[Tensor | None] | None = None,
-) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """Metrics and float32 gradients of :func:`bc_cross_entropy_loss` of the MLP's logits."""
-    logits, tape = nets.mlp_train_forward(weights, biases, obs, dtype)  # (B, N)
-    loss, grad = cross_entropy_loss_and_grad(logits, actions)
-    grads = nets.mlp_backward(weights, tape, grad, out)
-    accuracy = (logits.argmax(-1) == actions).float().mean()
-    return {"loss": loss, "accuracy": accuracy}, grads
-
-
 def _lr(config: BCConfig, discrete: bool) -> float:
     if config.lr is not None:
         return config.lr
@@ -145,6 +86,7 @@ class ContinuousBC(OfflineAlgorithm):
     name: ClassVar[str] = "bc"
     discrete: ClassVar[bool] = False
     cuda_graph_safe: ClassVar[bool] = True
+    compile_safe: ClassVar[bool] = True
     Config: ClassVar[type] = BCConfig
     config: BCConfig
 
@@ -156,26 +98,10 @@ class ContinuousBC(OfflineAlgorithm):
             actor = nets.DeterministicActor(self.obs_dim, self.act_dim, self.config.hidden)
         self.nets["actor"] = actor
         self.optimize("actor", actor, lr=_lr(self.config, False), weight_decay=self.config.weight_decay)
-        self._train_step = nets.compiled(self._step, self.config.compile)
-        # the deterministic policy trains through the hand-written passes (same numbers, fewer ops)
-        self._layers = (
-            nets.relu_linears(actor.net, torch.nn.Tanh) if self.config.policy == "deterministic" else None
-        )
-        self._hand_grads = nets.compiled(deterministic_bc_grads, self.config.compile)
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
-        with nets.compute_precision(self.config.precision):
-            if self._layers is not None and nets.hand_step_applies(self.config.compile, self.device):
-                metrics = self._run_step(self._hand_step, batch, self._layers)
-            else:
-                metrics = self._run_step(self._train_step, batch)
+        metrics = self._run_step(self._step, batch)
         self.num_updates += 1
-        return metrics
-
-    def _hand_step(self, batch: Batch, layers: list[torch.nn.Linear]) -> dict[str, Tensor]:
-        in_place = self.config.compile is None
-        metrics = nets.run_hand_step(self._hand_grads, layers, batch.obs, batch.actions, in_place=in_place)
-        apply_gradients(self.optimizers["actor"], self.config.max_grad_norm)
         return metrics
 
     def _step(self, batch: Batch) -> dict[str, Tensor]:
@@ -199,6 +125,7 @@ class DiscreteBC(OfflineAlgorithm):
     name: ClassVar[str] = "bc"
     discrete: ClassVar[bool] = True
     cuda_graph_safe: ClassVar[bool] = True
+    compile_safe: ClassVar[bool] = True
     Config: ClassVar[type] = BCConfig
     config: BCConfig
 
@@ -211,23 +138,10 @@ class DiscreteBC(OfflineAlgorithm):
         actor = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.hidden)
         self.nets["actor"] = actor
         self.optimize("actor", actor, lr=_lr(self.config, True), weight_decay=self.config.weight_decay)
-        self._train_step = nets.compiled(self._step, self.config.compile)
-        self._layers = nets.relu_linears(actor.net)
-        self._hand_grads = nets.compiled(categorical_bc_grads, self.config.compile)
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
-        with nets.compute_precision(self.config.precision):
-            if self._layers is not None and nets.hand_step_applies(self.config.compile, self.device):
-                metrics = self._run_step(self._hand_step, batch, self._layers)
-            else:
-                metrics = self._run_step(self._train_step, batch)
+        metrics = self._run_step(self._step, batch)
         self.num_updates += 1
-        return metrics
-
-    def _hand_step(self, batch: Batch, layers: list[torch.nn.Linear]) -> dict[str, Tensor]:
-        in_place = self.config.compile is None
-        metrics = nets.run_hand_step(self._hand_grads, layers, batch.obs, batch.actions, in_place=in_place)
-        apply_gradients(self.optimizers["actor"], self.config.max_grad_norm)
         return metrics
 
     def _step(self, batch: Batch) -> dict[str, Tensor]:

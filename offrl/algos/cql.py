@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -69,17 +69,6 @@ class CQLConfig:
     bc_steps: int = option(0, "warm-up updates whose actor loss is the behaviour-cloning log-likelihood")
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std")
     max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
-    precision: Literal["fp32", "bf16"] = option(
-        "fp32",
-        "compute precision of the hidden layers in update: 'bf16' runs them in bfloat16 (fast on CPUs with "
-        "AMX/AVX-512 BF16) with float32 master weights, output layers, Q-values and losses",
-    )
-    compile: Literal["default", "max-autotune-no-cudagraphs"] | None = option(
-        None,
-        "torch.compile mode of the update step (none: eager). On CUDA it fuses the graphed step's kernels "
-        "(H100: 1,030 -> 1,430 steps/s, 1,592 with bf16); on CPU it measured no faster and compiling takes "
-        "minutes (benchmarks/README.md); a frame that fails to compile runs eagerly",
-    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -130,6 +119,7 @@ class CQL(GaussianActorCritic):
     name: ClassVar[str] = "cql"
     discrete: ClassVar[bool] = False
     cuda_graph_safe: ClassVar[bool] = True
+    compile_safe: ClassVar[bool] = True
     Config: ClassVar[type] = CQLConfig
     config: CQLConfig
 
@@ -152,7 +142,6 @@ class CQL(GaussianActorCritic):
             self.optimize("alpha", self.nets["log_alpha"], lr=cfg.alpha_lr)
         if cfg.lagrange:
             self.optimize("alpha_prime", self.nets["log_alpha_prime"], lr=cfg.alpha_prime_lr)
-        self._train_step = nets.compiled(self._step, cfg.compile)
 
     # -- accessors ---------------------------------------------------------------------------------
 
@@ -269,15 +258,13 @@ class CQL(GaussianActorCritic):
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         """Every loss term, graphs attached, nothing stepped; each key names the optimiser it drives."""
-        with nets.compute_precision(self.config.precision):
-            critic_terms, _ = self._critic_terms(batch)
-            actor_terms, _ = self._actor_terms(batch)
+        critic_terms, _ = self._critic_terms(batch)
+        actor_terms, _ = self._actor_terms(batch)
         return {**critic_terms, **actor_terms}
 
     # -- update --------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, Tensor]:
-        with nets.compute_precision(self.config.precision):
-            metrics = self._run_step(self._train_step, batch, self.num_updates < self.config.bc_steps)
+        metrics = self._run_step(self._step, batch, self.num_updates < self.config.bc_steps)
         self.num_updates += 1
         return metrics
 

@@ -26,6 +26,7 @@ from offrl.algos.base import adam, flat_obs_dim, step
 from offrl.config import option
 from offrl.data.dataset import TransitionDataset
 from offrl.errors import ConfigError, OfflineRLError
+from offrl.fast.kernels import accelerate
 from offrl.losses import td_target
 from offrl.preprocess import ActionScaler, ObsNormalizer
 from offrl.types import Policy
@@ -203,6 +204,7 @@ class FQE:
                 self.q: nn.Module = _DiscreteQ(obs_dim, n_actions, config.hidden)
             else:
                 self.q = nets.QEnsemble(config.members, obs_dim, self.actions.shape[1], config.hidden)
+        accelerate(self.q)
         self.q.to(self.device)
         self.q_target = nets.freeze(copy.deepcopy(self.q))
         self.optimizer = adam(self.q.parameters(), config.lr)
