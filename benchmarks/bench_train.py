@@ -91,7 +91,7 @@ class OfflineRLWorker:
         import numpy as np
         import torch
 
-        from offrl.algos.bc import BCConfig, ContinuousBC
+        from offrl.algos.bc import BC, BCConfig
         from offrl.algos.cql import CQL, CQLConfig
         from offrl.algos.cql_discrete import DiscreteCQL, DiscreteCQLConfig
         from offrl.data import format as fmt
@@ -126,7 +126,7 @@ class OfflineRLWorker:
         cls: Any
         cfg: Any
         if algo == "bc":
-            cls, cfg = ContinuousBC, BCConfig(batch_size=BATCH, hidden=(256, 256), **extra)
+            cls, cfg = BC, BCConfig(batch_size=BATCH, hidden=(256, 256), **extra)
         elif algo == "cql":
             cfg = CQLConfig(
                 actor_hidden=(256, 256),

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from offrl.algos.awac import AWAC, AWACConfig
-from offrl.algos.base import OfflineAlgorithm
-from offrl.algos.bc import BCConfig, ContinuousBC, DiscreteBC
+from offrl.algos.base import Algorithm
+from offrl.algos.bc import BC, BCConfig, DiscreteBC
 from offrl.algos.bcq import BCQ, BCQConfig
 from offrl.algos.bcq_discrete import DiscreteBCQ, DiscreteBCQConfig
 from offrl.algos.cql import CQL, CQLConfig
@@ -51,11 +51,11 @@ def box() -> gym.spaces.Box:
     return gym.spaces.Box(-1.0, 1.0, (ACT,), np.float32)
 
 
-CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], bool]] = [
-    ("bc deterministic", ContinuousBC, lambda b: BCConfig(batch_size=b, hidden=(256, 256)), False),
+CASES: list[tuple[str, type[Algorithm], Callable[[int], Any], bool]] = [
+    ("bc deterministic", BC, lambda b: BCConfig(batch_size=b, hidden=(256, 256)), False),
     (
         "bc gaussian",
-        ContinuousBC,
+        BC,
         lambda b: BCConfig(batch_size=b, hidden=(256, 256), policy="gaussian"),
         False,
     ),
@@ -89,7 +89,7 @@ CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], bool]] = [
 
 # Algorithms whose steps run through ``_run_step`` but are not yet marked ``cuda_graph_safe``:
 # ``--candidates`` checks them (marking them for the run); where all pass, mark them in the code.
-CANDIDATE_CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], bool]] = [
+CANDIDATE_CASES: list[tuple[str, type[Algorithm], Callable[[int], Any], bool]] = [
     ("td3bc", TD3BC, lambda b: TD3BCConfig(batch_size=b), False),
     ("iql", IQL, lambda b: IQLConfig(batch_size=b), False),
     ("iql discrete", DiscreteIQL, lambda b: IQLConfig(batch_size=b), True),
@@ -104,7 +104,7 @@ CANDIDATE_CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], b
     ),
 ]
 
-COMPILED_CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], bool]] = [
+COMPILED_CASES: list[tuple[str, type[Algorithm], Callable[[int], Any], bool]] = [
     (
         "cql compiled",
         CQL,
@@ -138,7 +138,7 @@ COMPILED_CASES: list[tuple[str, type[OfflineAlgorithm], Callable[[int], Any], bo
 
 
 def kernel_profile(
-    name: str, cls: type[OfflineAlgorithm], cfg: Any, discrete: bool, steps: int = 20
+    name: str, cls: type[Algorithm], cfg: Any, discrete: bool, steps: int = 20
 ) -> dict[str, Any]:
     """Per eager step: how many GPU kernels run and how long they take together (what a graph replays)."""
     from torch.profiler import ProfilerActivity, profile
@@ -195,7 +195,7 @@ def runtime_of(name: str, graphs: bool) -> Runtime:
     )
 
 
-def build(cls: type[OfflineAlgorithm], cfg: Any, discrete: bool, runtime: Runtime) -> OfflineAlgorithm:
+def build(cls: type[Algorithm], cfg: Any, discrete: bool, runtime: Runtime) -> Algorithm:
     action_space = gym.spaces.Discrete(N_DISCRETE) if discrete else box()
     obs_space = gym.spaces.Box(-np.inf, np.inf, (OBS,), np.float32)
     algo = cls(cfg, obs_space, action_space, device="cuda", seed=0, runtime=runtime)
@@ -203,13 +203,13 @@ def build(cls: type[OfflineAlgorithm], cfg: Any, discrete: bool, runtime: Runtim
     return algo
 
 
-def weight_diff(a: OfflineAlgorithm, b: OfflineAlgorithm) -> float:
+def weight_diff(a: Algorithm, b: Algorithm) -> float:
     sa, sb = a.nets.state_dict(), b.nets.state_dict()
     return max(((sa[k].float() - sb[k].float()).abs().max().item() for k in sa), default=0.0)
 
 
 def check_case(
-    name: str, cls: type[OfflineAlgorithm], make_cfg: Callable[[int], Any], discrete: bool, steps: int
+    name: str, cls: type[Algorithm], make_cfg: Callable[[int], Any], discrete: bool, steps: int
 ) -> dict[str, Any]:
     cfg = make_cfg(64)
     data = batches(steps, 64, discrete, "cuda")
@@ -263,7 +263,7 @@ def check_case(
 
 
 def check_compiled(
-    name: str, cls: type[OfflineAlgorithm], make_cfg: Callable[[int], Any], discrete: bool, steps: int
+    name: str, cls: type[Algorithm], make_cfg: Callable[[int], Any], discrete: bool, steps: int
 ) -> dict[str, Any]:
     """A compiled step replayed as a graph against the uncompiled eager step (compiling is slow, so
     one compiled instance serves both the comparison and the timing)."""

@@ -38,7 +38,7 @@ from offrl.runtime import RUNTIME_KEYS, Runtime, migrate
 from offrl.utils import atomic_write_json, atomic_write_text, package_versions, sweep_leftovers
 
 if TYPE_CHECKING:
-    from offrl.algos.base import OfflineAlgorithm
+    from offrl.algos.base import Algorithm
     from offrl.evaluation import EvalResult
     from offrl.policies.artifact import TorchPolicy
 
@@ -383,7 +383,7 @@ class StepClock:
 
 
 def evaluate_and_log(
-    algo: OfflineAlgorithm,
+    algo: Algorithm,
     env_id: str,
     train_cfg: Any,
     logger: Logger,

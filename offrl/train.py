@@ -29,7 +29,7 @@ from tqdm import tqdm
 from offrl import config as cfgmod
 from offrl import run
 from offrl.algos import registry
-from offrl.algos.base import OfflineAlgorithm
+from offrl.algos.base import Algorithm
 from offrl.checkpoint import (
     STATE_JSON,
     Fields,
@@ -157,7 +157,7 @@ def load_run_config(run_dir: str | os.PathLike[str], action_space: Any) -> RunCo
     )
 
 
-def build_algorithm(cfg: RunConfig, dataset: TransitionDataset) -> OfflineAlgorithm:
+def build_algorithm(cfg: RunConfig, dataset: TransitionDataset) -> Algorithm:
     """The configured algorithm for ``dataset``, with its observation normaliser fitted on it."""
     algo_cls = registry.algorithm_class(cfg.algo, dataset.action_space)
     normalizer = None
@@ -174,7 +174,7 @@ def build_algorithm(cfg: RunConfig, dataset: TransitionDataset) -> OfflineAlgori
     )
 
 
-def load_initial_weights(algo: OfflineAlgorithm, source: str | os.PathLike[str]) -> Path:
+def load_initial_weights(algo: Algorithm, source: str | os.PathLike[str]) -> Path:
     """Copy the networks (normaliser included) of a finished run's newest checkpoint, or of a checkpoint
     folder, into ``algo``; optimisers, RNG and counters stay fresh. Returns the checkpoint used."""
     folder = Path(source)

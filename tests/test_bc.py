@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from offrl.algos.bc import (
+    BC,
     BCConfig,
-    ContinuousBC,
     DiscreteBC,
     bc_cross_entropy_loss,
     bc_mse_loss,
@@ -74,7 +74,7 @@ def test_defaults_follow_corl_and_lr_depends_on_action_kind() -> None:
         "deterministic",
         True,
     )
-    assert ContinuousBC(cfg, OBS_SPACE, UNIT_ACTIONS).optimizers["actor"].param_groups[0]["lr"] == 3e-4
+    assert BC(cfg, OBS_SPACE, UNIT_ACTIONS).optimizers["actor"].param_groups[0]["lr"] == 3e-4
     assert DiscreteBC(cfg, OBS_SPACE, DISCRETE_ACTIONS).optimizers["actor"].param_groups[0]["lr"] == 1e-3
     group = (
         DiscreteBC(BCConfig(lr=0.01, weight_decay=0.1), OBS_SPACE, DISCRETE_ACTIONS)
@@ -85,11 +85,11 @@ def test_defaults_follow_corl_and_lr_depends_on_action_kind() -> None:
 
 
 def test_policy_kinds_and_registry() -> None:
-    assert ContinuousBC(BCConfig(hidden=(8,)), OBS_SPACE, UNIT_ACTIONS).policy().kind == "deterministic"
-    gaussian = ContinuousBC(BCConfig(hidden=(8,), policy="gaussian"), OBS_SPACE, UNIT_ACTIONS)
+    assert BC(BCConfig(hidden=(8,)), OBS_SPACE, UNIT_ACTIONS).policy().kind == "deterministic"
+    gaussian = BC(BCConfig(hidden=(8,), policy="gaussian"), OBS_SPACE, UNIT_ACTIONS)
     assert gaussian.policy().kind == "tanh_gaussian"
     assert DiscreteBC(BCConfig(hidden=(8,)), OBS_SPACE, DISCRETE_ACTIONS).policy().kind == "categorical"
-    assert algorithm_class("bc", UNIT_ACTIONS) is ContinuousBC
+    assert algorithm_class("bc", UNIT_ACTIONS) is BC
     assert algorithm_class("bc", DISCRETE_ACTIONS) is DiscreteBC
 
 
@@ -100,7 +100,7 @@ def test_discrete_rejects_gaussian_policy() -> None:
 
 # -- updates ---------------------------------------------------------------------------------------
 def test_gaussian_likelihood_is_finite_for_actions_on_the_bounds() -> None:
-    algo = ContinuousBC(BCConfig(hidden=(16,), policy="gaussian"), OBS_SPACE, UNIT_ACTIONS)
+    algo = BC(BCConfig(hidden=(16,), policy="gaussian"), OBS_SPACE, UNIT_ACTIONS)
     actions = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [0.0, -1.0]])
     loss = algo.update(make_batch(torch.randn(4, 4), actions))["loss"]
     assert torch.isfinite(loss)
@@ -125,7 +125,7 @@ def test_max_grad_norm_limits_the_step() -> None:
     batch = make_batch(torch.randn(32, 4), torch.rand(32, 2) * 2 - 1)
     moves = {}
     for clip in (None, 1e-12):
-        algo = ContinuousBC(BCConfig(hidden=(16,), max_grad_norm=clip), OBS_SPACE, UNIT_ACTIONS)
+        algo = BC(BCConfig(hidden=(16,), max_grad_norm=clip), OBS_SPACE, UNIT_ACTIONS)
         before = [p.detach().clone() for p in algo.nets["actor"].parameters()]
         algo.update(batch)
         moves[clip] = max((p - b).abs().max().item() for p, b in zip(algo.nets["actor"].parameters(), before))
@@ -143,7 +143,7 @@ def test_continuous_bc_learns_a_smooth_mapping(policy: Literal["deterministic", 
     def expert(o: torch.Tensor) -> torch.Tensor:
         return torch.tanh(o @ weights.T)
 
-    algo = ContinuousBC(BCConfig(hidden=(64, 64), lr=1e-3, policy=policy), OBS_SPACE, UNIT_ACTIONS)
+    algo = BC(BCConfig(hidden=(64, 64), lr=1e-3, policy=policy), OBS_SPACE, UNIT_ACTIONS)
     acting = algo.policy()
 
     def held_out_mse() -> float:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from offrl import losses, nets
-from offrl.algos.bc import BCConfig, ContinuousBC, DiscreteBC, bc_cross_entropy_loss, bc_mse_loss
+from offrl.algos.bc import BC, BCConfig, DiscreteBC, bc_cross_entropy_loss, bc_mse_loss
 from offrl.algos.cql import CQL, CQLConfig
 from offrl.algos.cql_discrete import DiscreteCQL, DiscreteCQLConfig, discrete_cql_penalty
 from offrl.errors import ConfigError
@@ -304,7 +304,7 @@ def test_cql_resume_is_bitwise_on_the_fast_path(always_fast: None, precision: st
     "make",
     [
         lambda p: _cql(precision=p),
-        lambda p: ContinuousBC(BCConfig(hidden=(32, 32)), OBS, BOX, seed=4, runtime=Runtime(precision=p)),
+        lambda p: BC(BCConfig(hidden=(32, 32)), OBS, BOX, seed=4, runtime=Runtime(precision=p)),
         lambda p: DiscreteCQL(
             DiscreteCQLConfig(hidden=(32, 32)),
             OBS,
@@ -350,7 +350,7 @@ def _compilable(algo: str, **runtime: Any) -> Any:
         return DiscreteBC(
             BCConfig(hidden=(16, 16), batch_size=64), OBS, gym.spaces.Discrete(3), seed=2, runtime=rt
         )
-    return ContinuousBC(BCConfig(hidden=(16, 16), batch_size=64), OBS, BOX, seed=2, runtime=rt)
+    return BC(BCConfig(hidden=(16, 16), batch_size=64), OBS, BOX, seed=2, runtime=rt)
 
 
 @pytest.mark.slow
@@ -596,8 +596,8 @@ N3 = gym.spaces.Discrete(3)
 SMALL_SAC = {"actor_hidden": (32, 32), "critic_hidden": (32, 32), "actor_lr": 1e-2, "critic_lr": 1e-2}
 # every algorithm class with a registered fast step: (make from a runtime, discrete)
 FAST_STEPS: dict[type, tuple[Any, bool]] = {
-    ContinuousBC: (
-        lambda rt: ContinuousBC(BCConfig(hidden=(32, 32), lr=1e-2), OBS, BOX, seed=6, runtime=rt),
+    BC: (
+        lambda rt: BC(BCConfig(hidden=(32, 32), lr=1e-2), OBS, BOX, seed=6, runtime=rt),
         False,
     ),
     DiscreteBC: (lambda rt: DiscreteBC(BCConfig(hidden=(32, 32)), OBS, N3, seed=6, runtime=rt), True),
@@ -623,7 +623,7 @@ def test_registered_fast_step_equals_reference_step(cls: type) -> None:
 
 # at the default learning rates, as a bf16 run trains
 BF16_STEPS: dict[type, tuple[Any, bool]] = {
-    ContinuousBC: (lambda rt: ContinuousBC(BCConfig(hidden=(32, 32)), OBS, BOX, seed=7, runtime=rt), False),
+    BC: (lambda rt: BC(BCConfig(hidden=(32, 32)), OBS, BOX, seed=7, runtime=rt), False),
     DiscreteBC: (lambda rt: DiscreteBC(BCConfig(hidden=(32, 32)), OBS, N3, seed=7, runtime=rt), True),
     DiscreteCQL: (
         lambda rt: DiscreteCQL(DiscreteCQLConfig(hidden=(32, 32)), OBS, N3, seed=7, runtime=rt),
@@ -648,7 +648,7 @@ def test_registered_fast_step_tracks_reference_step_in_bf16(cls: type) -> None:
 @pytest.mark.parametrize("overrides", [{"max_grad_norm": 0.05, "weight_decay": 0.01}], ids=["clip+decay"])
 def test_bc_fast_step_equals_reference_with_clip_and_decay(overrides: Any) -> None:
     cfg = BCConfig(hidden=(32, 32), lr=1e-2, **overrides)
-    _fast_vs_reference(lambda rt: ContinuousBC(cfg, OBS, BOX, seed=6, runtime=rt), discrete=False)
+    _fast_vs_reference(lambda rt: BC(cfg, OBS, BOX, seed=6, runtime=rt), discrete=False)
     dcfg = BCConfig(hidden=(32, 32), **overrides)
     _fast_vs_reference(lambda rt: DiscreteBC(dcfg, OBS, N3, seed=6, runtime=rt), discrete=True)
 
@@ -690,7 +690,7 @@ def test_hand_paths_are_taken_and_leave_targets_alone(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(hand, "mlp_grads", spy)
     algos: list[Any] = [
-        ContinuousBC(BCConfig(hidden=(16, 16)), OBS, BOX, seed=0),
+        BC(BCConfig(hidden=(16, 16)), OBS, BOX, seed=0),
         DiscreteBC(BCConfig(hidden=(16, 16)), OBS, N3, seed=0),
         DiscreteCQL(DiscreteCQLConfig(hidden=(16, 16)), OBS, N3, seed=0),
     ]
@@ -699,7 +699,7 @@ def test_hand_paths_are_taken_and_leave_targets_alone(monkeypatch: pytest.Monkey
     assert calls == [1, 1, 1]
     assert all(p.grad is None for p in algos[2].q_target.parameters())
     # the Gaussian policy has no hand-written pass: it keeps the autograd path
-    gaussian = ContinuousBC(BCConfig(hidden=(16, 16), policy="gaussian"), OBS, BOX, seed=0)
+    gaussian = BC(BCConfig(hidden=(16, 16), policy="gaussian"), OBS, BOX, seed=0)
     gaussian.update(_batches(False, 1, size=8)[0])
     assert calls == [1, 1, 1] and not _uses_fast_step(gaussian)
 

@@ -118,8 +118,27 @@ class Algorithm:
         self._optimizer_specs.append((name, modules, lr, kwargs))
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
-        """One gradient step on a batch in learning units; returns detached scalar tensors (no host sync)."""
+        """One gradient step on a batch (in learning units offline; online algorithms normalise inside):
+        the reference step :meth:`_step` with the host-side arguments of :meth:`step_args`, run as the
+        runtime says; then the update counter; then :meth:`after_update`. Returns detached scalar
+        tensors (no host sync)."""
+        metrics = self._run_step(self._step, batch, *self.step_args())
+        self.num_updates += 1
+        return self.after_update(metrics)
+
+    def _step(self, batch: Batch, *args: Any) -> dict[str, Tensor]:
+        """The reference update, the definition of the algorithm's maths: losses, optimiser steps, soft
+        target updates; detached scalar metrics. It runs on the device only: no host sync, no branch on
+        a tensor's value, and host-side counters stay outside (it may be compiled or graphed)."""
         raise NotImplementedError
+
+    def step_args(self) -> tuple[Any, ...]:
+        """Host-side arguments of this update's :meth:`_step` (e.g. a phase flag from ``num_updates``)."""
+        return ()
+
+    def after_update(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Host-side work after a step, ``num_updates`` already counting it (e.g. hard target copies)."""
+        return metrics
 
     def policy(self) -> TorchPolicy:
         """The acting policy, sharing this algorithm's live networks."""
@@ -227,9 +246,6 @@ class Algorithm:
             self.num_updates = int(state["num_updates"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"state does not fit algorithm '{self.name}' ({exc})") from None
-
-
-OfflineAlgorithm = Algorithm  # the name before online algorithms shared the base
 
 
 class ActorCritic(Algorithm):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, step
+from offrl.algos.base import Algorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.errors import ConfigError
@@ -72,16 +72,12 @@ def bc_cross_entropy_loss(logits: Tensor, actions: Tensor) -> Tensor:  # (B, N),
     return F.cross_entropy(logits, actions)
 
 
-def _lr(config: BCConfig, discrete: bool) -> float:
-    if config.lr is not None:
-        return config.lr
-    return DISCRETE_LR if discrete else CONTINUOUS_LR
-
-
-# -- algorithms --------------------------------------------------------------------------------------
+# -- algorithm ---------------------------------------------------------------------------------------
 @register
-class ContinuousBC(OfflineAlgorithm):
-    """BC for Box actions: a deterministic tanh policy (MSE) or a tanh-Gaussian policy (likelihood)."""
+class BC(Algorithm):
+    """Behaviour cloning. Box actions: a deterministic tanh policy (MSE) or a tanh-Gaussian policy
+    (likelihood); Discrete actions (:class:`DiscreteBC`): a categorical policy (cross-entropy) that acts
+    by argmax when deterministic. Only the network and the loss differ between the two."""
 
     name: ClassVar[str] = "bc"
     discrete: ClassVar[bool] = False
@@ -91,67 +87,48 @@ class ContinuousBC(OfflineAlgorithm):
     config: BCConfig
 
     def build(self) -> None:
+        cfg = self.config
         actor: torch.nn.Module
-        if self.config.policy == "gaussian":
-            actor = nets.TanhGaussianActor(self.obs_dim, self.act_dim, self.config.hidden)
+        if self.discrete:
+            if cfg.policy != "deterministic":
+                raise ConfigError(
+                    f"bc: policy={cfg.policy!r} applies to continuous actions only; discrete BC is always a "
+                    f"categorical policy (action space {self.action_space})"
+                )
+            actor = nets.DiscreteHead(self.obs_dim, self.act_dim, cfg.hidden)
+        elif cfg.policy == "gaussian":
+            actor = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.hidden)
         else:
-            actor = nets.DeterministicActor(self.obs_dim, self.act_dim, self.config.hidden)
+            actor = nets.DeterministicActor(self.obs_dim, self.act_dim, cfg.hidden)
         self.nets["actor"] = actor
-        self.optimize("actor", actor, lr=_lr(self.config, False), weight_decay=self.config.weight_decay)
-
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        metrics = self._run_step(self._step, batch)
-        self.num_updates += 1
-        return metrics
+        lr = cfg.lr if cfg.lr is not None else DISCRETE_LR if self.discrete else CONTINUOUS_LR
+        self.optimize("actor", actor, lr=lr, weight_decay=cfg.weight_decay)
 
     def _step(self, batch: Batch) -> dict[str, Tensor]:
         actor = self.nets["actor"]
-        if self.config.policy == "gaussian":
+        extra: dict[str, Tensor] = {}
+        if self.discrete:
+            logits = actor(batch.obs)  # (B, N)
+            loss = bc_cross_entropy_loss(logits, batch.actions)
+            with torch.no_grad():
+                extra["accuracy"] = (logits.argmax(-1) == batch.actions).float().mean()
+        elif self.config.policy == "gaussian":
             loss = bc_nll_loss(actor.log_prob(batch.obs, batch.actions, ACTION_EPS))  # type: ignore[operator]
         else:
             loss = bc_mse_loss(actor(batch.obs), batch.actions)
         step(self.optimizers["actor"], loss, actor.parameters(), self.config.max_grad_norm)
-        return {"loss": loss.detach()}
+        return {"loss": loss.detach(), **extra}
 
     def policy(self) -> TorchPolicy:
-        kind = "tanh_gaussian" if self.config.policy == "gaussian" else "deterministic"
+        if self.discrete:
+            kind = "categorical"
+        else:
+            kind = "tanh_gaussian" if self.config.policy == "gaussian" else "deterministic"
         return self._policy(kind, self.nets["actor"], self.config.hidden)
 
 
 @register
-class DiscreteBC(OfflineAlgorithm):
-    """BC for Discrete actions: a categorical policy trained with cross-entropy; acts by argmax when deterministic."""
+class DiscreteBC(BC):
+    """:class:`BC` for Discrete actions."""
 
-    name: ClassVar[str] = "bc"
     discrete: ClassVar[bool] = True
-    cuda_graph_safe: ClassVar[bool] = True
-    compile_safe: ClassVar[bool] = True
-    Config: ClassVar[type] = BCConfig
-    config: BCConfig
-
-    def build(self) -> None:
-        if self.config.policy != "deterministic":
-            raise ConfigError(
-                f"bc: policy={self.config.policy!r} applies to continuous actions only; discrete BC is always a "
-                f"categorical policy (action space {self.action_space})"
-            )
-        actor = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.hidden)
-        self.nets["actor"] = actor
-        self.optimize("actor", actor, lr=_lr(self.config, True), weight_decay=self.config.weight_decay)
-
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        metrics = self._run_step(self._step, batch)
-        self.num_updates += 1
-        return metrics
-
-    def _step(self, batch: Batch) -> dict[str, Tensor]:
-        actor = self.nets["actor"]
-        logits = actor(batch.obs)  # (B, N)
-        loss = bc_cross_entropy_loss(logits, batch.actions)
-        step(self.optimizers["actor"], loss, actor.parameters(), self.config.max_grad_norm)
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == batch.actions).float().mean()
-        return {"loss": loss.detach(), "accuracy": accuracy}
-
-    def policy(self) -> TorchPolicy:
-        return self._policy("categorical", self.nets["actor"], self.config.hidden)

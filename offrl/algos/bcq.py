@@ -245,11 +245,6 @@ class BCQ(ActorCritic):
         return {"vae": vae, "critic": critic, "actor": actor}
 
     # -- update --------------------------------------------------------------------------------------
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        metrics = self._run_step(self._step, batch)
-        self.num_updates += 1
-        return metrics
-
     def _step(self, batch: Batch) -> dict[str, Tensor]:
         """One update on the device (host-side counters stay in :meth:`update`: it may be a CUDA graph)."""
         cfg = self.config

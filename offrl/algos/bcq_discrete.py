@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, step
+from offrl.algos.base import Algorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.losses import double_q_target, td_loss
@@ -96,7 +96,7 @@ class DiscreteBCQConfig:
 
 # -- algorithm -----------------------------------------------------------------------------------
 @register
-class DiscreteBCQ(OfflineAlgorithm):
+class DiscreteBCQ(Algorithm):
     """Q-learning restricted to plausible actions. Acts with policy kind ``bcq_discrete``."""
 
     name = "bcq"
@@ -152,10 +152,8 @@ class DiscreteBCQ(OfflineAlgorithm):
         td, bc, _, _ = self._losses(batch)
         return {"td_loss": td, "imitation_loss": bc}
 
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        cfg = self.config
-        metrics = self._run_step(self._step, batch)
-        self.num_updates += 1  # host-side counter: the interval check below needs no device sync
+    def after_update(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.config  # a host-side counter: the interval check needs no device sync
         if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
             nets.hard_update(self.q_target, self.q)
         return metrics

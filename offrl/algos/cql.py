@@ -263,10 +263,8 @@ class CQL(GaussianActorCritic):
         return {**critic_terms, **actor_terms}
 
     # -- update --------------------------------------------------------------------------------------
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        metrics = self._run_step(self._step, batch, self.num_updates < self.config.bc_steps)
-        self.num_updates += 1
-        return metrics
+    def step_args(self) -> tuple[bool]:
+        return (self.num_updates < self.config.bc_steps,)  # the behaviour-cloning warm-up phase
 
     def _step(self, batch: Batch, bc_phase: bool) -> dict[str, Tensor]:
         """Everything one update computes; host-side counters stay outside (it may be compiled)."""

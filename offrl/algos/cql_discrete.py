@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, step
+from offrl.algos.base import Algorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.losses import double_q_target, td_loss
@@ -79,7 +79,7 @@ class DiscreteCQLConfig:
 
 # -- algorithm -----------------------------------------------------------------------------------
 @register
-class DiscreteCQL(OfflineAlgorithm):
+class DiscreteCQL(Algorithm):
     """Double DQN + the CQL(H) penalty. Acts greedily on Q (policy kind ``q_greedy``)."""
 
     name = "cql"
@@ -127,10 +127,8 @@ class DiscreteCQL(OfflineAlgorithm):
         td, penalty, _, _ = self._losses(batch)
         return {"td_loss": td, "cql_penalty": penalty}
 
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        cfg = self.config
-        metrics = self._run_step(self._step, batch)
-        self.num_updates += 1  # host-side counter: the interval check below needs no device sync
+    def after_update(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.config  # a host-side counter: the interval check needs no device sync
         if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
             nets.hard_update(self.q_target, self.q)
         return metrics

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from offrl import nets
-from offrl.algos.base import OfflineAlgorithm, step
+from offrl.algos.base import Algorithm, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.losses import advantage_weights, td_target, weighted_nll_loss
@@ -98,7 +98,7 @@ def iql_q_loss(q: Tensor, target: Tensor) -> Tensor:  # (E, B), (B,) -> scalar
 
 # -- algorithm -----------------------------------------------------------------------------------
 @register
-class IQL(OfflineAlgorithm):
+class IQL(Algorithm):
     """IQL with a Q-ensemble, a state-value net and a tanh-Gaussian actor fitted by AWR."""
 
     name: ClassVar[str] = "iql"
@@ -191,11 +191,6 @@ class IQL(OfflineAlgorithm):
         critic_loss, _ = self._critic_loss(batch, obs, next_v)
         actor_loss, _ = self._actor_loss(obs, batch.actions, q_t - v)
         return {"value": value_loss, "critic": critic_loss, "actor": actor_loss}
-
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        metrics = self._run_step(self._step, batch)
-        self.num_updates += 1
-        return metrics
 
     def _step(self, batch: Batch) -> dict[str, Tensor]:
         """One update on the device (host-side counters stay in :meth:`update`: it may be a CUDA graph)."""

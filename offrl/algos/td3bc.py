@@ -171,11 +171,17 @@ class TD3BC(ActorCritic):
         return {"critic": self._critic_terms(batch)[0], "actor": self._actor_terms(batch)[0]}
 
     # -- update --------------------------------------------------------------------------------------
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        actor_turn = self.num_updates % self.config.policy_freq == 0  # a Python counter: no host sync
-        metrics = self._run_step(self._step, batch, actor_turn)
-        self.num_updates += 1
-        if actor_turn:  # steps without an actor update report the last actor step's metrics
+    def step_args(self) -> tuple[bool]:
+        return (self._actor_turn(self.num_updates),)
+
+    def _actor_turn(self, update: int) -> bool:
+        """Whether update number ``update`` (from 0) steps the actor: a Python counter, no host sync."""
+        return update % self.config.policy_freq == 0
+
+    def after_update(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self._actor_turn(
+            self.num_updates - 1
+        ):  # steps without an actor update report the last actor step's metrics
             self._actor_metrics = {k: metrics.pop(k) for k in ACTOR_METRICS}
         actor_metrics = self._actor_metrics or {k: torch.zeros((), device=self.device) for k in ACTOR_METRICS}
         return {**metrics, **actor_metrics}

@@ -7,7 +7,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from offrl.algos.bc import ContinuousBC, DiscreteBC, bc_cross_entropy_loss
+from offrl.algos.bc import BC, DiscreteBC, bc_cross_entropy_loss
 from offrl.fast import hand, relu
 from offrl.fast.compile import compiled
 from offrl.fast.optim import apply_gradients
@@ -61,8 +61,8 @@ def categorical_bc_grads(
     return {"loss": loss, "accuracy": accuracy}, grads
 
 
-@register(ContinuousBC, DiscreteBC)
-def bc_step(algo: ContinuousBC | DiscreteBC, dtype: torch.dtype) -> StepFn | None:
+@register(BC, DiscreteBC)
+def bc_step(algo: BC | DiscreteBC, dtype: torch.dtype) -> StepFn | None:
     """The deterministic and the categorical policy train through the hand-written passes; the Gaussian
     policy keeps its reference step."""
     net = cast(nn.Module, algo.nets["actor"].net)

@@ -171,7 +171,7 @@ class DQN(OnlineAlgorithm):
         return out
 
     # -- update ------------------------------------------------------------------------------------
-    def update(self, batch: Batch) -> dict[str, Tensor]:
+    def _step(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.config
         q_net, q_target = self.nets["q"], self.nets["q_target"]
         obs, next_obs = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
@@ -190,10 +190,13 @@ class DQN(OnlineAlgorithm):
         q = q_obs.gather(-1, batch.actions.long().unsqueeze(-1)).squeeze(-1)
         loss = td_loss(q, target, "huber", cfg.huber_delta)
         step(self.optimizers["q"], loss, q_net.parameters(), cfg.max_grad_norm)
-        self.num_updates += 1
+        return {"loss": loss.detach(), "q_mean": q.detach().mean()}
+
+    def after_update(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.config  # target updates every target_update_interval updates (a host-side counter)
         if self.num_updates % cfg.target_update_interval == 0:
             if cfg.tau >= 1.0:
-                nets.hard_update(q_target, q_net)
+                nets.hard_update(self.nets["q_target"], self.nets["q"])
             else:
-                nets.soft_update(q_target, q_net, cfg.tau)
-        return {"loss": loss.detach(), "q_mean": q.detach().mean()}
+                nets.soft_update(self.nets["q_target"], self.nets["q"], cfg.tau)
+        return metrics

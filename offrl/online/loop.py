@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from offrl import run
 from offrl.algos import registry
-from offrl.algos.base import OfflineAlgorithm
+from offrl.algos.base import Algorithm
 from offrl.checkpoint import STATE_JSON, Fields, StateFileError, load_checkpoint, set_torch_rng_state
 from offrl.config import option
 from offrl.errors import CheckpointError, ConfigError
@@ -55,9 +55,9 @@ Storage = ReplayBuffer | RolloutBuffer
 OnlineDiverged = run.TrainingDiverged  # the one divergence error, under its online name
 
 
-class OnlineAlgorithm(OfflineAlgorithm):
+class OnlineAlgorithm(Algorithm):
     """Base of the online baselines: networks, optimisers, generator, state and policy export come
-    from :class:`OfflineAlgorithm`; the loop calls the hooks below. Every config has ``num_envs``.
+    from :class:`Algorithm`; the loop calls the hooks below. Every config has ``num_envs``.
     """
 
     online: ClassVar[bool] = True

@@ -104,11 +104,6 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
         ]
 
     # -- update ------------------------------------------------------------------------------------
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        metrics = self._run_step(self._step, batch)
-        self.num_updates += 1
-        return metrics
-
     def _step(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.config
         obs, next_obs = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
