@@ -257,6 +257,8 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    except OSError as exc:  # a folder, unreadable
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
 
 
 def _toml_value(v: Any) -> str:

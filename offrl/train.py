@@ -126,6 +126,7 @@ def resolve_config(
     )
     if train_cfg.epochs is not None and train_cfg.steps is not None:
         raise ConfigError("give either epochs or steps, not both")
+    run.run_device(str(s.top["device"]))
     return RunConfig(
         algo=algo,
         dataset=str(s.top["dataset"]),
