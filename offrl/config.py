@@ -104,7 +104,8 @@ def range_problems(cfg: Any) -> list[str]:
         if why is None and isinstance(value, float) and math.isnan(value):
             why = "must be a number, not nan"
         if why is not None:
-            out.append(f"{f.name}={value!r} ({why})")
+            what = str(f.metadata.get("help", "")).split(";")[0].split(" (")[0].split(":")[0]
+            out.append(f"{f.name}={value!r} ({why}{'; ' + what if what else ''})")
     return out
 
 

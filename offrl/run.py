@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 CONFIG_TOML = "config.toml"
 RUN_JSON = "run.json"
 LOCK_FILE = "run.lock"  # held (flock) by the one process writing the run; holds its PID
+# files offrl itself puts in a run directory before the run starts (the lock, a bench cell's hash)
+OFFRL_COMPANIONS = frozenset({LOCK_FILE, "bench_cell.json"})
 SECTIONS = ("train", "algo_config", "runtime")
 
 
@@ -250,7 +252,7 @@ def check_run_dir(path: str | os.PathLike[str], *, resume: bool | None) -> None:
         if resume:
             raise ConfigError(f"{p}: no such run directory")
         return
-    entries = {e.name for e in p.iterdir()} - {LOCK_FILE}
+    entries = {e.name for e in p.iterdir()} - OFFRL_COMPANIONS
     info = run_status(p).info if RUN_JSON in entries else {}
     is_run = "status" in info and "package_versions" in info  # what offrl writes, not a user's run.json
     if resume:
