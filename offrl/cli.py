@@ -62,7 +62,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
     obs_space, act_space = env_spaces(args.env)
     policy = resolve_policy(args.policy, obs_space, act_space, seed=args.seed)
     check_policy_spaces(
-        policy, obs_space, act_space, policy_name=args.policy, other=f"environment {args.env!r}"
+        policy, obs_space, act_space, policy_name=args.policy, other=f"the environment {args.env}"
     )
     path = record(
         args.env,
@@ -180,7 +180,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     obs_space, act_space = env_spaces(env_id)
     policy = load_policy(folder, seed=args.seed)
     check_policy_spaces(
-        policy, obs_space, act_space, policy_name=args.policy, other=f"environment {env_id!r}"
+        policy, obs_space, act_space, policy_name=args.policy, other=f"the environment {env_id}"
     )
     result = evaluate(
         policy,

@@ -129,7 +129,7 @@ def evaluate(
     # next-step autoreset would also hand the policy one extra, meaningless step per episode.
     obs_space, act_space = env_spaces(env_id, **make_kwargs)
     check_policy_spaces(
-        policy, obs_space, act_space, policy_name=repr(policy), other=f"environment {env_id!r}"
+        policy, obs_space, act_space, policy_name=repr(policy), other=f"the environment {env_id}"
     )
     envs = gym.vector.SyncVectorEnv(
         [lambda: gym.make(env_id, **make_kwargs) for _ in range(n)],
