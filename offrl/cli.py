@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -45,11 +46,24 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
     if (args.episodes is None) == (args.steps is None):
         raise OfflineRLError("record: give exactly one of --episodes N or --steps N")
-    import gymnasium as gym
+    import numpy as np
 
-    probe = gym.make(args.env)
-    policy = resolve_policy(args.policy, probe.observation_space, probe.action_space, seed=args.seed)
-    probe.close()
+    from offrl.data.writer import check_destination
+    from offrl.evaluation import check_policy_spaces, env_spaces
+
+    if args.obs_dtype is not None:
+        try:
+            np.dtype(args.obs_dtype)
+        except TypeError:
+            raise OfflineRLError(
+                f"--obs-dtype {args.obs_dtype!r}: not a numpy dtype (e.g. float32)"
+            ) from None
+    check_destination(args.out, force=args.force)
+    obs_space, act_space = env_spaces(args.env)
+    policy = resolve_policy(args.policy, obs_space, act_space, seed=args.seed)
+    check_policy_spaces(
+        policy, obs_space, act_space, policy_name=args.policy, other=f"the environment {args.env}"
+    )
     path = record(
         args.env,
         policy,
@@ -80,6 +94,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
         print(report.describe())
     elif args.to == "d4rl":
+        from offrl.data.writer import check_destination
+
+        check_destination(args.out, force=True)
         convert.export_d4rl(args.src, args.out)
         print(f"wrote {args.out} (D4RL layout)")
     return 0
@@ -95,7 +112,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides["train.steps"] = str(args.steps)
     if args.resume:
-        result = train.resume(args.resume, epochs=args.epochs)
+        fixed = [
+            flag
+            for flag, given in (
+                ("--algo", args.algo),
+                ("--dataset", args.dataset),
+                ("--out", args.out),
+                ("--seed", args.seed is not None),
+                ("--device", args.device),
+                ("--config", args.config),
+                ("--set", args.set),
+            )
+            if given
+        ]
+        if fixed:
+            raise OfflineRLError(
+                f"--resume continues {args.resume} with the settings, data and seed its checkpoints were made "
+                f"with, so {', '.join(fixed)} cannot change; only the pass target (--epochs or --steps) can"
+            )
+        result = train.resume(args.resume, epochs=args.epochs, steps=args.steps)
     else:
         if not (args.algo and args.dataset and args.out):
             raise OfflineRLError("train: --algo, --dataset and --out are required (or --resume RUN_DIR)")
@@ -107,8 +142,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.algo,
             dataset,
             action_space=read_raw(dataset).action_space,
-            seed=args.seed,
-            device=args.device,
+            seed=0 if args.seed is None else args.seed,
+            device=args.device or "cpu",
             config_file=args.config,
             overrides=overrides,
         )
@@ -133,7 +168,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from offrl.evaluation import evaluate
+    from offrl.evaluation import check_policy_spaces, env_spaces, evaluate
     from offrl.policies.artifact import find_artifact, load_policy, read_policy_json
 
     folder = find_artifact(Path(args.policy))
@@ -142,8 +177,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not env_id:
         raise OfflineRLError(f"{args.policy}: the policy records no environment; give --env ENV_ID")
     same_env = env_id == meta.get("env_id")
+    obs_space, act_space = env_spaces(env_id)
+    policy = load_policy(folder, seed=args.seed)
+    check_policy_spaces(
+        policy, obs_space, act_space, policy_name=args.policy, other=f"the environment {env_id}"
+    )
     result = evaluate(
-        load_policy(folder, seed=args.seed),
+        policy,
         env_id,
         episodes=args.episodes,
         seed=args.seed,
@@ -209,6 +249,10 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     specs = suites.all_specs()
     if not args.name:
         raise OfflineRLError("datasets build: name a dataset or a suite (see `offrl datasets list`)")
+    if args.out is not None:
+        from offrl.data.writer import check_destination
+
+        check_destination(args.out, force=args.force)
     if args.name in builtin.RECIPES:
         print(f"wrote {builtin.build(args.name, args.out)}")
         return 0
@@ -268,6 +312,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from offrl.bench.report import write_report
 
+    if args.bootstrap < 1:
+        raise OfflineRLError(f"--bootstrap must be ≥ 1 resamples, got {args.bootstrap}")
     path = write_report(args.results_dir, args.out, n_boot=args.bootstrap, seed=args.seed)
     print(f"wrote {path}")
     return 0
@@ -278,6 +324,24 @@ def _cmd_online(args: argparse.Namespace) -> int:
     from offrl.online import loop
 
     if args.resume:
+        fixed = [
+            flag
+            for flag, given in (
+                ("--algo", args.algo),
+                ("--env", args.env),
+                ("--out", args.out),
+                ("--seed", args.seed is not None),
+                ("--device", args.device),
+                ("--config", args.config),
+                ("--set", args.set),
+            )
+            if given
+        ]
+        if fixed:
+            raise OfflineRLError(
+                f"--resume continues {args.resume} with the settings, environment and seed its checkpoints were "
+                f"made with, so {', '.join(fixed)} cannot change; only the step target (--steps) can"
+            )
         result = loop.resume_online(args.resume, steps=args.steps)
     else:
         if not args.out:
@@ -339,6 +403,11 @@ def _cmd_ope(args: argparse.Namespace) -> int:
     from offrl.ope.fqe import FQEConfig
     from offrl.ope.run import parse_methods, run_ope
 
+    if args.threads < 1:
+        raise OfflineRLError(f"--threads must be ≥ 1, got {args.threads}")
+    from offrl.run import run_device
+
+    run_device(args.device)
     torch.set_num_threads(args.threads)
     report = run_ope(
         args.dataset,
@@ -377,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="destination HDF5 file (written atomically)")
     p.add_argument("--compression", choices=["lzf", "gzip"], help="compress arrays (transparent to readers)")
     p.add_argument("--obs-dtype", help="down-cast stored observations, e.g. float32 for MuJoCo's float64")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_record)
 
@@ -409,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--epochs", type=int, help="full passes over the dataset")
     p.add_argument("--steps", type=int, help="gradient steps, rounded up to whole passes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, help="seed of networks and batch order (default 0)")
+    p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument(
         "--config",
         help="TOML config file: top-level seed/device, [train], [algo_config] and [runtime] tables",
@@ -443,7 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
         "name", nargs="?", help="a dataset (classic/cartpole-medium), a suite (classic) or builtin/…"
     )
     p.add_argument("--out", help="destination file (default: the data directory)")
-    p.add_argument("--force", action="store_true", help="rebuild datasets already in the data directory")
+    p.add_argument(
+        "--force", action="store_true", help="rebuild datasets already in the data directory; replace --out"
+    )
     p.add_argument(
         "--strict", action="store_true", help="exit 1 if a build's arrays differ from the manifest's SHA-256"
     )
@@ -540,9 +612,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OfflineRLError as exc:
         print(f"offrl {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"offrl {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:  # the operating system refused: name the path and the reason, in one line
+        where = exc.filename if exc.filename is not None else ""
+        reason = exc.strerror or str(exc)
+        print(f"offrl {args.command}: error: {where}{': ' if where else ''}{reason}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM during a run (offrl.run.Interrupted)
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        print(f"offrl {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ written to TOML, and overridden with ``--set key=value``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -22,11 +23,90 @@ else:  # pragma: no cover
 C = TypeVar("C")
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by ``offrl train --help-algo`` and in the docs)."""
+def option(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    nonempty: bool = False,
+) -> Any:
+    """A config field with its help text (shown by ``offrl train --help-algo`` and in the docs) and its
+    declared range: ``low``/``high`` bound a number (``*_open``: the bound itself is excluded), or each
+    item of a tuple (``nonempty``: at least one item, e.g. hidden layer sizes with ``low=1``). ``None``
+    values of optional fields are not range-checked; NaN is never in range. :func:`validate` and
+    :func:`from_dict` check the range of every field that declares one."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
-    return dataclasses.field(default=default, metadata={"help": help})
+    meta: dict[str, Any] = {"help": help}
+    if low is not None or high is not None or nonempty:
+        meta["range"] = Range(low, high, low_open, high_open, nonempty)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A field's declared range (see :func:`option`)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    nonempty: bool = False
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return (
+                f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+            )
+        if self.low is not None:
+            return f"{'>' if self.low_open else '≥'} {self.low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '≤'} {self.high}"
+        return "set"
+
+    def holds(self, x: Any) -> bool:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return True  # not a number: the type check's business
+        if isinstance(x, float) and math.isnan(x):
+            return False
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            return False
+        return not (self.high is not None and (x >= self.high if self.high_open else x > self.high))
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is out of range, or None."""
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            if self.nonempty and not value:
+                return "must not be empty"
+            bad = [v for v in value if not self.holds(v)]
+            return f"every item must be {self.describe()}" if bad else None
+        return None if self.holds(value) else f"must be {self.describe()}"
+
+
+def field_range(f: dataclasses.Field[Any]) -> Range | None:
+    r = f.metadata.get("range")
+    return r if isinstance(r, Range) else None
+
+
+def range_problems(cfg: Any) -> list[str]:
+    """``name=value (why)`` for every field of ``cfg`` outside its declared range, and every float
+    field holding NaN (NaN is no setting's value)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        r = field_range(f)
+        why = r.problem(value) if r is not None else None
+        if why is None and isinstance(value, float) and math.isnan(value):
+            why = "must be a number, not nan"
+        if why is not None:
+            what = str(f.metadata.get("help", "")).split(";")[0].split(" (")[0].split(":")[0]
+            out.append(f"{f.name}={value!r} ({why}{'; ' + what if what else ''})")
+    return out
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -50,15 +130,18 @@ def _literal_choices(tp: Any) -> tuple[Any, ...] | None:
 
 def validate(cfg: Any, name: str, checks: Mapping[str, bool] | None = None) -> None:
     """Raise one ConfigError naming every invalid field of the dataclass ``cfg``: values outside their
-    ``Literal`` choices, and failed ``checks`` (field name -> condition). Configs call it in
-    ``__post_init__``, so a config built in code is checked as one read from a file."""
+    ``Literal`` choices, values outside their declared range (:func:`option`), NaN, and failed
+    ``checks`` (field name -> condition). Configs call it in ``__post_init__``, so a config built in
+    code is checked as one read from a file; :func:`from_dict` checks every config it builds."""
     hints = _resolved_types(type(cfg))
     bad = []
     for f in dataclasses.fields(cfg):
         choices, value = _literal_choices(hints[f.name]), getattr(cfg, f.name)
         if choices is not None and value not in choices:
             bad.append(f"{f.name}={value!r} (one of {', '.join(map(repr, choices))})")
-    bad += [f"{k}={getattr(cfg, k)!r}" for k, ok in (checks or {}).items() if not ok]
+    bad += range_problems(cfg)
+    named = {b.split("=", 1)[0] for b in bad}
+    bad += [f"{k}={getattr(cfg, k)!r}" for k, ok in (checks or {}).items() if not ok and k not in named]
     if bad:
         raise ConfigError(f"{name}: invalid {', '.join(bad)}")
 
@@ -134,7 +217,11 @@ def from_dict(cls: type[C], data: Mapping[str, Any], source: str = "config") -> 
         )
     hints = _resolved_types(cls)
     kwargs = {k: _coerce(v, hints[k], f"{source}: '{k}'") for k, v in data.items()}
-    return cls(**kwargs)
+    out = cls(**kwargs)
+    bad = range_problems(out)
+    if bad:
+        raise ConfigError(f"{source}: invalid {', '.join(bad)}")
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -171,6 +258,8 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    except OSError as exc:  # a folder, unreadable
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
 
 
 def _toml_value(v: Any) -> str:

@@ -49,6 +49,46 @@ def episode_seed(seed: int, episode: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=(episode,)).generate_state(1)[0])
 
 
+def env_spaces(env_id: str, **make_kwargs: Any) -> tuple[gym.Space, gym.Space]:
+    """The observation and action spaces of ``env_id``, made once and closed: the check that an
+    environment exists and can be built (its module imports, its dependencies are installed) before any
+    work that needs it. An unknown id or a failing import is one :class:`OfflineRLError`."""
+    try:
+        probe = gym.make(env_id, **make_kwargs)
+    except gym.error.Error as exc:
+        raise OfflineRLError(f"environment {env_id!r}: {exc}") from None
+    except (ImportError, AttributeError, TypeError, ValueError, OSError) as exc:
+        raise OfflineRLError(f"environment {env_id!r} cannot be made: {type(exc).__name__}: {exc}") from None
+    try:
+        return probe.observation_space, probe.action_space
+    finally:
+        probe.close()
+
+
+def check_policy_spaces(
+    policy: Any, observation_space: gym.Space, action_space: gym.Space, *, policy_name: str, other: str
+) -> None:
+    """Refuse a policy whose observation shape or action space differs from ``other``'s (e.g. "the
+    dataset", "environment 'CartPole-v1'"); policies that declare no spaces pass. The one check where a
+    policy meets an environment or a dataset (evaluate, record, ope)."""
+    obs_space = getattr(policy, "observation_space", None)
+    act_space = getattr(policy, "action_space", None)
+    if isinstance(obs_space, gym.Space) and obs_space.shape != observation_space.shape:
+        raise OfflineRLError(
+            f"policy {policy_name}: observations of shape {obs_space.shape}, {other}'s have {observation_space.shape}"
+        )
+    if isinstance(act_space, gym.Space) and (
+        type(act_space) is not type(action_space)
+        or act_space.shape != action_space.shape
+        or (
+            isinstance(act_space, gym.spaces.Discrete)
+            and isinstance(action_space, gym.spaces.Discrete)
+            and act_space.n != action_space.n
+        )
+    ):
+        raise OfflineRLError(f"policy {policy_name}: action space {act_space}, {other}'s is {action_space}")
+
+
 def _neutral_action(space: gym.Space) -> Any:
     """An always-valid action for sub-envs that have finished their quota (their steps are discarded)."""
     if isinstance(space, gym.spaces.Discrete):
@@ -87,6 +127,10 @@ def evaluate(
 
     # Manual resets (autoreset disabled) so every episode starts from its own seed; gymnasium's default
     # next-step autoreset would also hand the policy one extra, meaningless step per episode.
+    obs_space, act_space = env_spaces(env_id, **make_kwargs)
+    check_policy_spaces(
+        policy, obs_space, act_space, policy_name=repr(policy), other=f"the environment {env_id}"
+    )
     envs = gym.vector.SyncVectorEnv(
         [lambda: gym.make(env_id, **make_kwargs) for _ in range(n)],
         autoreset_mode=gym.vector.AutoresetMode.DISABLED,

@@ -60,16 +60,18 @@ class IterateConfig:
     dataset: str = field(
         metadata={"help": "dataset file the rounds append to; created if missing, else its env must match"}
     )
-    rounds: int = option(3, "number of rounds (deploy → append → train); rerun with more to extend")
-    steps_per_round: int = option(10_000, "environment steps collected per round")
+    rounds: int = option(3, "number of rounds (deploy → append → train); rerun with more to extend", low=1)
+    steps_per_round: int = option(10_000, "environment steps collected per round", low=1)
     seed: int = option(0, "training seed of every round; collection seeds derive from it and the round")
     warm_start: bool = option(
         False,
         "start round k's networks (observation normaliser included) from round k-1's final weights; "
         "optimisers start fresh",
     )
-    epochs: int | None = option(None, "full passes over the whole file per round")
-    steps: int | None = option(None, "gradient steps per round instead of epochs, rounded up to whole passes")
+    epochs: int | None = option(None, "full passes over the whole file per round", low=1)
+    steps: int | None = option(
+        None, "gradient steps per round instead of epochs, rounded up to whole passes", low=1
+    )
     settings: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "algorithm and train.KEY settings of every round, as with `offrl train --set`"},
@@ -462,14 +464,13 @@ def run_iterate(
     import gymnasium as gym
 
     from offrl.data.append import read_checked_env
+    from offrl.evaluation import env_spaces
     from offrl.logger import progress_enabled
 
     cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).resolve()))
     out_dir = Path(out)
     show = progress_enabled() if show_progress is None else show_progress
-    probe = gym.make(cfg.env)
-    action_space = probe.action_space
-    probe.close()
+    _, action_space = env_spaces(cfg.env)
     run_cfg = resolve_run_config(cfg, action_space)
     state = _load_state(cfg, run_cfg, out_dir)
     result = IterateResult(out_dir, state["rounds"], [], [])

@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -44,7 +47,46 @@ if TYPE_CHECKING:
 
 CONFIG_TOML = "config.toml"
 RUN_JSON = "run.json"
+LOCK_FILE = "run.lock"  # held (flock) by the one process writing the run; holds its PID
+# files offrl itself puts in a run directory before the run starts (the lock, a bench cell's hash)
+OFFRL_COMPANIONS = frozenset({LOCK_FILE, "bench_cell.json"})
 SECTIONS = ("train", "algo_config", "runtime")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) stopped a run; ``run.json`` says "interrupted" and the run resumes from its
+    last checkpoint. A KeyboardInterrupt, so that what stops on Ctrl-C stops on it too; the CLI exits
+    with 128 + the signal's number (130, 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interrupts_recorded(rd: RunDirectory, **fields: Any) -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Interrupted` (as SIGINT raises KeyboardInterrupt); a run
+    stopped by either is recorded as "interrupted" in ``run.json`` before the exception goes on."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = None
+    if in_main:
+
+        def on_term(signum: int, frame: object) -> None:
+            raise Interrupted(signum)
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        if rd.info:  # begun: run.json says running
+            rd.interrupted(signum, last_checkpoint=rd.last_saved, **fields)
+        if not isinstance(exc, Interrupted):
+            raise Interrupted(signum) from None
+        raise
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class TrainingDiverged(OfflineRLError):
@@ -164,7 +206,7 @@ def runtime_setting(settings: Mapping[str, Any], key: str, default: Any = None) 
 # -- the run directory --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunStatus:
-    status: str | None  # "running" | "finished" | "diverged"; None: no run.json
+    status: str | None  # "running" | "interrupted" | "finished" | "diverged"; None: no run.json
     resumable: bool  # interrupted while running, with a checkpoint to continue from
     info: dict[str, Any]  # run.json as written (dataset, versions, counts, init_from …)
 
@@ -179,7 +221,7 @@ def run_status(run_dir: str | os.PathLike[str]) -> RunStatus:
     if not isinstance(info, dict):
         return RunStatus(None, False, {})
     status = info.get("status")
-    resumable = status == "running" and (path / "checkpoints" / "latest.json").exists()
+    resumable = status in ("running", "interrupted") and (path / "checkpoints" / "latest.json").exists()
     return RunStatus(status if isinstance(status, str) else None, resumable, info)
 
 
@@ -192,6 +234,38 @@ def saved_runtime_differences(run_dir: str | os.PathLike[str], runtime: Runtime)
     return [
         f"{k}={getattr(saved, k)!r}" for k in sorted(RUNTIME_KEYS) if getattr(saved, k) != getattr(runtime, k)
     ]
+
+
+def check_run_dir(path: str | os.PathLike[str], *, resume: bool | None) -> None:
+    """Refuse, before any work, a run directory that cannot be written or is not offrl's to write:
+    an existing file, a path under a file, a non-empty folder that holds no offrl run; for a new run
+    (``resume=False``) a run that already has checkpoints, for a resume a folder without a run
+    (``resume=None``: only what applies to both)."""
+    p = Path(path)
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "is a file" if parent == p else f"lies under the file {parent}"
+            raise ConfigError(f"{p}: {what}, not a run directory")
+        if parent.exists():
+            break
+    if not p.exists():
+        if resume:
+            raise ConfigError(f"{p}: no such run directory")
+        return
+    entries = {e.name for e in p.iterdir()} - OFFRL_COMPANIONS
+    info = run_status(p).info if RUN_JSON in entries else {}
+    is_run = "status" in info and "package_versions" in info  # what offrl writes, not a user's run.json
+    if resume:
+        if not (p / CONFIG_TOML).exists():
+            raise ConfigError(f"{p}: holds no offrl run (no {CONFIG_TOML}) to resume")
+        return
+    if resume is False and (p / "checkpoints").exists():
+        raise ConfigError(f"{p} already holds a run; use --resume or another --out")
+    if entries and not is_run and not (p / "checkpoints").exists():
+        raise ConfigError(
+            f"{p}: the folder is not empty and holds no offrl run ({', '.join(sorted(entries)[:3])}"
+            f"{', …' if len(entries) > 3 else ''}); give an empty or new --out"
+        )
 
 
 class RunDirectory:
@@ -208,6 +282,45 @@ class RunDirectory:
         self.info: dict[str, Any] = {}
         self.logger: Logger | None = None
         self.last_saved = 0
+        self._lock_fd: int | None = None
+
+    # -- one writer ---------------------------------------------------------------------------------
+    def acquire(self, *, resume: bool) -> None:
+        """Check that the run directory may be written, create it and take its lock.
+
+        A new run needs a directory that does not exist, is empty, or holds a run without a checkpoint
+        (which then starts over); a folder with anything else in it is not offrl's to overwrite. A
+        resumed run needs a run. The lock is an exclusive ``flock`` on ``run.lock``, which the OS
+        releases when the process ends (a kill -9 included), so it never goes stale; the holder writes
+        its PID into it, since ``flock`` does not say who holds a lock.
+        """
+        check_run_dir(self.path, resume=resume)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot create the run directory ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"{self.path}: another process (PID {holder}) is writing this run; one writer per run directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        self.sweep()  # only under the lock: another writer's staging folders look like leftovers
+
+    def release(self) -> None:
+        """Close the loggers and drop the lock (the OS drops it anyway when the process ends)."""
+        self.close()
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing the descriptor releases the flock
 
     def resume_point(self, runtime: Runtime) -> Path:
         """The newest checkpoint, after checking that ``runtime`` is the one the run was started with."""
@@ -225,14 +338,15 @@ class RunDirectory:
     def begin(
         self, *, resume: bool, config_toml: str, info: dict[str, Any], totals: dict[str, Any]
     ) -> Logger:
-        """Record the run as running (a new one: refuse a directory that holds one) and open its loggers."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.sweep()
+        """Record the run as running and open its loggers; takes the lock first if :meth:`acquire` was
+        not called (a new run: refuses a directory that holds one or anything else)."""
+        if self._lock_fd is None:
+            self.acquire(resume=resume)
         if resume:
             self.info = run_status(self.path).info
+            for key, value in info.items():  # what older versions did not record (dataset_absolute)
+                self.info.setdefault(key, value)
         else:
-            if self.checkpoints.exists():
-                raise ConfigError(f"{self.path} already holds a run; use --resume or another --out")
             self.info = {
                 **info,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -283,6 +397,12 @@ class RunDirectory:
             self.logger.close()
             self.logger = None
 
+    def interrupted(self, signum: int, **fields: Any) -> None:
+        """Record that a signal (SIGINT, SIGTERM) stopped the run; it resumes from its last checkpoint."""
+        self.close()
+        name = signal.Signals(signum).name
+        self.write_status("interrupted", signal=name, **fields)
+
     def diverged(self, exc: TrainingDiverged, **fields: Any) -> TrainingDiverged:
         """Record the divergence in ``run.json``; the error to raise, naming the checkpoint left."""
         self.close()
@@ -300,7 +420,14 @@ class RunDirectory:
 
 # -- set-up -----------------------------------------------------------------------------------------
 def run_device(device: str) -> torch.device:
-    out = torch.device(device)
+    """The torch device ``device`` names; a ConfigError for a name torch does not know or a CUDA
+    device this machine lacks (checked with the other settings, before the run directory is made)."""
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r}: not a torch device (cpu, cuda, cuda:N)") from None
+    if out.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r}: offrl runs on cpu or cuda")
     if out.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
     return out

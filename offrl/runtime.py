@@ -37,7 +37,7 @@ class Runtime:
     """How a run computes: set with ``--set runtime.KEY=VALUE`` (or the plain key), recorded in ``[runtime]``."""
 
     threads: int = option(
-        2, "torch intra-op threads; results differ between thread counts, so it is recorded"
+        2, "torch intra-op threads; results differ between thread counts, so it is recorded", low=1
     )
     flush_denormal: bool = option(True, FLUSH_DENORMAL_HELP)
     precision: Literal["fp32", "bf16"] = option(
@@ -62,7 +62,7 @@ class Runtime:
     )
 
     def __post_init__(self) -> None:
-        validate(self, "runtime", {"threads": self.threads >= 1})
+        validate(self, "runtime")
 
     def apply(self) -> None:
         """The process-wide settings of a run: intra-op threads, subnormal flushing and, with the fast

@@ -55,21 +55,28 @@ DEFAULT_RUNTIME = Runtime()
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int | None = option(
-        None, "number of full passes over the dataset (each transition once per pass)"
+        None, "number of full passes over the dataset (each transition once per pass)", low=1
     )
-    steps: int | None = option(None, "gradient steps instead of --epochs; rounded up to whole passes")
+    steps: int | None = option(None, "gradient steps instead of --epochs; rounded up to whole passes", low=1)
     drop_last: bool = option(False, "skip each pass's final partial batch (the skipped count is reported)")
-    eval_every: int = option(1, "evaluate in the environment every k passes (0: never, a purely offline run)")
-    eval_episodes: int = option(10, "episodes per evaluation")
-    eval_envs: int = option(5, "parallel environments used by evaluation (results do not depend on it)")
-    eval_seed: int = option(10_000, "seed of evaluation episodes (separate from the training seed)")
+    eval_every: int = option(
+        1, "evaluate in the environment every k passes (0: never, a purely offline run)", low=0
+    )
+    eval_episodes: int = option(10, "episodes per evaluation", low=1)
+    eval_envs: int = option(
+        5, "parallel environments used by evaluation (results do not depend on it)", low=1
+    )
+    eval_seed: int = option(10_000, "seed of evaluation episodes (separate from the training seed)", low=0)
     checkpoint_every: int = option(
-        1, "checkpoint and export the policy every k passes (and always at the end)"
+        1, "checkpoint and export the policy every k passes (and always at the end)", low=1
     )
-    keep_checkpoints: int = option(2, "how many most recent checkpoints to keep (0: keep all)")
+    keep_checkpoints: int = option(2, "how many most recent checkpoints to keep (0: keep all)", low=0)
     log_every: int = option(
-        1000, "gradient steps between metric reads, the only host syncs (also at pass ends)"
+        1000, "gradient steps between metric reads, the only host syncs (also at pass ends)", low=1
     )
+
+    def __post_init__(self) -> None:
+        cfgmod.validate(self, "train")
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,7 @@ def resolve_config(
     )
     if train_cfg.epochs is not None and train_cfg.steps is not None:
         raise ConfigError("give either epochs or steps, not both")
+    run.run_device(str(s.top["device"]))
     return RunConfig(
         algo=algo,
         dataset=str(s.top["dataset"]),
@@ -213,13 +221,25 @@ class Trainer:
         *,
         dataset: TransitionDataset | None = None,
         init_from: str | os.PathLike[str] | None = None,
+        dataset_path: str | os.PathLike[str] | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rd = run.RunDirectory(self.run_dir, prefix="pass", digits=6, unit="pass")
+        # the run directory and the environment are checked before any work (loading, training)
+        run.check_run_dir(self.run_dir, resume=None)
         self.device = run.run_device(cfg.device)
         cfg.runtime.apply()
-        self.dataset = dataset if dataset is not None else TransitionDataset.load(cfg.dataset, self.device)
+        # where the dataset is read (cfg.dataset as recorded, or its absolute path from another directory)
+        self.dataset_path = Path(dataset_path if dataset_path is not None else cfg.dataset)
+        self.dataset = (
+            dataset if dataset is not None else TransitionDataset.load(self.dataset_path, self.device)
+        )
+        if cfg.train.eval_every and self.dataset.env_id:
+            from offrl.evaluation import env_spaces
+
+            env_spaces(self.dataset.env_id)
+        self.target_given = False  # a resume with a new pass target (--epochs, --steps)
         self.algo = build_algorithm(cfg, self.dataset)
         # warm start: before prepare_dataset, which applies the (then loaded) observation normaliser
         self.init_from = None if init_from is None else load_initial_weights(self.algo, init_from)
@@ -302,11 +322,29 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, show_progress: bool | None = None) -> RunResult:
+        rd = self.rd
+        rd.acquire(resume=resume)
+        try:
+            with run.interrupts_recorded(rd):
+                return self._run(resume, show_progress)
+        finally:
+            rd.release()
+
+    def _run(self, resume: bool, show_progress: bool | None) -> RunResult:
         cfg, rd = self.cfg, self.rd
-        self.dataset_sha = file_sha256(cfg.dataset)
+        self.dataset_sha = file_sha256(self.dataset_path)
         start_pass = self._restore(rd.resume_point(cfg.runtime)) if resume else 0
+        if resume and self.target_given and start_pass >= self.total_passes:
+            raise ConfigError(
+                f"{self.run_dir}: {start_pass} passes are done; a target of {self.total_passes} passes is "
+                "not beyond them, so there is nothing to train (the run is left as it was)"
+            )
         rd.last_saved = start_pass
-        info: dict[str, Any] = {"dataset": str(cfg.dataset), "dataset_sha256": self.dataset_sha}
+        info: dict[str, Any] = {
+            "dataset": str(cfg.dataset),
+            "dataset_absolute": str(self.dataset_path.resolve()),
+            "dataset_sha256": self.dataset_sha,
+        }
         if self.init_from is not None:
             info["init_from"] = str(self.init_from)
         logger = rd.begin(
@@ -412,12 +450,33 @@ def fit(
 
 
 def resume(
-    run_dir: str | os.PathLike[str], *, epochs: int | None = None, show_progress: bool | None = None
+    run_dir: str | os.PathLike[str],
+    *,
+    epochs: int | None = None,
+    steps: int | None = None,
+    show_progress: bool | None = None,
 ) -> RunResult:
-    """Continue a run from its newest checkpoint up to its configured length (or ``epochs`` passes)."""
+    """Continue a run from its newest checkpoint up to its configured length, or to a new pass target
+    (``epochs`` passes, or ``steps`` gradient steps rounded up to whole passes), which must lie beyond
+    the passes done. Everything else is the run's own: its ``config.toml`` and dataset.
+
+    The dataset is read where ``config.toml`` says; a relative path that does not resolve from here is
+    read from the absolute path ``run.json`` recorded when the run started."""
     from offrl.data.format import read_raw
 
-    cfg = load_run_config(run_dir, read_raw(read_run_toml(run_dir).text("dataset")).action_space)
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, steps=None))
-    return Trainer(cfg, run_dir).run(resume=True, show_progress=show_progress)
+    if epochs is not None and steps is not None:
+        raise ConfigError("give either epochs or steps, not both")
+    run.check_run_dir(run_dir, resume=True)
+    doc = read_run_toml(run_dir)
+    doc.text("algo")
+    dataset_path = Path(doc.text("dataset"))
+    if not dataset_path.exists():
+        recorded = run.run_status(run_dir).info.get("dataset_absolute")
+        if isinstance(recorded, str) and Path(recorded).exists():
+            dataset_path = Path(recorded)
+    cfg = load_run_config(run_dir, read_raw(dataset_path).action_space)
+    if epochs is not None or steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, steps=steps))
+    trainer = Trainer(cfg, run_dir, dataset_path=dataset_path)
+    trainer.target_given = epochs is not None or steps is not None
+    return trainer.run(resume=True, show_progress=show_progress)

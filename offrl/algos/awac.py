@@ -39,18 +39,28 @@ ACTION_EPS = 1e-6
 class AWACConfig:
     """Defaults follow CORL's ``awac`` (learning rate, γ, τ, λ, advantage-weight clip, batch size)."""
 
-    actor_hidden: tuple[int, ...] = option((256, 256), "actor MLP hidden sizes (CORL uses 3×256)")
-    critic_hidden: tuple[int, ...] = option((256, 256), "critic MLP hidden sizes (CORL uses 3×256)")
-    n_critics: int = option(2, "critics in the Q-ensemble; targets and advantages use their minimum")
-    actor_lr: float = option(3e-4, "actor Adam learning rate (CORL: 3e-4)")
-    critic_lr: float = option(3e-4, "critic Adam learning rate (CORL: 3e-4)")
-    batch_size: int = option(256, "transitions per gradient step (CORL: 256)")
-    gamma: float = option(0.99, "discount factor")
-    tau: float = option(5e-3, "Polyak rate of the target critics")
-    awac_lambda: float = option(1.0, "temperature λ of the advantage weights exp(A/λ) (CORL: 1)")
-    exp_adv_max: float = option(100.0, "advantage weights are clipped to at most this (CORL: 100)")
+    actor_hidden: tuple[int, ...] = option(
+        (256, 256), "actor MLP hidden sizes (CORL uses 3×256)", low=1, nonempty=True
+    )
+    critic_hidden: tuple[int, ...] = option(
+        (256, 256), "critic MLP hidden sizes (CORL uses 3×256)", low=1, nonempty=True
+    )
+    n_critics: int = option(2, "critics in the Q-ensemble; targets and advantages use their minimum", low=1)
+    actor_lr: float = option(3e-4, "actor Adam learning rate (CORL: 3e-4)", low=0.0, low_open=True)
+    critic_lr: float = option(3e-4, "critic Adam learning rate (CORL: 3e-4)", low=0.0, low_open=True)
+    batch_size: int = option(256, "transitions per gradient step (CORL: 256)", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
+    tau: float = option(5e-3, "Polyak rate of the target critics", low=0.0, high=1.0, low_open=True)
+    awac_lambda: float = option(
+        1.0, "temperature λ of the advantage weights exp(A/λ) (CORL: 1)", low=0.0, low_open=True
+    )
+    exp_adv_max: float = option(
+        100.0, "advantage weights are clipped to at most this (CORL: 100)", low=0.0, low_open=True
+    )
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std (CORL: true)")
-    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+    max_grad_norm: float | None = option(
+        None, "clip each network's gradient norm; none: no clipping", low=0.0, low_open=True
+    )
 
     def __post_init__(self) -> None:
         checks = {

@@ -32,13 +32,15 @@ ACTION_EPS = 1e-6
 
 @dataclass(frozen=True)
 class BCConfig:
-    batch_size: int = option(256, "transitions per gradient step (CORL: 256)")
+    batch_size: int = option(256, "transitions per gradient step (CORL: 256)", low=1)
     hidden: tuple[int, ...] = option(
-        (256, 256), "hidden layer widths of the policy MLP, relu (CORL: 256, 256)"
+        (256, 256), "hidden layer widths of the policy MLP, relu (CORL: 256, 256)", low=1, nonempty=True
     )
     lr: float | None = option(
         None,
         "Adam learning rate; none means 3e-4 for continuous actions (CORL) and 1e-3 for discrete actions",
+        low=0.0,
+        low_open=True,
     )
     policy: Literal["deterministic", "gaussian"] = option(
         "deterministic",
@@ -46,10 +48,13 @@ class BCConfig:
         "'gaussian' fits a tanh-squashed Gaussian by log-likelihood. Discrete BC is always categorical "
         "(and rejects 'gaussian')",
     )
-    weight_decay: float = option(0.0, "L2 penalty added by Adam (0: none, as in CORL)")
+    weight_decay: float = option(0.0, "L2 penalty added by Adam (0: none, as in CORL)", low=0.0)
     normalize_obs: bool = option(True, "standardise observations with dataset statistics (CORL: true)")
     max_grad_norm: float | None = option(
-        None, "clip the policy gradient's global norm to this value (none: no clipping)"
+        None,
+        "clip the policy gradient's global norm to this value (none: no clipping)",
+        low=0.0,
+        low_open=True,
     )
 
     def __post_init__(self) -> None:

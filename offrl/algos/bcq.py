@@ -44,26 +44,46 @@ class BCQConfig:
     instead of the paper's 100."""
 
     actor_hidden: tuple[int, ...] = option(
-        (400, 300), "perturbation actor MLP hidden sizes (paper: 400, 300)"
+        (400, 300), "perturbation actor MLP hidden sizes (paper: 400, 300)", low=1, nonempty=True
     )
-    critic_hidden: tuple[int, ...] = option((400, 300), "critic MLP hidden sizes (paper: 400, 300)")
-    encoder_hidden: tuple[int, ...] = option((750, 750), "VAE encoder MLP hidden sizes (paper: 750, 750)")
-    decoder_hidden: tuple[int, ...] = option((750, 750), "VAE decoder MLP hidden sizes (paper: 750, 750)")
-    latent_dim: int | None = option(None, "VAE latent size; none: 2·|A| (paper)")
-    latent_clip: float = option(0.5, "prior latents are clipped to ±this when decoding without the encoder")
-    kl_weight: float = option(0.5, "weight of the KL term in the VAE loss (paper: 0.5)")
-    n_critics: int = option(2, "critics in the Q-ensemble (paper: 2)")
-    phi: float = option(0.05, "Φ: largest perturbation of a decoded action, in [−1, 1] units (paper: 0.05)")
-    lam: float = option(0.75, "λ of the soft clipped double-Q target: λ·min + (1 − λ)·max (paper: 0.75)")
-    n_actions: int = option(10, "decoded candidate actions per next state in the target (paper: 10)")
-    act_actions: int = option(10, "decoded candidate actions per state when acting (paper: 10; code: 100)")
-    actor_lr: float = option(1e-3, "perturbation actor Adam learning rate (authors' code: 1e-3)")
-    critic_lr: float = option(1e-3, "critic Adam learning rate (authors' code: 1e-3)")
-    vae_lr: float = option(1e-3, "VAE Adam learning rate (authors' code: Adam default 1e-3)")
-    batch_size: int = option(256, "transitions per gradient step (paper: 100; 256 for parity here)")
-    gamma: float = option(0.99, "discount factor")
-    tau: float = option(5e-3, "Polyak rate of the target actor and critics")
-    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+    critic_hidden: tuple[int, ...] = option(
+        (400, 300), "critic MLP hidden sizes (paper: 400, 300)", low=1, nonempty=True
+    )
+    encoder_hidden: tuple[int, ...] = option(
+        (750, 750), "VAE encoder MLP hidden sizes (paper: 750, 750)", low=1, nonempty=True
+    )
+    decoder_hidden: tuple[int, ...] = option(
+        (750, 750), "VAE decoder MLP hidden sizes (paper: 750, 750)", low=1, nonempty=True
+    )
+    latent_dim: int | None = option(None, "VAE latent size; none: 2·|A| (paper)", low=1)
+    latent_clip: float = option(
+        0.5, "prior latents are clipped to ±this when decoding without the encoder", low=0.0, low_open=True
+    )
+    kl_weight: float = option(0.5, "weight of the KL term in the VAE loss (paper: 0.5)", low=0.0)
+    n_critics: int = option(2, "critics in the Q-ensemble (paper: 2)", low=1)
+    phi: float = option(
+        0.05, "Φ: largest perturbation of a decoded action, in [−1, 1] units (paper: 0.05)", low=0.0
+    )
+    lam: float = option(
+        0.75, "λ of the soft clipped double-Q target: λ·min + (1 − λ)·max (paper: 0.75)", low=0.0, high=1.0
+    )
+    n_actions: int = option(10, "decoded candidate actions per next state in the target (paper: 10)", low=1)
+    act_actions: int = option(
+        10, "decoded candidate actions per state when acting (paper: 10; code: 100)", low=1
+    )
+    actor_lr: float = option(
+        1e-3, "perturbation actor Adam learning rate (authors' code: 1e-3)", low=0.0, low_open=True
+    )
+    critic_lr: float = option(1e-3, "critic Adam learning rate (authors' code: 1e-3)", low=0.0, low_open=True)
+    vae_lr: float = option(
+        1e-3, "VAE Adam learning rate (authors' code: Adam default 1e-3)", low=0.0, low_open=True
+    )
+    batch_size: int = option(256, "transitions per gradient step (paper: 100; 256 for parity here)", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
+    tau: float = option(5e-3, "Polyak rate of the target actor and critics", low=0.0, high=1.0, low_open=True)
+    max_grad_norm: float | None = option(
+        None, "clip each network's gradient norm; none: no clipping", low=0.0, low_open=True
+    )
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std")
 
     def __post_init__(self) -> None:

@@ -53,28 +53,45 @@ class DiscreteBCQConfig:
     (256, 256) MLPs are the authors' settings for low-dimensional tasks (which copy the target
     softly with τ = 0.005 every step: ``target_update='soft'``)."""
 
-    hidden: tuple[int, ...] = option((256, 256), "hidden layer sizes of the Q-network MLP")
-    bc_hidden: tuple[int, ...] = option((256, 256), "hidden layer sizes of the imitation-head MLP")
-    threshold: float = option(
-        0.3, "τ: allow actions with π_bc(a|s) / max π_bc(·|s) > τ (0: DQN; towards 1: imitation)"
+    hidden: tuple[int, ...] = option(
+        (256, 256), "hidden layer sizes of the Q-network MLP", low=1, nonempty=True
     )
-    lr: float = option(3e-4, "Adam learning rate of the Q-network and imitation head (paper, low-dim: 3e-4)")
-    batch_size: int = option(256, "transitions per gradient step")
-    gamma: float = option(0.99, "discount factor")
+    bc_hidden: tuple[int, ...] = option(
+        (256, 256), "hidden layer sizes of the imitation-head MLP", low=1, nonempty=True
+    )
+    threshold: float = option(
+        0.3,
+        "τ: allow actions with π_bc(a|s) / max π_bc(·|s) > τ (0: DQN; towards 1: imitation)",
+        low=0.0,
+        high=1.0,
+    )
+    lr: float = option(
+        3e-4,
+        "Adam learning rate of the Q-network and imitation head (paper, low-dim: 3e-4)",
+        low=0.0,
+        low_open=True,
+    )
+    batch_size: int = option(256, "transitions per gradient step", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
     logit_reg: float = option(
-        1e-2, "weight of the mean squared imitation logit (authors' code 1e-2; d3rlpy's beta 0.5)"
+        1e-2, "weight of the mean squared imitation logit (authors' code 1e-2; d3rlpy's beta 0.5)", low=0.0
     )
     target_update: Literal["soft", "hard"] = option(
         "hard",
         "target network update: 'hard' copies every target_update_interval steps, 'soft' is Polyak with tau",
     )
     target_update_interval: int = option(
-        8000, "gradient steps between hard target copies (target_update='hard'; paper: 8000)"
+        8000, "gradient steps between hard target copies (target_update='hard'; paper: 8000)", low=1
     )
-    tau: float = option(5e-3, "Polyak rate of the soft target update (target_update='soft')")
+    tau: float = option(
+        5e-3, "Polyak rate of the soft target update (target_update='soft')", low=0.0, high=1.0, low_open=True
+    )
     loss: Literal["huber", "mse"] = option("huber", "TD loss: 'huber' (δ = 1, as in the paper) or 'mse'")
     max_grad_norm: float | None = option(
-        None, "clip the joint gradient norm of both networks to this (none: no clipping)"
+        None,
+        "clip the joint gradient norm of both networks to this (none: no clipping)",
+        low=0.0,
+        low_open=True,
     )
     normalize_obs: bool = option(True, "standardise observations with the dataset's mean and std")
 

@@ -44,31 +44,43 @@ ALPHA_PRIME_MAX = 1e6
 class CQLConfig:
     """Defaults reproduce CQL on D4RL locomotion as run by CORL (Tarasov et al. 2022) and OfflineRL-Kit."""
 
-    actor_hidden: tuple[int, ...] = option((256, 256, 256), "actor MLP hidden sizes (CORL: 3×256)")
-    critic_hidden: tuple[int, ...] = option((256, 256, 256), "critic MLP hidden sizes (CORL: 3×256)")
-    n_critics: int = option(2, "critics in the Q-ensemble; targets and the actor use their minimum")
-    critic_lr: float = option(3e-4, "critic Adam learning rate")
-    actor_lr: float = option(1e-4, "actor Adam learning rate (OfflineRL-Kit 1e-4, CORL 3e-5)")
-    alpha_lr: float = option(3e-4, "entropy temperature Adam learning rate")
-    batch_size: int = option(256, "transitions per gradient step")
-    gamma: float = option(0.99, "discount factor")
-    tau: float = option(5e-3, "Polyak rate of the target critics")
+    actor_hidden: tuple[int, ...] = option(
+        (256, 256, 256), "actor MLP hidden sizes (CORL: 3×256)", low=1, nonempty=True
+    )
+    critic_hidden: tuple[int, ...] = option(
+        (256, 256, 256), "critic MLP hidden sizes (CORL: 3×256)", low=1, nonempty=True
+    )
+    n_critics: int = option(2, "critics in the Q-ensemble; targets and the actor use their minimum", low=1)
+    critic_lr: float = option(3e-4, "critic Adam learning rate", low=0.0, low_open=True)
+    actor_lr: float = option(
+        1e-4, "actor Adam learning rate (OfflineRL-Kit 1e-4, CORL 3e-5)", low=0.0, low_open=True
+    )
+    alpha_lr: float = option(3e-4, "entropy temperature Adam learning rate", low=0.0, low_open=True)
+    batch_size: int = option(256, "transitions per gradient step", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
+    tau: float = option(5e-3, "Polyak rate of the target critics", low=0.0, high=1.0, low_open=True)
     auto_alpha: bool = option(True, "tune the entropy temperature α towards the target entropy")
-    init_alpha: float = option(1.0, "initial entropy temperature α (CORL: log α = 0)")
+    init_alpha: float = option(1.0, "initial entropy temperature α (CORL: log α = 0)", low=0.0, low_open=True)
     target_entropy: float | None = option(None, "target policy entropy for α tuning; none: −|A|")
-    cql_alpha: float = option(5.0, "conservative penalty weight (OfflineRL-Kit 5, CORL 10)")
-    n_actions: int = option(10, "sampled actions per proposal (uniform, π(s), π(s′)) in the penalty")
-    cql_temperature: float = option(1.0, "temperature of the penalty's logsumexp")
+    cql_alpha: float = option(5.0, "conservative penalty weight (OfflineRL-Kit 5, CORL 10)", low=0.0)
+    n_actions: int = option(10, "sampled actions per proposal (uniform, π(s), π(s′)) in the penalty", low=1)
+    cql_temperature: float = option(1.0, "temperature of the penalty's logsumexp", low=0.0, low_open=True)
     backup_entropy: bool = option(False, "subtract α·log π(a′|s′) in the TD target (CORL: off)")
     max_q_backup: bool = option(False, "TD target takes the max over n_actions policy samples at s′")
     lagrange: bool = option(
         False, "learn the penalty weight α' so the penalty gap approaches target_action_gap"
     )
     target_action_gap: float = option(10.0, "Lagrange target of the penalty gap (logsumexp − Q(s, a_data))")
-    alpha_prime_lr: float = option(3e-4, "Adam learning rate of log α' (Lagrange variant)")
-    bc_steps: int = option(0, "warm-up updates whose actor loss is the behaviour-cloning log-likelihood")
+    alpha_prime_lr: float = option(
+        3e-4, "Adam learning rate of log α' (Lagrange variant)", low=0.0, low_open=True
+    )
+    bc_steps: int = option(
+        0, "warm-up updates whose actor loss is the behaviour-cloning log-likelihood", low=0
+    )
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std")
-    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+    max_grad_norm: float | None = option(
+        None, "clip each network's gradient norm; none: no clipping", low=0.0, low_open=True
+    )
 
     def __post_init__(self) -> None:
         checks = {

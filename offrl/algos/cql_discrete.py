@@ -37,28 +37,35 @@ class DiscreteCQLConfig:
     """Defaults follow the CQL paper's discrete setting on a double-DQN backbone, adapted to
     low-dimensional observations (MLP instead of a conv net, Adam 3e-4 instead of Atari's 6.25e-5)."""
 
-    hidden: tuple[int, ...] = option((256, 256), "hidden layer sizes of the Q-network MLP")
+    hidden: tuple[int, ...] = option(
+        (256, 256), "hidden layer sizes of the Q-network MLP", low=1, nonempty=True
+    )
     lr: float = option(
         3e-4,
         "Adam learning rate (d3rlpy's Atari DiscreteCQL uses 6.25e-5; 3e-4 is the usual choice for low-dim tasks)",
+        low=0.0,
+        low_open=True,
     )
-    batch_size: int = option(256, "transitions per gradient step")
-    gamma: float = option(0.99, "discount factor")
+    batch_size: int = option(256, "transitions per gradient step", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
     cql_alpha: float = option(
         1.0,
         "weight α of the conservative penalty logsumexp_a Q − Q(s, a_data) (published range 1–4; 0 gives double DQN)",
+        low=0.0,
     )
     target_update: Literal["soft", "hard"] = option(
         "hard",
         "target network update: 'hard' copies every target_update_interval steps, 'soft' is Polyak with tau",
     )
     target_update_interval: int = option(
-        1000, "gradient steps between hard target copies (target_update='hard')"
+        1000, "gradient steps between hard target copies (target_update='hard')", low=1
     )
-    tau: float = option(5e-3, "Polyak rate of the soft target update (target_update='soft')")
+    tau: float = option(
+        5e-3, "Polyak rate of the soft target update (target_update='soft')", low=0.0, high=1.0, low_open=True
+    )
     loss: Literal["huber", "mse"] = option("huber", "TD loss: 'huber' (δ = 1, as in DQN) or 'mse'")
     max_grad_norm: float | None = option(
-        10.0, "clip the Q-network's gradient norm to this (none: no clipping)"
+        10.0, "clip the Q-network's gradient norm to this (none: no clipping)", low=0.0, low_open=True
     )
     reward_scale: float = option(1.0, "multiply rewards by this before the TD target")
     normalize_obs: bool = option(True, "standardise observations with the dataset's mean and std")

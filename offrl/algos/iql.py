@@ -44,23 +44,38 @@ class IQLConfig:
     """Defaults: Kostrikov et al. 2021 (Appendix B, MuJoCo locomotion), as also run by CORL."""
 
     hidden: tuple[int, ...] = option(
-        (256, 256), "hidden sizes of the critic, value and actor MLPs (paper: 256, 256)"
+        (256, 256), "hidden sizes of the critic, value and actor MLPs (paper: 256, 256)", low=1, nonempty=True
     )
-    n_critics: int = option(2, "critics in the Q-ensemble; the value target and advantages use their minimum")
-    actor_lr: float = option(3e-4, "actor Adam learning rate (paper: 3e-4)")
-    critic_lr: float = option(3e-4, "critic Adam learning rate (paper: 3e-4)")
-    value_lr: float = option(3e-4, "value Adam learning rate (paper: 3e-4)")
-    batch_size: int = option(256, "transitions per gradient step (paper: 256)")
-    gamma: float = option(0.99, "discount factor")
-    tau: float = option(5e-3, "Polyak rate of the target critics (paper: 0.005)")
+    n_critics: int = option(
+        2, "critics in the Q-ensemble; the value target and advantages use their minimum", low=1
+    )
+    actor_lr: float = option(3e-4, "actor Adam learning rate (paper: 3e-4)", low=0.0, low_open=True)
+    critic_lr: float = option(3e-4, "critic Adam learning rate (paper: 3e-4)", low=0.0, low_open=True)
+    value_lr: float = option(3e-4, "value Adam learning rate (paper: 3e-4)", low=0.0, low_open=True)
+    batch_size: int = option(256, "transitions per gradient step (paper: 256)", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
+    tau: float = option(
+        5e-3, "Polyak rate of the target critics (paper: 0.005)", low=0.0, high=1.0, low_open=True
+    )
     expectile: float = option(
-        0.7, "expectile of the value regression, in (0, 1); 0.5 is SARSA-like, →1 approaches max (paper: 0.7)"
+        0.7,
+        "expectile of the value regression, in (0, 1); 0.5 is SARSA-like, →1 approaches max (paper: 0.7)",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
     )
     beta: float = option(
-        3.0, "inverse temperature β of the advantage weights exp(β·A); 0 gives behaviour cloning (paper: 3)"
+        3.0,
+        "inverse temperature β of the advantage weights exp(β·A); 0 gives behaviour cloning (paper: 3)",
+        low=0.0,
     )
-    max_weight: float = option(100.0, "upper clip of the advantage weights (paper: 100)")
-    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+    max_weight: float = option(
+        100.0, "upper clip of the advantage weights (paper: 100)", low=0.0, low_open=True
+    )
+    max_grad_norm: float | None = option(
+        None, "clip each network's gradient norm; none: no clipping", low=0.0, low_open=True
+    )
     normalize_obs: bool = option(True, "standardise observations with the dataset's mean and std")
 
     def __post_init__(self) -> None:

@@ -41,20 +41,30 @@ ACTOR_METRICS = ("actor_loss", "bc_loss", "lambda")
 class TD3BCConfig:
     """Defaults: Fujimoto & Gu (2021), Table 5, as run by CORL's ``td3_bc``."""
 
-    actor_hidden: tuple[int, ...] = option((256, 256), "actor MLP hidden sizes (paper, CORL: 2×256)")
-    critic_hidden: tuple[int, ...] = option((256, 256), "critic MLP hidden sizes (paper, CORL: 2×256)")
-    n_critics: int = option(2, "critics in the Q-ensemble; the TD target uses their minimum (TD3: 2)")
-    actor_lr: float = option(3e-4, "actor Adam learning rate")
-    critic_lr: float = option(3e-4, "critic Adam learning rate")
-    batch_size: int = option(256, "transitions per gradient step")
-    gamma: float = option(0.99, "discount factor")
-    tau: float = option(5e-3, "Polyak rate of the target actor and target critics")
-    policy_noise: float = option(0.2, "std of the target policy smoothing noise, in [−1, 1] action units")
-    noise_clip: float = option(0.5, "the smoothing noise is clipped to ±noise_clip")
-    policy_freq: int = option(2, "one actor step and target update per this many critic steps")
-    alpha: float = option(2.5, "α in λ = α / mean|Q(s, π(s))|: weight of the Q term against BC")
+    actor_hidden: tuple[int, ...] = option(
+        (256, 256), "actor MLP hidden sizes (paper, CORL: 2×256)", low=1, nonempty=True
+    )
+    critic_hidden: tuple[int, ...] = option(
+        (256, 256), "critic MLP hidden sizes (paper, CORL: 2×256)", low=1, nonempty=True
+    )
+    n_critics: int = option(2, "critics in the Q-ensemble; the TD target uses their minimum (TD3: 2)", low=1)
+    actor_lr: float = option(3e-4, "actor Adam learning rate", low=0.0, low_open=True)
+    critic_lr: float = option(3e-4, "critic Adam learning rate", low=0.0, low_open=True)
+    batch_size: int = option(256, "transitions per gradient step", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
+    tau: float = option(
+        5e-3, "Polyak rate of the target actor and target critics", low=0.0, high=1.0, low_open=True
+    )
+    policy_noise: float = option(
+        0.2, "std of the target policy smoothing noise, in [−1, 1] action units", low=0.0
+    )
+    noise_clip: float = option(0.5, "the smoothing noise is clipped to ±noise_clip", low=0.0)
+    policy_freq: int = option(2, "one actor step and target update per this many critic steps", low=1)
+    alpha: float = option(2.5, "α in λ = α / mean|Q(s, π(s))|: weight of the Q term against BC", low=0.0)
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std (paper, CORL: true)")
-    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+    max_grad_norm: float | None = option(
+        None, "clip each network's gradient norm; none: no clipping", low=0.0, low_open=True
+    )
 
     def __post_init__(self) -> None:
         checks = {

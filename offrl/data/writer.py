@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import fcntl
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -21,6 +23,128 @@ from offrl.spaces import space_to_json
 from offrl.utils import atomic_path, package_versions
 
 COMPRESSIONS = (None, "lzf", "gzip")
+
+
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes through (h5py's ``fileobj`` driver), which never lets a failed write reach
+    HDF5: after the first ``OSError`` (disk full, file too large, I/O error) it keeps it in
+    :attr:`error`, stops writing to disk, and holds later writes in memory (what HDF5 flushes while the
+    writer closes, at most its caches) so that HDF5 reads back what it wrote. A write error inside HDF5
+    itself is printed at length and can end in a segmentation fault when the file is closed.
+
+    It also holds a POSIX lock on the file while it is open, so that a later writer can tell a
+    temporary file left by a killed process (unlocked) from one being written (see
+    :func:`sweep_temporaries`)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.raw = open(path, "r+b", buffering=0)  # noqa: SIM115 - closed in close()
+        fcntl.lockf(self.raw, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.error: OSError | None = None
+        self.pos = 0
+        self.size = 0
+        self.held: dict[int, bytes] = {}  # offset -> bytes written after the error
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        self.raw.seek(self.pos)
+        got = self.raw.readinto(view) or 0
+        view[got:] = bytes(len(view) - got)
+        for off, data in self.held.items():  # writes after the error, over what the disk holds
+            lo, hi = max(off, self.pos), min(off + len(data), self.pos + len(view))
+            if lo < hi:
+                view[lo - self.pos : hi - self.pos] = data[lo - off : hi - off]
+        n = max(0, min(len(view), self.size - self.pos))
+        self.pos += n
+        return n
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        if self.error is None:
+            try:
+                self.raw.seek(self.pos)
+                self.raw.write(data)
+            except OSError as exc:
+                self.error = exc
+        if self.error is not None:
+            self.held[self.pos] = data
+        self.pos += len(data)
+        self.size = max(self.size, self.pos)
+        return len(data)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if self.error is None:
+            try:
+                self.raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        self.size = size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.raw.closed:
+            self.raw.close()  # drops the lock
+        super().close()
+
+
+def temporaries(dest: Path) -> list[Path]:
+    """The temporary files of writes to ``dest`` (``.NAME.XXXX.tmp`` beside it)."""
+    return sorted(dest.parent.glob(f".{glob_escape(dest.name)}.*.tmp"))
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def sweep_temporaries(dest: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files a killed writer left beside ``dest``; a file another writer still
+    holds (locked) is left alone. Returns the files removed."""
+    removed = []
+    for tmp in temporaries(Path(dest)):
+        try:
+            with open(tmp, "r+b") as f:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                tmp.unlink()
+            removed.append(tmp)
+        except OSError:  # held by a live writer, or gone
+            continue
+    return removed
+
+
+def check_destination(path: str | os.PathLike[str], *, force: bool, flag: str = "--out") -> Path:
+    """Refuse, before any work, a destination file that cannot be written: a folder, a path under a
+    file, or (without ``force``) an existing file."""
+    p = Path(path)
+    if p.is_dir():
+        raise OfflineRLError(f"{flag} {p}: is a folder; give the path of a file")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OfflineRLError(f"{flag} {p}: lies under {parent}, which is a file")
+            break
+    if p.exists() and not force:
+        raise OfflineRLError(f"{flag} {p}: exists; --force replaces it")
+    return p
 
 
 def _now() -> str:
@@ -82,9 +206,17 @@ class DatasetWriter:
         self._pending_rows = 0
         self._has_log_probs: bool | None = None
         self._info_keys: set[str] | None = None
+        sweep_temporaries(self.path)
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
-        self._file: h5py.File | None = h5py.File(self._tmp, "w")
+        try:
+            self._io = _GuardedFile(self._tmp)
+            self._file: h5py.File | None = h5py.File(self._io, "w")
+        except BaseException as exc:
+            self._file = None
+            self._closed = False
+            self.abort(exc)
+            raise
         self._closed = False
 
     # -- context manager -------------------------------------------------------------------
@@ -234,6 +366,18 @@ class DatasetWriter:
             self._append(name, parts[0] if len(parts) == 1 else np.concatenate(parts))
         self._pending.clear()
         self._pending_rows = 0
+        self._check_io()
+
+    def _check_io(self) -> None:
+        """After the first failed write (e.g. a full disk): discard the temporary file and stop."""
+        err = self._io.error
+        if err is not None:
+            problem = OfflineRLError(
+                f"{self.path}: writing failed ({err.strerror or err}); nothing was saved and the "
+                "destination is left as it was"
+            )
+            self.abort(problem)
+            raise problem
 
     def add_raw(self, raw: fmt.RawDataset) -> None:
         """Append every episode of an in-memory dataset (e.g. another file), keeping its policy ids."""
@@ -288,6 +432,8 @@ class DatasetWriter:
             f.attrs[fmt.ATTR_REF_MAX] = float(self.ref_max_return)
         f.close()
         self._file = None
+        self._check_io()
+        self._io.close()
         self._closed = True
         self._atomic.__exit__(None, None, None)
         return self.path
@@ -299,6 +445,8 @@ class DatasetWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if getattr(self, "_io", None) is not None:
+            self._io.close()
         self._closed = True
         err = exc or OfflineRLError("aborted")
         try:

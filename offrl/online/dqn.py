@@ -34,28 +34,42 @@ from offrl.types import Batch
 class DQNConfig:
     """Defaults: CleanRL ``dqn.py`` (CartPole-v1)."""
 
-    hidden: tuple[int, ...] = option((120, 84), "Q-network MLP hidden sizes (CleanRL: 120, 84)")
-    lr: float = option(2.5e-4, "Adam learning rate")
-    batch_size: int = option(128, "transitions per gradient step")
-    buffer_size: int = option(10_000, "replay buffer capacity")
-    learning_starts: int = option(10_000, "environment steps collected before the first update")
-    train_freq: int = option(10, "vector-env steps between training phases")
-    gradient_steps: int = option(1, "gradient steps per training phase")
-    gamma: float = option(0.99, "discount factor")
-    target_update_interval: int = option(
-        50, "gradient steps between target-network updates (CleanRL: 500 env steps = 50 updates)"
+    hidden: tuple[int, ...] = option(
+        (120, 84), "Q-network MLP hidden sizes (CleanRL: 120, 84)", low=1, nonempty=True
     )
-    tau: float = option(1.0, "target update rate: 1 copies the online network, < 1 is Polyak averaging")
-    eps_start: float = option(1.0, "initial ε of ε-greedy exploration")
-    eps_end: float = option(0.05, "final ε")
-    exploration_fraction: float = option(0.5, "fraction of the run over which ε falls linearly")
+    lr: float = option(2.5e-4, "Adam learning rate", low=0.0, low_open=True)
+    batch_size: int = option(128, "transitions per gradient step", low=1)
+    buffer_size: int = option(10_000, "replay buffer capacity", low=1)
+    learning_starts: int = option(10_000, "environment steps collected before the first update", low=0)
+    train_freq: int = option(10, "vector-env steps between training phases", low=1)
+    gradient_steps: int = option(1, "gradient steps per training phase", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
+    target_update_interval: int = option(
+        50, "gradient steps between target-network updates (CleanRL: 500 env steps = 50 updates)", low=1
+    )
+    tau: float = option(
+        1.0,
+        "target update rate: 1 copies the online network, < 1 is Polyak averaging",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    eps_start: float = option(1.0, "initial ε of ε-greedy exploration", low=0.0, high=1.0)
+    eps_end: float = option(0.05, "final ε", low=0.0, high=1.0)
+    exploration_fraction: float = option(
+        0.5, "fraction of the run over which ε falls linearly", low=0.0, high=1.0
+    )
     double_q: bool = option(
         True, "double-Q target: the online network picks a′, the target network values it"
     )
     dueling: bool = option(False, "dueling head: Q = V + A − mean(A) on a shared trunk")
-    huber_delta: float = option(1.0, "Huber loss threshold between quadratic and linear")
-    max_grad_norm: float | None = option(None, "clip the gradient norm; none: no clipping")
-    num_envs: int = option(1, "parallel training sub-environments")
+    huber_delta: float = option(
+        1.0, "Huber loss threshold between quadratic and linear", low=0.0, low_open=True
+    )
+    max_grad_norm: float | None = option(
+        None, "clip the gradient norm; none: no clipping", low=0.0, low_open=True
+    )
+    num_envs: int = option(1, "parallel training sub-environments", low=1)
 
 
 # -- losses and schedules (pure) -------------------------------------------------------------------

@@ -42,7 +42,7 @@ from offrl import run
 from offrl.algos import registry
 from offrl.algos.base import Algorithm
 from offrl.checkpoint import STATE_JSON, Fields, StateFileError, load_checkpoint, set_torch_rng_state
-from offrl.config import option
+from offrl.config import option, validate
 from offrl.errors import CheckpointError, ConfigError
 from offrl.logger import Logger
 from offrl.online.buffer import ReplayBuffer, RolloutBuffer, Transition
@@ -100,20 +100,24 @@ def algorithm_class(name: str, action_space: gym.Space) -> type[OnlineAlgorithm]
 # -- configuration ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OnlineTrainConfig:
-    steps: int | None = option(None, "environment steps to train for (summed over sub-environments)")
-    eval_every: int = option(5000, "evaluate every k environment steps (0: only at the end)")
-    eval_episodes: int = option(10, "episodes per evaluation (deterministic actions)")
-    eval_envs: int = option(5, "parallel environments used by evaluation (results do not depend on it)")
-    eval_seed: int = option(10_000, "seed of evaluation episodes (separate from the training seed)")
+    steps: int | None = option(None, "environment steps to train for (summed over sub-environments)", low=1)
+    eval_every: int = option(5000, "evaluate every k environment steps (0: only at the end)", low=0)
+    eval_episodes: int = option(10, "episodes per evaluation (deterministic actions)", low=1)
+    eval_envs: int = option(
+        5, "parallel environments used by evaluation (results do not depend on it)", low=1
+    )
+    eval_seed: int = option(10_000, "seed of evaluation episodes (separate from the training seed)", low=0)
     checkpoint_every: int = option(
-        50_000, "checkpoint and export the policy every k environment steps (0: only at the end)"
+        50_000, "checkpoint and export the policy every k environment steps (0: only at the end)", low=0
     )
     keep_checkpoints: int = option(
-        1, "how many most recent checkpoints to keep (each holds the replay buffer)"
+        1, "how many most recent checkpoints to keep (each holds the replay buffer)", low=0
     )
-    log_every: int = option(1000, "environment steps between metric reads (the loop's only metric syncs)")
+    log_every: int = option(
+        1000, "environment steps between metric reads (the loop's only metric syncs)", low=1
+    )
     max_episode_steps: int | None = option(
-        None, "time limit of training and evaluation episodes; none: the environment's own"
+        None, "time limit of training and evaluation episodes; none: the environment's own", low=1
     )
     stop_return: float | None = option(
         None, "stop once an evaluation's mean return reaches this value; none: run all steps"
@@ -123,6 +127,9 @@ class OnlineTrainConfig:
         "keep the policy of every evaluation in RUN_DIR/snapshots/step_N/ with that evaluation's "
         "result (the sequence behind medium-replay datasets)",
     )
+
+    def __post_init__(self) -> None:
+        validate(self, "train")
 
 
 ONLINE_RUNTIME = Runtime(threads=1)  # the online default: small networks run fastest on one thread
@@ -146,14 +153,14 @@ class OnlineRunConfig:
 
 
 def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
-    """The observation and action spaces of ``env_id``."""
+    """The observation and action spaces of ``env_id`` (a ConfigError if it cannot be made)."""
+    from offrl.errors import OfflineRLError
+    from offrl.evaluation import env_spaces as spaces_of
+
     try:
-        probe = gym.make(env_id)
-    except gym.error.Error as exc:
-        raise ConfigError(f"cannot make environment {env_id!r}: {exc}") from None
-    spaces = probe.observation_space, probe.action_space
-    probe.close()
-    return spaces
+        return spaces_of(env_id)
+    except OfflineRLError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 _TOP_KEYS = ("algo", "env", "seed", "device")
@@ -247,7 +254,9 @@ class OnlineTrainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rd = run.RunDirectory(self.run_dir, prefix="step", digits=9, unit="environment step")
+        run.check_run_dir(self.run_dir, resume=None)
         self.device = run.run_device(cfg.device)
+        self.target_given = False  # a resume with a new step target (--steps)
         if cfg.train.steps is None or cfg.train.steps <= 0:
             raise ConfigError(f"give a positive number of environment steps (--steps), got {cfg.train.steps}")
         cfg.runtime.apply()
@@ -342,9 +351,24 @@ class OnlineTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, show_progress: bool | None = None) -> OnlineResult:
+        rd = self.rd
+        rd.acquire(resume=resume)
+        try:
+            with run.interrupts_recorded(rd):
+                return self._run(resume, show_progress)
+        finally:
+            rd.release()
+
+    def _run(self, resume: bool, show_progress: bool | None) -> OnlineResult:
         cfg, rd = self.cfg, self.rd
         if resume:
             self._restore(rd.resume_point(cfg.runtime))
+            if self.target_given and self.env_steps >= self.total_steps:
+                raise ConfigError(
+                    f"{self.run_dir}: {self.env_steps} environment steps are done; a target of "
+                    f"{self.total_steps} is not beyond them, so there is nothing to train (the run is left "
+                    "as it was)"
+                )
         rd.last_saved = self.env_steps
         logger = rd.begin(
             resume=resume,
@@ -513,7 +537,10 @@ def resume_online(
     run_dir: str | os.PathLike[str], *, steps: int | None = None, show_progress: bool | None = None
 ) -> OnlineResult:
     """Continue a run from its newest checkpoint up to its configured length (or ``steps`` in total)."""
+    run.check_run_dir(run_dir, resume=True)
     cfg = load_online_config(run_dir)
     if steps is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-    return OnlineTrainer(cfg, run_dir).run(resume=True, show_progress=show_progress)
+    trainer = OnlineTrainer(cfg, run_dir)
+    trainer.target_given = steps is not None
+    return trainer.run(resume=True, show_progress=show_progress)

@@ -39,22 +39,26 @@ from offrl.policies.artifact import TorchPolicy
 class PPOConfig:
     """Defaults: CleanRL ``ppo.py`` (classic control)."""
 
-    hidden: tuple[int, ...] = option((64, 64), "actor and critic MLP hidden sizes (CleanRL: 64, 64)")
+    hidden: tuple[int, ...] = option(
+        (64, 64), "actor and critic MLP hidden sizes (CleanRL: 64, 64)", low=1, nonempty=True
+    )
     activation: str = option("tanh", "hidden activation (CleanRL: tanh)")
-    lr: float = option(2.5e-4, "Adam learning rate")
+    lr: float = option(2.5e-4, "Adam learning rate", low=0.0, low_open=True)
     anneal_lr: bool = option(True, "anneal the learning rate linearly to 0 over the run")
-    num_envs: int = option(4, "parallel training sub-environments")
-    n_steps: int = option(128, "steps per sub-environment in each rollout")
-    n_epochs: int = option(4, "passes over each rollout")
-    n_minibatches: int = option(4, "minibatches per pass (batch_size = num_envs·n_steps / n_minibatches)")
-    gamma: float = option(0.99, "discount factor")
-    gae_lambda: float = option(0.95, "GAE λ")
-    clip: float = option(0.2, "probability-ratio clipping ε")
+    num_envs: int = option(4, "parallel training sub-environments", low=1)
+    n_steps: int = option(128, "steps per sub-environment in each rollout", low=1)
+    n_epochs: int = option(4, "passes over each rollout", low=1)
+    n_minibatches: int = option(
+        4, "minibatches per pass (batch_size = num_envs·n_steps / n_minibatches)", low=1
+    )
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
+    gae_lambda: float = option(0.95, "GAE λ", low=0.0, high=1.0)
+    clip: float = option(0.2, "probability-ratio clipping ε", low=0.0, low_open=True)
     clip_value: bool = option(True, "clip the value update around the rollout's values by ε as well")
     normalize_advantages: bool = option(True, "standardise advantages within each minibatch")
-    ent_coef: float = option(0.01, "entropy bonus weight")
-    vf_coef: float = option(0.5, "value loss weight")
-    max_grad_norm: float = option(0.5, "clip the joint gradient norm")
+    ent_coef: float = option(0.01, "entropy bonus weight", low=0.0)
+    vf_coef: float = option(0.5, "value loss weight", low=0.0)
+    max_grad_norm: float = option(0.5, "clip the joint gradient norm", low=0.0, low_open=True)
     ortho_init: bool = option(True, "orthogonal initialisation (gain √2; policy output 0.01, value output 1)")
 
     @property

@@ -31,24 +31,32 @@ from offrl.types import Batch
 class SACConfig:
     """Defaults: Stable-Baselines3 SAC and CleanRL ``sac_continuous_action.py``."""
 
-    actor_hidden: tuple[int, ...] = option((256, 256), "actor MLP hidden sizes (SB3/CleanRL: 256, 256)")
-    critic_hidden: tuple[int, ...] = option((256, 256), "critic MLP hidden sizes (SB3/CleanRL: 256, 256)")
-    n_critics: int = option(2, "critics in the Q-ensemble (twin critics); targets use their minimum")
-    actor_lr: float = option(3e-4, "actor Adam learning rate (SB3 3e-4)")
-    critic_lr: float = option(3e-4, "critic Adam learning rate (SB3 3e-4; CleanRL 1e-3)")
-    alpha_lr: float = option(3e-4, "entropy temperature Adam learning rate")
-    batch_size: int = option(256, "transitions per gradient step")
-    buffer_size: int = option(1_000_000, "replay buffer capacity")
-    learning_starts: int = option(5000, "environment steps of uniform random actions before learning")
-    train_freq: int = option(1, "vector-env steps between training phases")
-    gradient_steps: int = option(1, "gradient steps per training phase")
-    gamma: float = option(0.99, "discount factor")
-    tau: float = option(5e-3, "Polyak rate of the target critics")
+    actor_hidden: tuple[int, ...] = option(
+        (256, 256), "actor MLP hidden sizes (SB3/CleanRL: 256, 256)", low=1, nonempty=True
+    )
+    critic_hidden: tuple[int, ...] = option(
+        (256, 256), "critic MLP hidden sizes (SB3/CleanRL: 256, 256)", low=1, nonempty=True
+    )
+    n_critics: int = option(2, "critics in the Q-ensemble (twin critics); targets use their minimum", low=1)
+    actor_lr: float = option(3e-4, "actor Adam learning rate (SB3 3e-4)", low=0.0, low_open=True)
+    critic_lr: float = option(
+        3e-4, "critic Adam learning rate (SB3 3e-4; CleanRL 1e-3)", low=0.0, low_open=True
+    )
+    alpha_lr: float = option(3e-4, "entropy temperature Adam learning rate", low=0.0, low_open=True)
+    batch_size: int = option(256, "transitions per gradient step", low=1)
+    buffer_size: int = option(1_000_000, "replay buffer capacity", low=1)
+    learning_starts: int = option(5000, "environment steps of uniform random actions before learning", low=0)
+    train_freq: int = option(1, "vector-env steps between training phases", low=1)
+    gradient_steps: int = option(1, "gradient steps per training phase", low=1)
+    gamma: float = option(0.99, "discount factor", low=0.0, high=1.0)
+    tau: float = option(5e-3, "Polyak rate of the target critics", low=0.0, high=1.0, low_open=True)
     auto_alpha: bool = option(True, "tune the entropy temperature α towards the target entropy")
-    init_alpha: float = option(1.0, "initial entropy temperature α")
+    init_alpha: float = option(1.0, "initial entropy temperature α", low=0.0, low_open=True)
     target_entropy: float | None = option(None, "target policy entropy for α tuning; none: −|A|")
-    num_envs: int = option(1, "parallel training sub-environments")
-    max_grad_norm: float | None = option(None, "clip each network's gradient norm; none: no clipping")
+    num_envs: int = option(1, "parallel training sub-environments", low=1)
+    max_grad_norm: float | None = option(
+        None, "clip each network's gradient norm; none: no clipping", low=0.0, low_open=True
+    )
 
     def __post_init__(self) -> None:
         validate(self, "sac")

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from offrl import nets
 from offrl.algos.base import adam, flat_obs_dim, step
-from offrl.config import option
+from offrl.config import option, validate
 from offrl.data.dataset import TransitionDataset
-from offrl.errors import ConfigError, OfflineRLError
+from offrl.errors import OfflineRLError
 from offrl.fast.kernels import accelerate
 from offrl.losses import td_target
 from offrl.preprocess import ActionScaler, ObsNormalizer
@@ -42,33 +42,42 @@ class FQEConfig:
     times a few, which at τ = 0.005 and γ = 0.99 would take ~10⁵ steps. On CartPole (γ = 0.99, 18k
     transitions) τ = 0.1 converged within 1% of the true value in ~5,000 steps; the default budget doubles that."""
 
-    gamma: float = option(0.99, "evaluation discount γ: estimates are of Σ_t γ^t r_t from the initial states")
-    epochs: int | None = option(None, "full passes over the dataset (default: enough passes for `steps`)")
-    steps: int = option(10_000, "gradient steps when epochs is not given, rounded up to whole passes")
-    batch_size: int = option(256, "transitions per gradient step")
-    lr: float = option(3e-4, "Adam learning rate")
-    hidden: tuple[int, ...] = option((256, 256), "hidden layer sizes of the Q-network")
-    tau: float = option(0.1, "Polyak rate of the target network per step (1: copy every step)")
-    members: int = option(1, "independent Q-networks for Box actions (averaged; their spread is reported)")
+    gamma: float = option(
+        0.99,
+        "evaluation discount γ: estimates are of Σ_t γ^t r_t from the initial states",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    )
+    epochs: int | None = option(
+        None, "full passes over the dataset (default: enough passes for `steps`)", low=1
+    )
+    steps: int = option(10_000, "gradient steps when epochs is not given, rounded up to whole passes", low=1)
+    batch_size: int = option(256, "transitions per gradient step", low=1)
+    lr: float = option(3e-4, "Adam learning rate", low=0.0, low_open=True)
+    hidden: tuple[int, ...] = option((256, 256), "hidden layer sizes of the Q-network", low=1, nonempty=True)
+    tau: float = option(
+        0.1,
+        "Polyak rate of the target network per step (1: copy every step)",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    members: int = option(
+        1, "independent Q-networks for Box actions (averaged; their spread is reported)", low=1
+    )
     action_samples: int = option(
-        8, "actions sampled per state to average over a stochastic Box-action policy"
+        8, "actions sampled per state to average over a stochastic Box-action policy", low=1
     )
     normalize_obs: bool = option(True, "normalise observations with the dataset's mean and std")
     seed: int = option(0, "seed of network initialisation, batch order and the policy's action samples")
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
-        problems = []
-        if not 0.0 <= self.gamma < 1.0:
-            problems.append(f"gamma must lie in [0, 1), got {self.gamma}")
-        if self.epochs is not None and self.epochs < 1:
-            problems.append(f"epochs must be ≥ 1, got {self.epochs}")
-        for name in ("steps", "batch_size", "members", "action_samples"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if not 0.0 < self.tau <= 1.0:
-            problems.append(f"tau must lie in (0, 1], got {self.tau}")
-        if problems:
-            raise ConfigError("FQE: " + "; ".join(problems))
+        """Every setting within its declared range (one ConfigError naming each one outside)."""
+        validate(self, "FQE")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from offrl.data.dataset import TransitionDataset
 from offrl.datasets_registry import resolve_dataset
 from offrl.errors import OfflineRLError
-from offrl.evaluation import episode_seed
+from offrl.evaluation import check_policy_spaces, episode_seed
 from offrl.ope import importance as imp
 from offrl.ope import metrics
 from offrl.ope.fqe import FQE, FQEConfig, FQEResult
@@ -269,18 +269,9 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def _check_compatible(policy: Policy, dataset: TransitionDataset, spec: str) -> None:
-    obs_space = getattr(policy, "observation_space", None)
-    act_space = getattr(policy, "action_space", None)
-    if obs_space is not None and obs_space.shape != dataset.observation_space.shape:
-        raise OfflineRLError(
-            f"policy {spec}: observations of shape {obs_space.shape}, the dataset's have {dataset.observation_space.shape}"
-        )
-    if act_space is not None and (
-        type(act_space) is not type(dataset.action_space) or act_space.shape != dataset.action_space.shape
-    ):
-        raise OfflineRLError(
-            f"policy {spec}: action space {act_space}, the dataset's is {dataset.action_space}"
-        )
+    check_policy_spaces(
+        policy, dataset.observation_space, dataset.action_space, policy_name=spec, other="the dataset"
+    )
 
 
 def run_ope(
