@@ -216,13 +216,16 @@ def _print_settings(cls: type, skip: frozenset[str] = frozenset()) -> None:
 
 def _cmd_algos(args: argparse.Namespace) -> int:
     from offrl.algos import registry
+    from offrl.online.loop import OnlineTrainConfig
     from offrl.runtime import RUNTIME_KEYS, Runtime
     from offrl.train import TrainConfig
 
     if args.name is None:
+        print(f"{'name':<8} {'variant':<11} {'trained by':<14} description")
         for name, variant, cls in registry.variants():
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            print(f"{name:<8} {variant:<11} {doc}")
+            command = "offrl online" if cls.online else "offrl train"
+            print(f"{name:<8} {variant:<11} {command:<14} {doc}")
         print("\n`offrl algos NAME` lists an algorithm's settings (use them with --set key=value).")
         return 0
     shown = [(v, c) for n, v, c in registry.variants() if n == args.name]
@@ -236,7 +239,7 @@ def _cmd_algos(args: argparse.Namespace) -> int:
     _print_settings(Runtime)
     print()
     print("trainer settings (train.KEY):")
-    _print_settings(TrainConfig)
+    _print_settings(OnlineTrainConfig if shown[0][1].online else TrainConfig)
     return 0
 
 
@@ -425,6 +428,7 @@ def _cmd_ope(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from offrl import __version__
+    from offrl.algos import registry
 
     parser = argparse.ArgumentParser(
         prog="offrl", description="Offline reinforcement learning from logged episodes."
@@ -474,7 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("train", help="train an offline algorithm in full passes over a dataset")
-    p.add_argument("--algo", help="algorithm name (bc, cql); the dataset's action space picks the variant")
+    p.add_argument(
+        "--algo",
+        choices=registry.names(online=False),
+        metavar="ALGO",
+        help=f"offline algorithm ({', '.join(registry.names(online=False))}); the dataset's action space "
+        "picks the continuous or discrete variant",
+    )
     p.add_argument("--dataset", help="dataset file (format v1) or a named dataset")
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--epochs", type=int, help="full passes over the dataset")
@@ -540,7 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "online", help="train an online RL baseline (sac, dqn, ppo) in a gymnasium environment"
     )
-    p.add_argument("--algo", choices=["sac", "dqn", "ppo"], help="algorithm (default: the config file's)")
+    p.add_argument(
+        "--algo",
+        choices=registry.names(online=True),
+        help="online algorithm (default: the config file's)",
+    )
     p.add_argument("--env", help="gymnasium environment id, e.g. CartPole-v1 (default: the config file's)")
     p.add_argument("--steps", type=int, help="environment steps (with --resume: the new total)")
     p.add_argument("--out", help="run directory to create")

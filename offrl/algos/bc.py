@@ -80,9 +80,10 @@ def bc_cross_entropy_loss(logits: Tensor, actions: Tensor) -> Tensor:  # (B, N),
 # -- algorithm ---------------------------------------------------------------------------------------
 @register
 class BC(Algorithm):
-    """Behaviour cloning. Box actions: a deterministic tanh policy (MSE) or a tanh-Gaussian policy
-    (likelihood); Discrete actions (:class:`DiscreteBC`): a categorical policy (cross-entropy) that acts
-    by argmax when deterministic. Only the network and the loss differ between the two."""
+    """Behaviour cloning: a deterministic tanh policy (MSE) or a tanh-Gaussian one (likelihood).
+
+    For Discrete actions (:class:`DiscreteBC`), a categorical policy (cross-entropy) that acts by argmax
+    when deterministic: only the network and the loss differ between the two."""
 
     name: ClassVar[str] = "bc"
     discrete: ClassVar[bool] = False
@@ -134,6 +135,6 @@ class BC(Algorithm):
 
 @register
 class DiscreteBC(BC):
-    """:class:`BC` for Discrete actions."""
+    """Behaviour cloning with a categorical policy (cross-entropy); acts by argmax when deterministic."""
 
     discrete: ClassVar[bool] = True
