@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from offrl.errors import ConfigError
 
@@ -70,18 +70,6 @@ def sac_alpha_loss(log_alpha: Tensor, log_prob: Tensor, target_entropy: float) -
     """Temperature loss −E[log α·(log π + H̄)]; its gradient raises α while the entropy is below the
     target H̄: (), (B,) -> ()."""
     return -(log_alpha * (log_prob + target_entropy).detach()).mean()
-
-
-class LearnedScalar(nn.Module):
-    """One scalar parameter ``value`` (learnable or fixed), a module so that it is saved with the networks
-    (SAC's and CQL's log α, CQL's log α')."""
-
-    def __init__(self, value: float, learn: bool = True) -> None:
-        super().__init__()
-        self.value = nn.Parameter(torch.tensor(float(value)), requires_grad=learn)
-
-    def forward(self) -> Tensor:
-        return self.value
 
 
 # -- advantage-weighted regression -----------------------------------------------------------------

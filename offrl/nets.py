@@ -215,6 +215,26 @@ class DiscreteHead(nn.Module):
         return self.net(obs) if self.kernel is None else self.kernel(self.net, obs)
 
 
+class LearnedScalar(nn.Module):
+    """One scalar parameter ``value`` (learnable or fixed), a module so that it is saved with the networks
+    (SAC's and CQL's log α, CQL's log α')."""
+
+    def __init__(self, value: float, learn: bool = True) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(value)), requires_grad=learn)
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
+def call_frozen(module: nn.Module, *args: Tensor) -> Tensor:
+    """``module(*args)`` with its parameters as constants: the gradient reaches the inputs (e.g. an actor's
+    actions through the critics), never the module's weights, and the backward builds none for them."""
+    frozen = {k: v.detach() for k, v in module.named_parameters()}
+    out: Tensor = torch.func.functional_call(module, frozen, args)
+    return out
+
+
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging ``target ← (1 − τ)·target + τ·source`` as one fused foreach op."""

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from offrl import nets
 from offrl.errors import ConfigError
 from offrl.losses import (
-    LearnedScalar,
     advantage_weights,
     critic_loss,
     double_q_target,
@@ -99,10 +99,10 @@ def test_sac_alpha_loss_value_and_direction() -> None:
 
 
 def test_learned_scalar_stores_its_value_under_the_checkpoint_key() -> None:
-    s = LearnedScalar(math.log(0.5))
+    s = nets.LearnedScalar(math.log(0.5))
     assert list(s.state_dict()) == ["value"]  # saved policies and checkpoints name it so
     assert s().item() == pytest.approx(math.log(0.5)) and s().requires_grad
-    fixed = LearnedScalar(0.0, learn=False)
+    fixed = nets.LearnedScalar(0.0, learn=False)
     assert fixed().item() == 0.0 and not fixed().requires_grad
 
 

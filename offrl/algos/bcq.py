@@ -13,7 +13,7 @@ One update, in order (as the authors' code): VAE step, critic step, actor step, 
 target actor and critics. Costs are kept down by: one decoder pass for the s′ candidates of the
 target and the s samples of the actor step (both drawn after the VAE step, without gradient), one
 ensemble call per critic evaluation, and an actor loss that sees the critic weights as detached
-constants (``torch.func.functional_call``) so that its backward builds no critic weight gradients.
+constants (``nets.call_frozen``) so that its backward builds no critic weight gradients.
 """
 
 from __future__ import annotations
@@ -250,8 +250,7 @@ class BCQ(ActorCritic):
 
     def _actor_terms(self, obs: Tensor, decoded: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # critic weights enter as constants: the actor loss can only move the actor
-        frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
-        q_pi = torch.func.functional_call(self.critic, frozen, (obs, self.actor(obs, decoded)))
+        q_pi = nets.call_frozen(self.critic, obs, self.actor(obs, decoded))
         loss = -q_pi[0].mean()  # the first critic, as the paper
         return loss, {"actor_loss": loss.detach()}
 

@@ -17,7 +17,7 @@ critics, α step, Polyak update of the target critics. Costs are kept down by: o
 the N draws at s and s′ (the network runs once per state; the TD target reuses the first s′ draw),
 one ensemble call for the data actions and all 3N proposals, the TD loss summed over critics (as
 CORL), and an actor loss that sees the critic weights as detached constants
-(``torch.func.functional_call``), so its backward builds no critic weight gradients and the term
+(``nets.call_frozen``), so its backward builds no critic weight gradients and the term
 can be checked to move the actor only.
 """
 
@@ -34,7 +34,7 @@ from offrl import nets
 from offrl.algos.base import GaussianActorCritic
 from offrl.algos.registry import register
 from offrl.config import option, validate
-from offrl.losses import LearnedScalar, critic_loss, sac_actor_loss, sac_alpha_loss, td_target
+from offrl.losses import critic_loss, sac_actor_loss, sac_alpha_loss, td_target
 from offrl.types import Batch
 
 ALPHA_PRIME_MAX = 1e6
@@ -143,9 +143,9 @@ class CQL(GaussianActorCritic):
             nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
         )
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
-        self.nets["log_alpha"] = LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
+        self.nets["log_alpha"] = nets.LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
         if cfg.lagrange:
-            self.nets["log_alpha_prime"] = LearnedScalar(0.0)
+            self.nets["log_alpha_prime"] = nets.LearnedScalar(0.0)
         self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
 
         self.optimize("critic", self.critic, lr=cfg.critic_lr)
@@ -257,8 +257,7 @@ class CQL(GaussianActorCritic):
             loss = (alpha * log_pi - self.actor.log_prob(obs, batch.actions)).mean()
         else:
             # critic weights enter as constants: the actor loss can only move the actor
-            frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
-            q_pi = torch.func.functional_call(self.critic, frozen, (obs, pi))
+            q_pi = nets.call_frozen(self.critic, obs, pi)
             loss = sac_actor_loss(q_pi, log_pi, alpha)
         terms = {"actor": loss}
         if cfg.auto_alpha:

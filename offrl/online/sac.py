@@ -21,7 +21,7 @@ from offrl import nets
 from offrl.algos.base import GaussianActorCritic, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
-from offrl.losses import LearnedScalar, critic_loss, sac_actor_loss, sac_alpha_loss, soft_td_target
+from offrl.losses import critic_loss, sac_actor_loss, sac_alpha_loss, soft_td_target
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
 from offrl.types import Batch
@@ -80,7 +80,7 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
         )
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
         nets.freeze(self.nets["critic_target"])
-        self.nets["log_alpha"] = LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
+        self.nets["log_alpha"] = nets.LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
         self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.optimize("actor", self.actor, lr=cfg.actor_lr)
         self.optimize("critic", self.critic, lr=cfg.critic_lr)
@@ -127,8 +127,7 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
         step(self.optimizers["critic"], c_loss, self.critic.parameters(), cfg.max_grad_norm)
 
         # the critic's weights enter as constants: the actor loss moves the actor only
-        frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
-        q_pi = torch.func.functional_call(self.critic, frozen, (obs, pi[:b]))
+        q_pi = nets.call_frozen(self.critic, obs, pi[:b])
         a_loss = sac_actor_loss(q_pi, log_pi[:b], alpha)
         step(self.optimizers["actor"], a_loss, self.actor.parameters(), cfg.max_grad_norm)
         metrics = {
