@@ -313,6 +313,17 @@ class RunDirectory:
         self._lock_fd = fd
         self.sweep()  # only under the lock: another writer's staging folders look like leftovers
 
+    @contextlib.contextmanager
+    def writing(self, *, resume: bool) -> Iterator[None]:
+        """Hold the run directory for the block: its lock (:meth:`acquire`), and SIGINT/SIGTERM recorded
+        as an interrupted run (:func:`interrupts_recorded`); released however the block ends."""
+        self.acquire(resume=resume)
+        try:
+            with interrupts_recorded(self):
+                yield
+        finally:
+            self.release()
+
     def release(self) -> None:
         """Close the loggers and drop the lock (the OS drops it anyway when the process ends)."""
         self.close()

@@ -322,13 +322,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, show_progress: bool | None = None) -> RunResult:
-        rd = self.rd
-        rd.acquire(resume=resume)
-        try:
-            with run.interrupts_recorded(rd):
-                return self._run(resume, show_progress)
-        finally:
-            rd.release()
+        with self.rd.writing(resume=resume):
+            return self._run(resume, show_progress)
 
     def _run(self, resume: bool, show_progress: bool | None) -> RunResult:
         cfg, rd = self.cfg, self.rd

@@ -63,12 +63,7 @@ class AWACConfig:
     )
 
     def __post_init__(self) -> None:
-        checks = {
-            "n_critics": self.n_critics >= 1,
-            "awac_lambda": self.awac_lambda > 0,
-            "exp_adv_max": self.exp_adv_max > 0,
-        }
-        validate(self, "awac", checks)
+        validate(self, "awac")  # the declared ranges and choices of every field
 
 
 @register
@@ -83,11 +78,7 @@ class AWAC(GaussianActorCritic):
     def build(self) -> None:
         cfg = self.config
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
-        self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
-        self.nets["critic_target"] = nets.freeze(
-            nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
-        )
-        nets.hard_update(self.nets["critic_target"], self.nets["critic"])
+        self.build_critics(cfg.n_critics, cfg.critic_hidden)
         self.optimize("critic", self.critic, lr=cfg.critic_lr)
         self.optimize("actor", self.actor, lr=cfg.actor_lr)
 

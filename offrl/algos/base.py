@@ -4,7 +4,7 @@ state (de)serialisation and export of its acting policy. Algorithms only update;
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 import gymnasium as gym
@@ -262,6 +262,15 @@ class ActorCritic(Algorithm):
 
     def target_networks(self) -> list[nn.Module]:
         return [self.nets[k] for k in ("actor_target", "critic_target") if k in self.nets]
+
+    def build_critics(self, n_critics: int, hidden: Sequence[int]) -> None:
+        """``nets["critic"]``, an ensemble of ``n_critics`` Q(s, a) networks, and ``nets["critic_target"]``,
+        a frozen copy of it (built as a second ensemble, then copied: initialisation draws as for two)."""
+        self.nets["critic"] = nets.QEnsemble(n_critics, self.obs_dim, self.act_dim, hidden)
+        self.nets["critic_target"] = nets.freeze(
+            nets.QEnsemble(n_critics, self.obs_dim, self.act_dim, hidden)
+        )
+        nets.hard_update(self.nets["critic_target"], self.nets["critic"])
 
 
 class GaussianActorCritic(ActorCritic):

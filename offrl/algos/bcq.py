@@ -87,27 +87,7 @@ class BCQConfig:
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std")
 
     def __post_init__(self) -> None:
-        checks = {
-            "batch_size": self.batch_size >= 1,
-            "latent_dim": self.latent_dim is None or self.latent_dim >= 1,
-            "latent_clip": self.latent_clip > 0,
-            "kl_weight": self.kl_weight >= 0,
-            "n_critics": self.n_critics >= 1,
-            "phi": self.phi >= 0,
-            "lam": 0.0 <= self.lam <= 1.0,
-            "n_actions": self.n_actions >= 1,
-            "act_actions": self.act_actions >= 1,
-            "actor_lr": self.actor_lr > 0,
-            "critic_lr": self.critic_lr > 0,
-            "vae_lr": self.vae_lr > 0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "tau": 0.0 < self.tau <= 1.0,
-            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
-        }
-        for key in ("actor_hidden", "critic_hidden", "encoder_hidden", "decoder_hidden"):
-            sizes = getattr(self, key)
-            checks[key] = bool(sizes) and all(h >= 1 for h in sizes)
-        validate(self, "bcq", checks)
+        validate(self, "bcq")  # the declared ranges and choices of every field
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
@@ -177,12 +157,8 @@ class BCQ(ActorCritic):
         self.nets["actor_target"] = nets.freeze(
             PerturbationActor(obs_dim, act_dim, cfg.actor_hidden, cfg.phi)
         )
-        self.nets["critic"] = nets.QEnsemble(cfg.n_critics, obs_dim, act_dim, cfg.critic_hidden)
-        self.nets["critic_target"] = nets.freeze(
-            nets.QEnsemble(cfg.n_critics, obs_dim, act_dim, cfg.critic_hidden)
-        )
+        self.build_critics(cfg.n_critics, cfg.critic_hidden)
         nets.hard_update(self.actor_target, self.actor)
-        nets.hard_update(self.critic_target, self.critic)
         self.optimize("vae", self.vae, lr=cfg.vae_lr)
         self.optimize("critic", self.critic, lr=cfg.critic_lr)
         self.optimize("actor", self.actor, lr=cfg.actor_lr)

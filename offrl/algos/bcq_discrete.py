@@ -64,6 +64,7 @@ class DiscreteBCQConfig:
         "τ: allow actions with π_bc(a|s) / max π_bc(·|s) > τ (0: DQN; towards 1: imitation)",
         low=0.0,
         high=1.0,
+        high_open=True,
     )
     lr: float = option(
         3e-4,
@@ -96,19 +97,7 @@ class DiscreteBCQConfig:
     normalize_obs: bool = option(True, "standardise observations with the dataset's mean and std")
 
     def __post_init__(self) -> None:
-        checks = {
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "threshold": 0.0 <= self.threshold < 1.0,
-            "logit_reg": self.logit_reg >= 0,
-            "target_update_interval": self.target_update_interval >= 1,
-            "tau": 0.0 < self.tau <= 1.0,
-            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
-            "hidden": len(self.hidden) > 0 and all(h >= 1 for h in self.hidden),
-            "bc_hidden": len(self.bc_hidden) > 0 and all(h >= 1 for h in self.bc_hidden),
-        }
-        validate(self, "bcq (discrete)", checks)
+        validate(self, "bcq (discrete)")  # the declared ranges and choices of every field
 
 
 # -- algorithm -----------------------------------------------------------------------------------

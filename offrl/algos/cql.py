@@ -83,15 +83,7 @@ class CQLConfig:
     )
 
     def __post_init__(self) -> None:
-        checks = {
-            "n_critics": self.n_critics >= 1,
-            "n_actions": self.n_actions >= 1,
-            "init_alpha": self.init_alpha > 0,
-            "cql_temperature": self.cql_temperature > 0,
-            "cql_alpha": self.cql_alpha >= 0,
-            "bc_steps": self.bc_steps >= 0,
-        }
-        validate(self, "cql", checks)
+        validate(self, "cql")  # the declared ranges and choices of every field
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
@@ -138,11 +130,7 @@ class CQL(GaussianActorCritic):
     def build(self) -> None:
         cfg = self.config
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
-        self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
-        self.nets["critic_target"] = nets.freeze(
-            nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
-        )
-        nets.hard_update(self.nets["critic_target"], self.nets["critic"])
+        self.build_critics(cfg.n_critics, cfg.critic_hidden)
         self.nets["log_alpha"] = nets.LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
         if cfg.lagrange:
             self.nets["log_alpha_prime"] = nets.LearnedScalar(0.0)

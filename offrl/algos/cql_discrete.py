@@ -71,17 +71,7 @@ class DiscreteCQLConfig:
     normalize_obs: bool = option(True, "standardise observations with the dataset's mean and std")
 
     def __post_init__(self) -> None:
-        checks = {
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "cql_alpha": self.cql_alpha >= 0,
-            "target_update_interval": self.target_update_interval >= 1,
-            "tau": 0.0 < self.tau <= 1.0,
-            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
-            "hidden": len(self.hidden) > 0 and all(h >= 1 for h in self.hidden),
-        }
-        validate(self, "cql (discrete)", checks)
+        validate(self, "cql (discrete)")  # the declared ranges and choices of every field
 
 
 # -- algorithm -----------------------------------------------------------------------------------

@@ -79,21 +79,7 @@ class IQLConfig:
     normalize_obs: bool = option(True, "standardise observations with the dataset's mean and std")
 
     def __post_init__(self) -> None:
-        checks = {
-            "hidden": len(self.hidden) > 0 and all(h >= 1 for h in self.hidden),
-            "n_critics": self.n_critics >= 1,
-            "actor_lr": self.actor_lr > 0,
-            "critic_lr": self.critic_lr > 0,
-            "value_lr": self.value_lr > 0,
-            "batch_size": self.batch_size >= 1,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "tau": 0.0 < self.tau <= 1.0,
-            "expectile": 0.0 < self.expectile < 1.0,
-            "beta": self.beta >= 0.0,
-            "max_weight": self.max_weight > 0.0,
-            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
-        }
-        validate(self, "iql", checks)
+        validate(self, "iql")  # the declared ranges and choices of every field
 
 
 # -- losses (pure) -------------------------------------------------------------------------------

@@ -67,14 +67,7 @@ class TD3BCConfig:
     )
 
     def __post_init__(self) -> None:
-        checks = {
-            "n_critics": self.n_critics >= 1,
-            "policy_freq": self.policy_freq >= 1,
-            "policy_noise": self.policy_noise >= 0,
-            "noise_clip": self.noise_clip >= 0,
-            "alpha": self.alpha >= 0,
-        }
-        validate(self, "td3bc", checks)
+        validate(self, "td3bc")  # the declared ranges and choices of every field
 
 
 # -- losses (pure) -------------------------------------------------------------------------------
@@ -115,12 +108,8 @@ class TD3BC(ActorCritic):
         self.nets["actor_target"] = nets.freeze(
             nets.DeterministicActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
         )
-        self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
-        self.nets["critic_target"] = nets.freeze(
-            nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
-        )
+        self.build_critics(cfg.n_critics, cfg.critic_hidden)
         nets.hard_update(self.nets["actor_target"], self.nets["actor"])
-        nets.hard_update(self.nets["critic_target"], self.nets["critic"])
         self.optimize("critic", self.critic, lr=cfg.critic_lr)
         self.optimize("actor", self.actor, lr=cfg.actor_lr)
         # Every update reports the same keys (the trainer averages per key): between actor steps the

@@ -351,13 +351,8 @@ class OnlineTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, show_progress: bool | None = None) -> OnlineResult:
-        rd = self.rd
-        rd.acquire(resume=resume)
-        try:
-            with run.interrupts_recorded(rd):
-                return self._run(resume, show_progress)
-        finally:
-            rd.release()
+        with self.rd.writing(resume=resume):
+            return self._run(resume, show_progress)
 
     def _run(self, resume: bool, show_progress: bool | None) -> OnlineResult:
         cfg, rd = self.cfg, self.rd

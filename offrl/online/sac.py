@@ -74,12 +74,7 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
     def build(self) -> None:
         cfg = self.config
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
-        self.nets["critic"] = nets.QEnsemble(cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden)
-        self.nets["critic_target"] = nets.QEnsemble(
-            cfg.n_critics, self.obs_dim, self.act_dim, cfg.critic_hidden
-        )
-        nets.hard_update(self.nets["critic_target"], self.nets["critic"])
-        nets.freeze(self.nets["critic_target"])
+        self.build_critics(cfg.n_critics, cfg.critic_hidden)
         self.nets["log_alpha"] = nets.LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
         self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.optimize("actor", self.actor, lr=cfg.actor_lr)
