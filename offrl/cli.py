@@ -102,6 +102,25 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_fixed_on_resume(args: argparse.Namespace, source_flag: str, source: str, target: str) -> None:
+    """``--resume`` keeps what a run's checkpoints were made with: any flag that would change it is an error."""
+    flags = {
+        "--algo": args.algo,
+        source_flag: getattr(args, source_flag.lstrip("-")),
+        "--out": args.out,
+        "--seed": args.seed is not None,
+        "--device": args.device,
+        "--config": args.config,
+        "--set": args.set,
+    }
+    fixed = [flag for flag, given in flags.items() if given]
+    if fixed:
+        raise OfflineRLError(
+            f"--resume continues {args.resume} with the settings, {source} and seed its checkpoints were made "
+            f"with, so {', '.join(fixed)} cannot change; only {target} can"
+        )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from offrl import config as cfgmod
     from offrl import train
@@ -112,24 +131,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides["train.steps"] = str(args.steps)
     if args.resume:
-        fixed = [
-            flag
-            for flag, given in (
-                ("--algo", args.algo),
-                ("--dataset", args.dataset),
-                ("--out", args.out),
-                ("--seed", args.seed is not None),
-                ("--device", args.device),
-                ("--config", args.config),
-                ("--set", args.set),
-            )
-            if given
-        ]
-        if fixed:
-            raise OfflineRLError(
-                f"--resume continues {args.resume} with the settings, data and seed its checkpoints were made "
-                f"with, so {', '.join(fixed)} cannot change; only the pass target (--epochs or --steps) can"
-            )
+        _refuse_fixed_on_resume(args, "--dataset", "data", "the pass target (--epochs or --steps)")
         result = train.resume(args.resume, epochs=args.epochs, steps=args.steps)
     else:
         if not (args.algo and args.dataset and args.out):
@@ -327,24 +329,7 @@ def _cmd_online(args: argparse.Namespace) -> int:
     from offrl.online import loop
 
     if args.resume:
-        fixed = [
-            flag
-            for flag, given in (
-                ("--algo", args.algo),
-                ("--env", args.env),
-                ("--out", args.out),
-                ("--seed", args.seed is not None),
-                ("--device", args.device),
-                ("--config", args.config),
-                ("--set", args.set),
-            )
-            if given
-        ]
-        if fixed:
-            raise OfflineRLError(
-                f"--resume continues {args.resume} with the settings, environment and seed its checkpoints were "
-                f"made with, so {', '.join(fixed)} cannot change; only the step target (--steps) can"
-            )
+        _refuse_fixed_on_resume(args, "--env", "environment", "the step target (--steps)")
         result = loop.resume_online(args.resume, steps=args.steps)
     else:
         if not args.out:
