@@ -240,7 +240,8 @@ def check_run_dir(path: str | os.PathLike[str], *, resume: bool | None) -> None:
     """Refuse, before any work, a run directory that cannot be written or is not offrl's to write:
     an existing file, a path under a file, a non-empty folder that holds no offrl run; for a new run
     (``resume=False``) a run that already has checkpoints, for a resume a folder without a run
-    (``resume=None``: only what applies to both)."""
+    (``resume=None``: only what applies to both). A run stopped before its first complete checkpoint
+    (no ``latest.json``) may be started over."""
     p = Path(path)
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
@@ -259,7 +260,7 @@ def check_run_dir(path: str | os.PathLike[str], *, resume: bool | None) -> None:
         if not (p / CONFIG_TOML).exists():
             raise ConfigError(f"{p}: holds no offrl run (no {CONFIG_TOML}) to resume")
         return
-    if resume is False and (p / "checkpoints").exists():
+    if resume is False and (p / "checkpoints" / "latest.json").exists():
         raise ConfigError(f"{p} already holds a run; use --resume or another --out")
     if entries and not is_run and not (p / "checkpoints").exists():
         raise ConfigError(
@@ -358,6 +359,10 @@ class RunDirectory:
             for key, value in info.items():  # what older versions did not record (dataset_absolute)
                 self.info.setdefault(key, value)
         else:
+            # a run stopped before its first complete checkpoint starts over: its records go with it
+            for leftover in ("metrics.jsonl", "eval.json"):
+                (self.path / leftover).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "tb", ignore_errors=True)
             self.info = {
                 **info,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,27 @@ def test_a_folder_that_holds_no_run_is_not_overwritten(
     _fails(capsys, argv, str(proj), "not empty")
     assert (proj / "config.toml").read_text() == "mine = 1\n"
     assert (proj / "run.json").read_text() == '{"status": "mine"}\n'
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    data = _synthetic(tmp_path / "d.h5")
+    run = tmp_path / "run"
+    _train(capsys, data, run, "--epochs", "1")
+    # as a kill before the first checkpoint leaves it: records, an empty checkpoints/, no latest.json
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()
+    (run / "metrics.jsonl").write_text('{"stale": 1}\n')
+    _train(capsys, data, run, "--epochs", "1")
+    assert (run / "checkpoints" / "latest.json").exists()
+    assert "stale" not in (run / "metrics.jsonl").read_text()
+    _fails(
+        capsys,
+        ["train", "--algo", "bc", "--dataset", str(data), "--out", str(run), "--epochs", "1"],
+        str(run),
+        "already holds a run",
+    )
 
 
 # -- defect 11: one writer per run folder ------------------------------------------------------------
