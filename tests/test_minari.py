@@ -32,11 +32,11 @@ def _episode(env: gym.Env, seed: int, steps: int, *, terminate: bool) -> Episode
     """One episode of random actions, cut after ``steps`` steps with a truncation, or ended by the env's
     own termination (or, for an env that never terminates, a termination on the last step)."""
     env.action_space.seed(seed)
-    obs, info = env.reset(seed=seed)
+    obs, _ = env.reset(seed=seed)
     observations, actions, rewards, terms, truncs = [obs], [], [], [], []
     for t in range(10_000):
         action = env.action_space.sample()
-        obs, reward, terminated, _, info = env.step(action)
+        obs, reward, terminated, _, _ = env.step(action)
         observations.append(obs)
         actions.append(action)
         rewards.append(reward)
@@ -154,7 +154,15 @@ def test_round_trip_offrl_minari_offrl_gives_identical_arrays(roots: Path) -> No
     back = roots / "back.h5"
     assert main(["convert", "offrl/pendulum/rt-v0", "--from", "minari", "--out", str(back)]) == 0
     b = load_checked(back)
-    for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "episode_ends"):
+    for key in (
+        "observations",
+        "actions",
+        "rewards",
+        "next_observations",
+        "terminals",
+        "timeouts",
+        "episode_ends",
+    ):
         x, y = getattr(a, key), getattr(b, key)
         assert x.dtype == y.dtype and x.shape == y.shape, key
         np.testing.assert_array_equal(x, y, err_msg=key)
@@ -237,7 +245,9 @@ def test_episode_without_end_flag_is_closed_as_timeout_and_counted(roots: Path) 
             action_space=gym.spaces.Box(-1, 1, (1,), np.float32),
         )
     report = import_minari("test/open-v0", roots / "open.h5")
-    assert "1 episode ended with neither a termination nor a truncation: closed as timeouts" in report.describe()
+    assert (
+        "1 episode ended with neither a termination nor a truncation: closed as timeouts" in report.describe()
+    )
     raw = load_checked(roots / "open.h5")
     assert raw.timeouts.tolist() == [False, False, True] and raw.env_id is None
 
@@ -273,7 +283,9 @@ def test_fit_and_evaluate_on_minari_without_env_flag(roots: Path, capsys: pytest
     from offrl.train import fit
 
     make_minari("test/cartpole/random-v0", "CartPole-v1")
-    result = fit("bc", "minari:test/cartpole/random-v0", roots / "run", epochs=1, eval_every=0, show_progress=False)
+    result = fit(
+        "bc", "minari:test/cartpole/random-v0", roots / "run", epochs=1, eval_every=0, show_progress=False
+    )
     assert main(["evaluate", str(result.run_dir), "--episodes", "1"]) == 0
     assert capsys.readouterr().out.startswith("CartPole-v1: return")
 

@@ -64,7 +64,9 @@ def _flags(where: str, name: str, a: Any, n: int) -> np.ndarray:
         return a
     bad = np.flatnonzero(~np.isin(a, (0, 1)))
     if bad.size:
-        raise DatasetError(where, f"'{name}' has a value other than 0/1 at row {bad[0]}: {a[bad[0]]!r}")
+        raise DatasetError(
+            where, f"'{name}' has a value other than 0/1 at row {bad[0]}: {a[bad[0]].item()!r}"
+        )
     return a.astype(bool)
 
 

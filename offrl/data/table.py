@@ -97,7 +97,7 @@ def _flag_column(src: str, table: Any, name: str) -> np.ndarray:
     if a.dtype != np.bool_:
         bad = np.flatnonzero(~np.isin(a, (0, 1)))
         if bad.size:
-            raise DatasetError(src, f"column '{name}' row {bad[0]}: {a[bad[0]]!r} is not 0/1")
+            raise DatasetError(src, f"column '{name}' row {bad[0]}: {a[bad[0]].item()!r} is not 0/1")
     return a.astype(bool)
 
 
