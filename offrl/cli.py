@@ -15,8 +15,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from offrl.data.format import validate
+    from offrl.datasets_registry import is_dataset_name, resolve_dataset
 
-    problems = validate(args.file)
+    problems = validate(resolve_dataset(args.file) if is_dataset_name(args.file) else args.file)
     if problems:
         for line in problems:
             print(line)
@@ -27,8 +28,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from offrl.data.inspect import format_summary, plot_returns, summarize
+    from offrl.datasets_registry import is_dataset_name, resolve_dataset
 
-    summary = summarize(args.file)
+    summary = summarize(resolve_dataset(args.file) if is_dataset_name(args.file) else args.file)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
@@ -82,10 +84,62 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from offrl.data import convert
+    from offrl.data.writer import check_destination
 
     if (args.from_ is None) == (args.to is None):
         raise OfflineRLError("convert: give exactly one of --from FORMAT (import) or --to FORMAT (export)")
-    if args.from_ == "d4rl":
+    if args.to == "minari":
+        if not args.id:
+            raise OfflineRLError(
+                "convert --to minari: give --id NAMESPACE/NAME-v0, the new Minari dataset's id"
+            )
+        from offrl.data.minari_io import export_minari
+
+        print(f"wrote Minari dataset {args.id} in {export_minari(args.src, args.id)}")
+        return 0
+    if not args.out:
+        raise OfflineRLError(
+            f"convert: --out FILE is required with --{'from' if args.from_ else 'to'} {args.from_ or args.to}"
+        )
+    check_destination(args.out, force=True)
+    if args.from_ == "table":
+        from offrl.data.table import import_table
+
+        missing = [
+            f
+            for f, v in (
+                ("--episode", args.episode),
+                ("--obs", args.obs),
+                ("--action", args.action),
+                ("--reward", args.reward),
+            )
+            if not v
+        ]
+        if missing:
+            raise OfflineRLError(f"convert --from table: {', '.join(missing)} required")
+        report = import_table(
+            args.src,
+            args.out,
+            episode=args.episode,
+            step=args.step,
+            obs=args.obs,
+            next_obs=args.next_obs,
+            action=args.action,
+            reward=args.reward,
+            terminal=args.terminal,
+            timeout=args.timeout,
+            action_low=args.action_low,
+            action_high=args.action_high,
+            action_n=args.action_n,
+            env_id=args.env,
+            compression=args.compression,
+        )
+        print(report.describe())
+    elif args.from_ == "minari":
+        from offrl.data.minari_io import import_minari
+
+        print(import_minari(args.src, args.out, compression=args.compression).describe())
+    elif args.from_ == "d4rl":
         report = convert.import_d4rl(
             args.src,
             args.out,
@@ -94,9 +148,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
         print(report.describe())
     elif args.to == "d4rl":
-        from offrl.data.writer import check_destination
-
-        check_destination(args.out, force=True)
         convert.export_d4rl(args.src, args.out)
         print(f"wrote {args.out} (D4RL layout)")
     return 0
@@ -449,17 +500,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="draw the episode-return histogram")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("convert", help="import or export other dataset layouts")
-    p.add_argument("src")
+    p = sub.add_parser("convert", help="import or export other dataset layouts (D4RL, Minari, tables)")
+    p.add_argument("src", help="source file; with --from minari a Minari dataset id or folder")
     p.add_argument(
-        "--from", dest="from_", choices=["d4rl"], help="import SRC from this layout into format v1"
+        "--from",
+        dest="from_",
+        choices=["d4rl", "minari", "table"],
+        help="import SRC from this layout into format v1",
     )
-    p.add_argument("--to", choices=["d4rl"], help="export format-v1 SRC into this layout")
-    p.add_argument("--out", required=True)
+    p.add_argument("--to", choices=["d4rl", "minari"], help="export format-v1 SRC into this layout")
+    p.add_argument("--out", help="destination file (not with --to minari, which writes into the Minari root)")
+    p.add_argument("--id", help="--to minari: the new dataset's id, NAMESPACE/NAME-v0")
     p.add_argument(
         "--env", help="gymnasium env id to record in the imported file (spaces are then taken from it)"
     )
     p.add_argument("--compression", choices=["lzf", "gzip"])
+    g = p.add_argument_group("--from table (CSV or Parquet, one row per step; needs offrl[table])")
+    g.add_argument("--episode", metavar="COL", help="episode id column")
+    g.add_argument("--step", metavar="COL", help="step column that orders rows inside an episode")
+    g.add_argument(
+        "--obs", metavar="COLS", help="observation columns: names or globs, comma-separated ('obs_*')"
+    )
+    g.add_argument("--next-obs", metavar="COLS", help="next-observation columns (default: the next row's)")
+    g.add_argument("--action", metavar="COLS", help="action columns: names or globs ('act_*')")
+    g.add_argument("--reward", metavar="COL", help="reward column")
+    g.add_argument(
+        "--terminal", metavar="COL", help="0/1 column: 1 on an episode's last row if it terminated"
+    )
+    g.add_argument("--timeout", metavar="COL", help="0/1 column: 1 on an episode's last row if it was cut")
+    g.add_argument("--action-low", metavar="X[,X…]", help="continuous actions' lower bounds")
+    g.add_argument("--action-high", metavar="X[,X…]", help="continuous actions' upper bounds")
+    g.add_argument(
+        "--action-n", type=int, metavar="N", help="discrete actions: Discrete(N) (default: max + 1)"
+    )
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("train", help="train an offline algorithm in full passes over a dataset")

@@ -86,6 +86,11 @@ class IterateConfig:
             raise ConfigError(f"iterate: --steps-per-round must be positive, got {self.steps_per_round}")
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("iterate: give either --epochs or --steps, not both")
+        if str(self.dataset).startswith("minari:"):
+            raise ConfigError(
+                f"iterate: --dataset {self.dataset}: iterate appends to its dataset file, and a Minari dataset "
+                "is read-only here; convert it first (offrl convert --from minari ID --out FILE.h5)"
+            )
 
 
 class _Trained(NamedTuple):

@@ -421,11 +421,16 @@ def fit(
     init_from: str | os.PathLike[str] | None = None,
     **settings: Any,
 ) -> RunResult:
-    """Train ``algo`` on a dataset file in full passes; ``settings`` are algorithm, ``train.``-prefixed
+    """Train ``algo`` on a dataset in full passes; ``settings`` are algorithm, ``train.``-prefixed
     trainer or ``runtime.``-prefixed runtime settings, e.g. ``fit("cql", "data.h5", "runs/cql", epochs=10, cql_alpha=5.0, eval_every=0)``.
+    ``dataset`` is a file or a named dataset (``builtin/…``, ``classic/…``, ``minari:ID``), as for ``--dataset``.
     ``init_from`` (a run directory or checkpoint folder) warm-starts the networks from its weights."""
     from offrl.data.format import read_raw
+    from offrl.datasets_registry import resolve_dataset
+    from offrl.logger import progress_enabled
 
+    shown = progress_enabled() if show_progress is None else show_progress
+    dataset = resolve_dataset(dataset, progress=shown)
     action_space = read_raw(dataset).action_space
     overrides = dict(settings)
     if epochs is not None:

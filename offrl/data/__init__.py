@@ -1,5 +1,6 @@
 """Dataset format v1: writing, recording, checking, loading and converting."""
 
+from offrl.data.arrays import from_arrays
 from offrl.data.dataset import TransitionDataset
 from offrl.data.format import FORMAT_VERSION, RawDataset, check, load_checked, read_raw, validate
 from offrl.data.sampling import FullPassSampler
@@ -12,6 +13,7 @@ __all__ = [
     "RawDataset",
     "TransitionDataset",
     "check",
+    "from_arrays",
     "load_checked",
     "read_raw",
     "validate",
