@@ -265,4 +265,4 @@ def test_deploy_example_runs_on_an_exported_file(artefacts: dict[str, Path], tmp
         [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "action" in done.stdout
+    assert "observations ['N', 4] -> actions ['N', 2]" in done.stdout, done.stdout

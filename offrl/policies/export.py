@@ -40,7 +40,7 @@ from offrl.preprocess import ActionScaler, ObsNormalizer
 from offrl.utils import WriteError, atomic_path
 
 FORMATS = ("onnx", "pt2")
-INPUT_NAME, OUTPUT_NAME = "observations", "actions"
+INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "observations", "actions", "N"
 ONNX_OPSET = 20  # ArgMax with select_last_index (ties → lowest index, as torch.argmax)
 
 # Every policy kind and what its exported graph computes; a kind missing here is refused with its reason
@@ -166,9 +166,10 @@ def _quiet() -> Iterator[None]:
 
 
 def _exported_program(model: DeployedPolicy, example: Tensor) -> torch.export.ExportedProgram:
-    batch = torch.export.Dim("batch")
     with _quiet(), torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+        return torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},), strict=False
+        )
 
 
 def _pt2_bytes(model: DeployedPolicy, example: Tensor) -> bytes:
@@ -186,12 +187,12 @@ def _onnx_bytes(model: DeployedPolicy, example: Tensor) -> bytes:
         raise ExportError(
             f"--format onnx needs the 'export' extra (pip install \"offrl[export]\"): {exc.name} is not installed"
         ) from None
-    program = _exported_program(model, example)
-    with _quiet():
+    with _quiet(), torch.no_grad():
         onnx_program = torch.onnx.export(
-            program,
+            model,
             (example,),
             dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             opset_version=ONNX_OPSET,
