@@ -153,6 +153,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from offrl.data.writer import check_destination
+    from offrl.policies.artifact import load_policy
+    from offrl.policies.export import export_policy, signature
+
+    check_destination(args.out, force=args.force)
+    policy = load_policy(args.policy)
+    path = export_policy(policy, args.format, args.out)
+    print(f"wrote {path} ({args.format}: {signature(policy)})")
+    return 0
+
+
 def _refuse_fixed_on_resume(args: argparse.Namespace, source_flag: str, source: str, target: str) -> None:
     """``--resume`` keeps what a run's checkpoints were made with: any flag that would change it is an error."""
     flags = {
@@ -570,6 +582,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "export", help="write a trained policy as one ONNX or torch.export (.pt2) file, for use without offrl"
+    )
+    p.add_argument("policy", metavar="RUN_DIR|POLICY_DIR")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["onnx", "pt2"],
+        help="onnx (needs the 'export' extra) or pt2 (torch.export's saved program; torch only)",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="destination file (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("algos", help="list algorithms, or one algorithm's settings with their help")
     p.add_argument("name", nargs="?")

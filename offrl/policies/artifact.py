@@ -28,7 +28,7 @@ from offrl.checkpoint import (
     read_tensors,
     write_tensors,
 )
-from offrl.errors import CheckpointError
+from offrl.errors import CheckpointError, OfflineRLError
 from offrl.policies.modules import build_continuous_bcq, build_discrete_bcq
 from offrl.preprocess import ActionScaler, ObsNormalizer
 from offrl.spaces import space_from_dict, space_to_dict
@@ -38,6 +38,11 @@ ARTIFACT_VERSION = 1
 POLICY_JSON = "policy.json"
 POLICY_WEIGHTS = "policy.safetensors"
 ARTIFACT_FILES = (POLICY_JSON, POLICY_WEIGHTS)
+
+
+class ObservationShapeError(OfflineRLError, ValueError):
+    """An observation given to a policy has neither the observation space's shape (one observation) nor
+    ``(N, *shape)`` (a batch); the message names both shapes."""
 
 
 class PolicyFileError(FileContentError, CheckpointError):
@@ -120,9 +125,26 @@ class TorchPolicy:
         self.std_scale = float(scale)
         return self
 
-    def _obs(self, obs: np.ndarray | Tensor) -> Tensor:
-        x = torch.as_tensor(obs, device=self.device).float()
-        return self.normalizer(x.reshape(x.shape[0], -1))
+    def _batch(self, obs: np.ndarray | Tensor) -> tuple[Tensor, bool]:
+        """``obs`` as a batch on the device, and whether it was one unbatched observation: the
+        observation space's shape is one observation, ``(N, *shape)`` (or ``(N, flat size)``) a batch;
+        any other shape is an :class:`ObservationShapeError` naming the expected and the given shape."""
+        x = torch.as_tensor(np.asarray(obs) if not isinstance(obs, Tensor) else obs, device=self.device)
+        shape = tuple(self.observation_space.shape or ())
+        given = tuple(x.shape)
+        if given == shape:
+            return x.unsqueeze(0), True
+        flat = int(self.arch.get("obs_dim", int(np.prod(shape))))
+        if x.dim() >= 1 and (given[1:] == shape or given[1:] == (flat,)):
+            return x, False
+        batch = "(" + ", ".join(["N", *map(str, shape)]) + ")"
+        raise ObservationShapeError(
+            f"observation of shape {given} does not fit the policy's observation space: expected {shape} "
+            f"(one observation) or {batch} (a batch of N)"
+        )
+
+    def _obs(self, obs: Tensor) -> Tensor:
+        return self.normalizer(obs.reshape(obs.shape[0], -1).float())
 
     def _to_env(self, actions: Tensor) -> np.ndarray:
         if isinstance(self.action_space, gym.spaces.Discrete):
@@ -148,15 +170,20 @@ class TorchPolicy:
         return torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator).squeeze(-1)
 
     def act(self, obs: np.ndarray, *, deterministic: bool = True) -> np.ndarray:
-        obs_t = torch.as_tensor(np.asarray(obs), device=self.device)
-        return self._to_env(self.act_tensor(obs_t, deterministic=deterministic))
+        """Actions in environment units for a batch ``(N, *obs_shape)`` of observations, or the one
+        action (no batch axis) for one observation of the observation space's shape."""
+        obs_t, single = self._batch(obs)
+        out = self._to_env(self.act_tensor(obs_t, deterministic=deterministic))
+        return out.reshape(out.shape[1:]) if single else out
 
     @torch.no_grad()
     def log_prob(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """Log-probability (density for Box actions, in the environment's units) of given actions."""
+        """Log-probability (density for Box actions, in the environment's units) of given actions: one per
+        row of a batch of observations, or one (a 0-d array) for one unbatched observation and action."""
         if not self.is_stochastic:
             raise CheckpointError(f"a {self.kind} policy is deterministic and has no log-probabilities")
-        x = self._obs(obs)
+        obs_t, single = self._batch(obs)
+        x = self._obs(obs_t)
         if self.kind == "tanh_gaussian":
             assert self.scaler is not None
             a = torch.as_tensor(np.asarray(actions), device=self.device).float().reshape(x.shape[0], -1)
@@ -169,7 +196,8 @@ class TorchPolicy:
             idx = torch.as_tensor(np.asarray(actions), device=self.device).long().reshape(-1)
             idx = idx - int(getattr(self.action_space, "start", 0))
             lp = torch.log_softmax(self.net(x), -1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-        return lp.cpu().numpy().astype(np.float32)
+        out = lp.cpu().numpy().astype(np.float32)
+        return out.reshape(()) if single else out
 
     # -- artefact ----------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
