@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's offrl, not an installed one
+
 
 def synthesise(base_path: Path, out: Path, copies: int, seed: int = 0) -> int:
     from offrl.data import read_raw
