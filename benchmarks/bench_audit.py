@@ -44,7 +44,10 @@ def synthesise(base_path: Path, out: Path, copies: int, seed: int = 0) -> int:
         obs = raw.observations + rng.normal(size=raw.observations.shape).astype(np.float32) * std
         nxt = np.empty_like(obs)
         nxt[:-1] = obs[1:]
-        nxt[last] = raw.next_observations[last] + rng.normal(size=(int(last.sum()), obs.shape[1])).astype(np.float32) * std
+        nxt[last] = (
+            raw.next_observations[last]
+            + rng.normal(size=(int(last.sum()), obs.shape[1])).astype(np.float32) * std
+        )
         parts.append((obs, nxt))
     big = dataclasses.replace(
         raw,
@@ -55,7 +58,9 @@ def synthesise(base_path: Path, out: Path, copies: int, seed: int = 0) -> int:
         terminals=np.tile(raw.terminals, copies),
         timeouts=np.tile(raw.timeouts, copies),
         episode_ends=np.concatenate([raw.episode_ends + i * n for i in range(copies)]),
-        episode_policy_ids=None if raw.episode_policy_ids is None else np.tile(raw.episode_policy_ids, copies),
+        episode_policy_ids=None
+        if raw.episode_policy_ids is None
+        else np.tile(raw.episode_policy_ids, copies),
         action_log_probs=None,
         infos={},
     )
@@ -105,7 +110,15 @@ def main() -> None:
     base = out / "base.h5"
     if not base.exists():
         t = time.perf_counter()
-        record(args.env, RandomPolicy(gym.make(args.env).action_space, seed=0), steps=args.base, seed=0, out=base, progress=False, obs_dtype="float32")
+        record(
+            args.env,
+            RandomPolicy(gym.make(args.env).action_space, seed=0),
+            steps=args.base,
+            seed=0,
+            out=base,
+            progress=False,
+            obs_dtype="float32",
+        )
         result["record_seconds"] = time.perf_counter() - t
     big = out / "big.h5"
     if not big.exists():
