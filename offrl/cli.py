@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from offrl.errors import OfflineRLError
 
@@ -231,8 +232,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from offrl.evaluation import check_policy_spaces, env_spaces, evaluate
     from offrl.policies.artifact import find_artifact, load_policy, read_policy_json
 
@@ -264,6 +263,62 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if result.normalized_mean is not None:
             line += f"; normalised score {result.normalized_mean:.1f}"
         print(line)
+        if result.ood_fraction is not None and result.ood_episode_means is not None:
+            means = ", ".join(f"{v:.3g}" for v in result.ood_episode_means)
+            print(
+                f"OOD: {result.ood_fraction:.1%} of visited states above the threshold {result.ood_threshold:.4g}; "
+                f"mean score per episode: {means}"
+            )
+        else:
+            print(f"OOD: {policy.ood_summary()}")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from offrl.audit.core import audit, parse_drop, policy_rollout, write_clean
+    from offrl.audit.model import ModelConfig
+    from offrl.datasets_registry import resolve_dataset
+
+    rule = None
+    if (args.drop_anomalies is None) != (args.out is None):
+        raise OfflineRLError("audit: --drop-anomalies K|THRESHOLD and --out CLEAN.h5 go together")
+    if args.drop_anomalies is not None:
+        from offrl.data.writer import check_destination
+
+        rule = parse_drop(args.drop_anomalies)
+        check_destination(args.out, force=args.force)
+    if args.env and not args.policy:
+        raise OfflineRLError("audit: --env chooses where --policy RUN_DIR is rolled out; give --policy too")
+    if args.steps < 0:
+        raise OfflineRLError(f"--steps must be ≥ 0, got {args.steps}")
+    if args.episodes < 1:
+        raise OfflineRLError(f"--episodes must be ≥ 1, got {args.episodes}")
+    if args.policy:
+        from offrl.policies.artifact import find_artifact
+
+        find_artifact(Path(args.policy))
+    path = resolve_dataset(args.dataset)
+    result = audit(path, top=args.top, model_config=ModelConfig(steps=args.steps, seed=args.seed))
+    if args.policy:
+        policy_rollout(result, args.policy, args.env, episodes=args.episodes, seed=args.seed)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, allow_nan=False, default=str))
+    else:
+        from offrl.audit.report import format_text
+
+        print(format_text(result))
+    if args.report:
+        from offrl.audit.report import write_report
+
+        md = write_report(result, args.report)
+        print(f"report written to {md}", file=sys.stderr if args.json else sys.stdout)
+    if rule is not None:
+        record = write_clean(result, rule, args.out, args.drop_anomalies)
+        print(
+            f"wrote {args.out}: dropped {record['dropped_episodes']} episodes "
+            f"({record['dropped_transitions']} transitions), kept {record['kept_episodes']}",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0
 
 
@@ -596,6 +651,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="destination file (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "audit", help="audit a dataset: anomaly scores, extreme values, duplicates, coverage, consistency"
+    )
+    p.add_argument("dataset", metavar="DATASET", help="dataset file (format v1) or a named dataset")
+    p.add_argument("--json", action="store_true", help="print the audit as JSON (rows and episodes by index)")
+    p.add_argument("--report", metavar="DIR", help="write DIR/audit.md and one PNG per section")
+    p.add_argument("--top", type=int, default=10, help="rows and episodes listed per ranking (default 10)")
+    p.add_argument(
+        "--drop-anomalies",
+        metavar="K|THRESHOLD",
+        help="with --out: write a copy without the K highest-scoring episodes (an integer) or those scoring "
+        "above THRESHOLD (a number with a point, e.g. 50.0)",
+    )
+    p.add_argument("--out", metavar="CLEAN.h5", help="the cleaned copy written by --drop-anomalies")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--policy", metavar="RUN_DIR", help="roll this policy out and compare its states with the data"
+    )
+    p.add_argument("--env", help="environment for --policy (default: the policy's, else the dataset's)")
+    p.add_argument("--episodes", type=int, default=10, help="episodes rolled out with --policy")
+    p.add_argument("--steps", type=int, default=2000, help="training steps of the anomaly model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the anomaly model, the monitor and rollouts")
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("algos", help="list algorithms, or one algorithm's settings with their help")
     p.add_argument("name", nargs="?")

@@ -32,9 +32,18 @@ class EvalResult:
     max: float
     normalized_mean: float | None  # 100·(R - ref_min)/(ref_max - ref_min), averaged over episodes
     normalized_std: float | None
+    # with a policy carrying an OOD monitor (offrl.audit.ood): the share of visited states scoring above
+    # its threshold, and the mean score of each episode's visited states (None otherwise)
+    ood_fraction: float | None = None
+    ood_episode_means: list[float] | None = None
+    ood_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for key in ("ood_fraction", "ood_episode_means", "ood_threshold"):
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 def normalized_score(returns: Any, ref_min: float, ref_max: float) -> np.ndarray:
@@ -140,6 +149,9 @@ def evaluate(
     current = np.arange(n)  # episode index each sub-env is running; ≥ episodes once its quota is done
     discrete = isinstance(envs.single_action_space, gym.spaces.Discrete)
     neutral = _neutral_action(envs.single_action_space)
+    monitor = getattr(policy, "ood_monitor", None)  # scores visited states; act never computes it
+    ood_sum = np.zeros(episodes, dtype=np.float64)
+    ood_above = np.zeros(episodes, dtype=np.int64)
     try:
         obs, _ = envs.reset(seed=[episode_seed(seed, int(j)) for j in current])
         while True:
@@ -147,6 +159,10 @@ def evaluate(
             if not active.any():
                 break
             chosen = np.asarray(policy.act(obs[active], deterministic=deterministic))
+            if monitor is not None:
+                scores = monitor.score(obs[active])
+                np.add.at(ood_sum, current[active], scores)
+                np.add.at(ood_above, current[active], scores > monitor.threshold)
             if chosen.shape[:1] != (int(active.sum()),):
                 raise OfflineRLError(
                     f"evaluate: the policy returned actions of shape {chosen.shape} for {int(active.sum())} observations"
@@ -184,4 +200,7 @@ def evaluate(
         max=float(returns.max()),
         normalized_mean=normalized_mean,
         normalized_std=normalized_std,
+        ood_fraction=None if monitor is None else float(ood_above.sum() / lengths.sum()),
+        ood_episode_means=None if monitor is None else [float(v) for v in ood_sum / lengths],
+        ood_threshold=None if monitor is None else float(monitor.threshold),
     )

@@ -74,6 +74,11 @@ class TrainConfig:
     log_every: int = option(
         1000, "gradient steps between metric reads, the only host syncs (also at pass ends)", low=1
     )
+    ood_monitor: bool = option(
+        True,
+        "fit an out-of-distribution monitor on the dataset's states and save it in the policy artefact "
+        "(policy.ood_score; its fit time is logged as time/ood_fit_seconds)",
+    )
 
     def __post_init__(self) -> None:
         cfgmod.validate(self, "train")
@@ -248,6 +253,8 @@ class Trainer:
         self.sampler = self.train_data.sampler(batch_size, seed=cfg.seed, drop_last=cfg.train.drop_last)
         self.total_passes = self._total_passes(cfg.train)
         self.step = 0
+        self.show_progress = False  # set by run(): whether progress (and the monitor's fit line) is shown
+        self._logger: Logger | None = None
 
     def _total_passes(self, t: TrainConfig) -> int:
         per_pass = self.sampler.batches_per_pass
@@ -291,7 +298,7 @@ class Trainer:
                 "dataset_sha256": self.dataset_sha,
             },
             latest={"pass": passes_done, "step": self.step},
-            policy=self.algo.policy(),
+            policy=self._with_monitor(self.algo.policy()),
             policy_extra={
                 "algo": self.cfg.algo,
                 "pass": passes_done,
@@ -303,6 +310,26 @@ class Trainer:
             },
             keep=self.cfg.train.keep_checkpoints,
         )
+
+    def _with_monitor(self, policy: Any) -> Any:
+        """The exported policy, carrying the OOD monitor (fitted once per process on the dataset's states
+        with its own seeded generators, so the run's random streams and numbers are untouched)."""
+        if not self.cfg.train.ood_monitor:
+            return policy
+        if not hasattr(self, "_monitor"):
+            from offrl.audit.ood import fit_monitor
+
+            self._monitor, message = fit_monitor(
+                self.dataset.observations, self.dataset.episode_ends, seed=self.cfg.seed
+            )
+            if self._monitor is not None and self._logger is not None:
+                self._logger.log(
+                    self.step, {"time/ood_fit_seconds": float(self._monitor.info["fit_seconds"])}
+                )
+            if self.show_progress:
+                tqdm.write(message)
+        policy.ood_monitor = self._monitor
+        return policy
 
     def _restore(self, folder: Path) -> int:
         state, meta = load_checkpoint(folder, self.device)
@@ -345,8 +372,10 @@ class Trainer:
         logger = rd.begin(
             resume=resume, config_toml=cfg.to_toml(), info=info, totals={"total_passes": self.total_passes}
         )
+        self._logger = logger
         per_pass = self.sampler.batches_per_pass
         bar = run.progress_bar(self.total_passes * per_pass, self.step, show_progress)
+        self.show_progress = not bar.disable
         final_eval: dict[str, Any] | None = None
         clock = run.StepClock(self.step)
         acc = run.MetricAccumulator(self.device)

@@ -20,6 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from offrl import nets
+from offrl.audit.ood import TENSOR_PREFIX as OOD_PREFIX
+from offrl.audit.ood import OODMonitor
+from offrl.audit.ood import summary as ood_summary
 from offrl.checkpoint import (
     Fields,
     FileContentError,
@@ -104,6 +107,7 @@ class TorchPolicy:
         self.device = next(net.parameters()).device
         self.generator = torch.Generator(self.device)
         self.seed(seed)
+        self.ood_monitor: OODMonitor | None = None  # saved with the artefact when set (offrl.audit.ood)
 
     def __repr__(self) -> str:
         return f"TorchPolicy({self.kind}, hidden={self.arch.get('hidden')})"
@@ -199,12 +203,32 @@ class TorchPolicy:
         out = lp.cpu().numpy().astype(np.float32)
         return out.reshape(()) if single else out
 
+    # -- out-of-distribution monitor ---------------------------------------------------------------
+    def ood_score(self, obs: np.ndarray) -> np.ndarray:
+        """One OOD score per observation (one observation or a batch): distance to the training data's
+        states (see :mod:`offrl.audit.ood`); above :attr:`ood_threshold` is unusual for the dataset."""
+        if self.ood_monitor is None:
+            raise CheckpointError("this policy carries no OOD monitor (no monitor)")
+        return self.ood_monitor.score(obs)
+
+    @property
+    def ood_threshold(self) -> float:
+        if self.ood_monitor is None:
+            raise CheckpointError("this policy carries no OOD monitor (no monitor)")
+        return self.ood_monitor.threshold
+
+    def ood_summary(self) -> str:
+        """One line: the monitor and its threshold, or "no monitor"."""
+        return ood_summary(self.ood_monitor)
+
     # -- artefact ----------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
         out = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         out.update({f"normalizer.{k}": v for k, v in self.normalizer.state_dict().items()})
         if self.scaler is not None:
             out.update({f"scaler.{k}": v for k, v in self.scaler.state_dict().items()})
+        if self.ood_monitor is not None:
+            out.update(self.ood_monitor.tensors())
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def describe(self) -> dict[str, Any]:
@@ -217,6 +241,7 @@ class TorchPolicy:
             "observation_space": space_to_dict(self.observation_space),
             "action_space": space_to_dict(self.action_space),
             "offrl_version": __version__,
+            **({"ood_monitor": self.ood_monitor.describe()} if self.ood_monitor is not None else {}),
         }
 
     def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
@@ -325,4 +350,10 @@ def load_policy(
             folder / POLICY_WEIGHTS, f"does not match the architecture in {POLICY_JSON} ({exc})"
         ) from None
     net.eval()
-    return TorchPolicy(kind, net, arch, normalizer, scaler, obs_space, act_space, seed=seed)
+    policy = TorchPolicy(kind, net, arch, normalizer, scaler, obs_space, act_space, seed=seed)
+    if "ood_monitor" in meta:  # artefacts written before monitors existed have none
+        fields = doc.fields("ood_monitor").data
+        policy.ood_monitor = OODMonitor.from_artifact(
+            fields, {k: v for k, v in tensors.items() if k.startswith(OOD_PREFIX)}, str(folder / POLICY_JSON)
+        )
+    return policy

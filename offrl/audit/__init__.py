@@ -1,0 +1,1 @@
+"""Dataset audit (anomaly scores, flags, duplicates, coverage, consistency) and the OOD monitor."""
