@@ -161,8 +161,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     check_destination(args.out, force=args.force)
     policy = load_policy(args.policy)
-    path = export_policy(policy, args.format, args.out)
-    print(f"wrote {path} ({args.format}: {signature(policy)})")
+    path = export_policy(policy, args.format, args.out, ood=args.with_ood)
+    print(f"wrote {path} ({args.format}: {signature(policy, ood=args.with_ood)})")
     return 0
 
 
@@ -650,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="FILE", help="destination file (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--with-ood",
+        action="store_true",
+        help="also output the policy's out-of-distribution score (ood_score, one per observation)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(

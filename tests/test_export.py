@@ -270,3 +270,32 @@ def test_deploy_example_runs_on_an_exported_file(artefacts: dict[str, Path], tmp
     )
     assert done.returncode == 0, done.stderr
     assert "observations ['N', 4] -> actions ['N', 2]" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_the_ood_score_is_a_second_output(fmt: str, artefacts: dict[str, Path], tmp_path: Path) -> None:
+    from offrl.audit.ood import fit_monitor
+
+    policy = load_policy(artefacts["deterministic"])
+    states = around_data(policy, 4000, seed=3)
+    policy.ood_monitor, _ = fit_monitor(states, np.arange(100, 4001, 100), codewords=16, seed=0)
+    out = export_policy(policy, fmt, tmp_path / f"p.{fmt}", ood=True)
+    obs = np.concatenate([around_data(policy, 500, seed=4), around_data(policy, 10, seed=5) * 3.0])
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert [o.name for o in session.get_outputs()] == ["actions", "ood_score"]
+        actions, scores = session.run(None, {"observations": obs})
+    else:
+        with torch.no_grad():
+            actions, scores = (t.numpy() for t in torch.export.load(str(out)).module()(torch.from_numpy(obs)))
+    np.testing.assert_allclose(actions, policy.act(obs), rtol=0, atol=1e-5 * 4.0)
+    np.testing.assert_allclose(scores, policy.ood_score(obs), rtol=1e-4, atol=1e-4)
+    above = scores > policy.ood_threshold
+    assert above[-10:].mean() > above[:500].mean()  # observations far out score above the in-data ones
+
+
+def test_exporting_the_ood_score_needs_a_monitor(artefacts: dict[str, Path], tmp_path: Path) -> None:
+    policy = load_policy(artefacts["deterministic"])
+    assert policy.ood_monitor is None
+    with pytest.raises(ExportError, match="carries no OOD monitor"):
+        export_policy(policy, "pt2", tmp_path / "p.pt2", ood=True)

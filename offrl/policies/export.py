@@ -25,7 +25,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import gymnasium as gym
 import numpy as np
@@ -39,8 +39,12 @@ from offrl.policies.modules import DETERMINISTIC_LATENT_SEED, ContinuousBCQPolic
 from offrl.preprocess import ActionScaler, ObsNormalizer
 from offrl.utils import WriteError, atomic_path
 
+if TYPE_CHECKING:
+    from offrl.audit.ood import OODMonitor
+
 FORMATS = ("onnx", "pt2")
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "observations", "actions", "N"
+OOD_OUTPUT_NAME = "ood_score"  # the optional second output (export with ood=True)
 ONNX_OPSET = 20  # ArgMax with select_last_index (ties → lowest index, as torch.argmax)
 
 # Every policy kind and what its exported graph computes; a kind missing here is refused with its reason
@@ -72,14 +76,47 @@ def _plain(module: nn.Module) -> nn.Module:
     return out
 
 
+class OODScore(nn.Module):
+    """The policy's out-of-distribution score (:meth:`TorchPolicy.ood_score`) as a module: the distance of
+    standardised raw observations (N, obs_dim) to the monitor's nearest codeword, computed as the
+    monitor computes it."""
+
+    mean: Tensor  # (obs_dim,)
+    inv_std: Tensor  # (obs_dim,)
+    centroids_t: Tensor  # (obs_dim, codewords)
+    c_sq: Tensor  # (codewords,) squared norms of the codewords
+
+    def __init__(self, monitor: OODMonitor) -> None:
+        super().__init__()
+        centroids = torch.from_numpy(monitor.centroids.copy())
+        std = torch.from_numpy(monitor.std.copy())
+        self.register_buffer("mean", torch.from_numpy(monitor.mean.copy()))
+        self.register_buffer("inv_std", 1.0 / std)
+        self.register_buffer("centroids_t", centroids.t().contiguous())
+        self.register_buffer("c_sq", (centroids.double() ** 2).sum(1).float())
+
+    def forward(self, flat: Tensor) -> Tensor:
+        z = (flat - self.mean) * self.inv_std
+        d2 = (z * z).sum(1, keepdim=True) - 2.0 * (z @ self.centroids_t) + self.c_sq
+        return d2.min(1).values.clamp_min(0.0).sqrt()
+
+
 class DeployedPolicy(nn.Module):
     """``TorchPolicy.act(obs, deterministic=True)`` as one module on CPU: raw observations
     ``(N, *obs_shape)`` → actions in environment units, computed with the same ops in the same order."""
 
     latents: Tensor  # continuous BCQ: the deterministic action's latents, (n_actions, latent_dim)
 
-    def __init__(self, policy: TorchPolicy) -> None:
+    def __init__(self, policy: TorchPolicy, *, ood: bool = False) -> None:
         super().__init__()
+        self.ood: OODScore | None = None
+        if ood:
+            if policy.ood_monitor is None:
+                raise ExportError(
+                    "the policy carries no OOD monitor (an artefact from before monitors, or trained with "
+                    "train.ood_monitor=false), so there is no ood_score to export"
+                )
+            self.ood = OODScore(policy.ood_monitor)
         if policy.kind in REFUSED or policy.kind not in EXPORTED:
             reason = REFUSED.get(policy.kind, "offrl does not know how to export it")
             raise ExportError(f"a {policy.kind} policy cannot be exported: {reason}")
@@ -126,20 +163,23 @@ class DeployedPolicy(nn.Module):
             return actions.gather(1, index).squeeze(1)
         return net(x).argmax(-1)  # categorical, q_greedy, bcq_discrete (its forward masks the Q-values)
 
-    def forward(self, observations: Tensor) -> Tensor:
-        x = self.normalizer(observations.reshape(observations.shape[0], -1).float())
-        unit = self.unit_actions(x)
+    def forward(self, observations: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        flat = observations.reshape(observations.shape[0], -1).float()
+        unit = self.unit_actions(self.normalizer(flat))
         if self.scaler is None:
-            return unit.long() + self.start
-        out = self.scaler.from_unit(unit).to(self.action_dtype)
-        return out.reshape(out.shape[0], *self.action_shape)
+            actions = unit.long() + self.start
+        else:
+            out = self.scaler.from_unit(unit).to(self.action_dtype)
+            actions = out.reshape(out.shape[0], *self.action_shape)
+        return actions if self.ood is None else (actions, self.ood(flat))
 
 
-def deployable(policy: TorchPolicy | str | os.PathLike[str]) -> DeployedPolicy:
-    """The :class:`DeployedPolicy` of a policy, or of the artefact in a policy or run folder."""
+def deployable(policy: TorchPolicy | str | os.PathLike[str], *, ood: bool = False) -> DeployedPolicy:
+    """The :class:`DeployedPolicy` of a policy, or of the artefact in a policy or run folder; with
+    ``ood``, it also returns the OOD score."""
     if not isinstance(policy, TorchPolicy):
         policy = load_policy(policy)
-    return DeployedPolicy(policy).eval()
+    return DeployedPolicy(policy, ood=ood).eval()
 
 
 def _example(policy: TorchPolicy) -> Tensor:
@@ -194,7 +234,7 @@ def _onnx_bytes(model: DeployedPolicy, example: Tensor) -> bytes:
             dynamo=True,
             dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[OUTPUT_NAME] if model.ood is None else [OUTPUT_NAME, OOD_OUTPUT_NAME],
             opset_version=ONNX_OPSET,
             external_data=False,
             verbose=False,
@@ -204,7 +244,7 @@ def _onnx_bytes(model: DeployedPolicy, example: Tensor) -> bytes:
         return onnx_program.model_proto.SerializeToString()
 
 
-def signature(policy: TorchPolicy | str | os.PathLike[str]) -> str:
+def signature(policy: TorchPolicy | str | os.PathLike[str], *, ood: bool = False) -> str:
     """The exported graph's input and output, e.g. ``observations (N, 3) float32 -> actions (N, 1) float32``."""
     if not isinstance(policy, TorchPolicy):
         policy = load_policy(policy)
@@ -214,21 +254,23 @@ def signature(policy: TorchPolicy | str | os.PathLike[str]) -> str:
         actions = f"(N) int64 in {int(space.start)}..{int(space.start) + int(space.n) - 1}"
     else:
         actions = "(" + ", ".join(["N", *map(str, space.shape or ())]) + f") {np.dtype(space.dtype).name}"
-    return f"{INPUT_NAME} ({obs_shape}) float32 -> {OUTPUT_NAME} {actions}"
+    out = f"{INPUT_NAME} ({obs_shape}) float32 -> {OUTPUT_NAME} {actions}"
+    return out + (f", {OOD_OUTPUT_NAME} (N) float32" if ood else "")
 
 
 def export_policy(
-    policy: TorchPolicy | str | os.PathLike[str], fmt: str, out: str | os.PathLike[str]
+    policy: TorchPolicy | str | os.PathLike[str], fmt: str, out: str | os.PathLike[str], *, ood: bool = False
 ) -> Path:
     """Write ``policy`` (a :class:`TorchPolicy`, or the path of a policy artefact or run folder) as one
     file in ``fmt`` (``"onnx"`` or ``"pt2"``) at ``out``, atomically. The file maps a batch of raw
     observations ``(N, *obs_shape)`` float32 to the deterministic actions in environment units that
-    ``policy.act(obs)`` returns. Returns ``out``."""
+    ``policy.act(obs)`` returns; with ``ood``, also the OOD score ``policy.ood_score(obs)`` (N,) as a second
+    output, ``ood_score``. Returns ``out``."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if not isinstance(policy, TorchPolicy):
         policy = load_policy(policy)
-    model = deployable(policy)
+    model = deployable(policy, ood=ood)
     example = _example(policy)
     dest = Path(out)
     if dest.is_dir():
