@@ -122,10 +122,10 @@ def precision_recall(result: Audit, p: Planted, k: int = K) -> dict[str, tuple[i
     """Per kind: (planted, found in top k, precision at k, recall at k)."""
     m = result.model
     out: dict[str, tuple[int, int, float, float]] = {}
-    top = set(checks._top(m.reward_z2, k).tolist())
+    top = set(checks.top_k(m.reward_z2, k).tolist())
     hits = len(top & set(p.spikes))
     out["reward spike (reward residual)"] = (len(p.spikes), hits, hits / k, hits / len(p.spikes))
-    top = set(checks._top(m.dynamics_score, k).tolist())
+    top = set(checks.top_k(m.dynamics_score, k).tolist())
     glitch_rows = {r for g in p.glitches for r in (g - 1, g)}
     found = sum(1 for g in p.glitches if {g - 1, g} & top)
     out["observation glitch (dynamics residual)"] = (
@@ -141,7 +141,7 @@ def precision_recall(result: Audit, p: Planted, k: int = K) -> dict[str, tuple[i
         ("other gravity (episode median)", result.episode_median),
         ("other gravity (episode mean)", result.episode_score),
     ):
-        top = set(checks._top(scores, k).tolist())
+        top = set(checks.top_k(scores, k).tolist())
         hits = len(top & set(p.other_physics))
         out[label] = (len(p.other_physics), hits, hits / k, hits / len(p.other_physics))
     return out
@@ -170,7 +170,7 @@ def test_planted_anomalies_rank_in_the_top_k(planted: tuple[Planted, Audit]) -> 
     # the rule-based flags agree: the out-of-range spike is a reward outlier, the glitches are jumps
     outliers = [r["row"] for r in result.report["flags"]["reward_outliers"]["rows"]]
     assert p.spikes[0] in outliers
-    jumps = set(checks._top(result.jump_score, K).tolist())  # the largest step changes, flagged or not
+    jumps = set(checks.top_k(result.jump_score, K).tolist())  # the largest step changes, flagged or not
     assert all({g - 1, g} & jumps for g in p.glitches)
     dup = result.report["duplicates"]
     assert dup["count"] == 1 and dup["pairs"][0]["episodes"] == list(p.duplicate) and dup["pairs"][0]["exact"]

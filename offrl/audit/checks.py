@@ -45,7 +45,8 @@ def episode_of(raw: RawDataset, rows: np.ndarray) -> np.ndarray:
     return np.searchsorted(raw.episode_ends, np.asarray(rows), side="right")
 
 
-def _top(values: np.ndarray, k: int) -> np.ndarray:
+def top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest ``values``, largest first (ties keep index order)."""
     k = min(k, values.shape[0])
     part = np.argpartition(-values, k - 1)[:k] if k < values.shape[0] else np.arange(values.shape[0])
     return part[np.argsort(-values[part], kind="stable")]
@@ -64,7 +65,7 @@ def reward_outliers(raw: RawDataset, top: int, threshold: float = REWARD_Z) -> d
                 "row": int(r),
                 "episode": int(episode_of(raw, r)),
                 "reward": float(raw.rewards[r]),
-                "z": _num(z[r]),
+                "z": json_number(z[r]),
             }
             for r in order
         ],
@@ -90,7 +91,7 @@ def observation_jumps(raw: RawDataset, top: int, threshold: float = JUMP_Z) -> d
                 "episode": int(episode_of(raw, r)),
                 "dim": int(dim[r]),
                 "change": float(delta[r, dim[r]]),
-                "z": _num(worst[r]),
+                "z": json_number(worst[r]),
             }
             for r in order
         ],
@@ -132,7 +133,8 @@ def outside_space(raw: RawDataset, top: int) -> dict[str, Any]:
     }
 
 
-def _num(x: float) -> float | None:
+def json_number(x: float) -> float | None:
+    """``x`` as a JSON number: None for NaN or an infinity."""
     x = float(x)
     return x if np.isfinite(x) else None
 
@@ -237,7 +239,12 @@ def coverage(raw: RawDataset) -> dict[str, Any]:
         dims = []
         for j in range(acts.shape[1]):
             v = acts[:, j]
-            d: dict[str, Any] = {"dim": j, "low": _num(low[j]), "high": _num(high[j]), "histogram": _hist(v)}
+            d: dict[str, Any] = {
+                "dim": j,
+                "low": json_number(low[j]),
+                "high": json_number(high[j]),
+                "histogram": _hist(v),
+            }
             if np.isfinite(low[j]) and np.isfinite(high[j]) and high[j] > low[j]:
                 width = high[j] - low[j]
                 counts, _ = np.histogram(v, bins=ACTION_BINS, range=(low[j], high[j]))

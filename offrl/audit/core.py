@@ -133,11 +133,11 @@ def audit(
             "score_quantiles": {
                 q: float(np.quantile(model.score, float(q))) for q in ("0.5", "0.9", "0.99", "0.999")
             },
-            "top_transitions": _rows(raw, checks._top(model.score, top), model),
-            "top_reward_residuals": _rows(raw, checks._top(model.reward_z2, top), model),
-            "top_dynamics_residuals": _rows(raw, checks._top(model.dynamics_score, top), model),
-            "top_episodes": episodes(checks._top(ep_mean, top)),
-            "top_episodes_by_median": episodes(checks._top(ep_median, top)),
+            "top_transitions": _rows(raw, checks.top_k(model.score, top), model),
+            "top_reward_residuals": _rows(raw, checks.top_k(model.reward_z2, top), model),
+            "top_dynamics_residuals": _rows(raw, checks.top_k(model.dynamics_score, top), model),
+            "top_episodes": episodes(checks.top_k(ep_mean, top)),
+            "top_episodes_by_median": episodes(checks.top_k(ep_median, top)),
         },
         "flags": {
             "reward_outliers": checks.reward_outliers(raw, top),
@@ -147,11 +147,11 @@ def audit(
         "duplicates": dup,
         "coverage": checks.coverage(raw),
         "consistency": {
-            "r2": {name: checks._num(v) for name, v in zip(model.target_names, model.r2)},
-            "r2_mean_dynamics": checks._num(np.nanmean(model.r2[:-1]))
+            "r2": {name: checks.json_number(v) for name, v in zip(model.target_names, model.r2)},
+            "r2_mean_dynamics": checks.json_number(np.nanmean(model.r2[:-1]))
             if np.isfinite(model.r2[:-1]).any()
             else None,
-            "r2_reward": checks._num(model.r2[-1]),
+            "r2_reward": checks.json_number(model.r2[-1]),
             "folds": cfg.members,
             "note": "held-out R² of s′−s and r predicted from (s, a) by models that never saw those episodes",
         },
@@ -190,7 +190,7 @@ def episodes_to_drop(result: Audit, rule: int | float) -> list[int]:
                 f"--drop-anomalies {rule}: the dataset has {result.raw.num_episodes} episodes; dropping "
                 f"{rule} would leave none"
             )
-        return sorted(int(e) for e in checks._top(score, rule)) if rule else []
+        return sorted(int(e) for e in checks.top_k(score, rule)) if rule else []
     return sorted(int(e) for e in np.flatnonzero(score > rule))
 
 

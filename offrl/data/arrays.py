@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from offrl.data import format as fmt
-from offrl.data.convert import ConvertReport, _plural
+from offrl.data.convert import ConvertReport, plural
 from offrl.data.writer import write_raw
 from offrl.errors import DatasetError
 
@@ -156,7 +156,7 @@ def build_raw(
         tout = _flags(where, "timeouts", timeouts, n) if timeouts is not None else np.zeros(n, dtype=bool)
         both = int((term & tout).sum())
         if both:
-            notes.append(f"{_plural(both, 'row')} with both a terminal and a timeout: kept as terminals")
+            notes.append(f"{plural(both, 'row')} with both a terminal and a timeout: kept as terminals")
         last = term | tout
         if not last[-1]:
             last[-1] = True
@@ -180,10 +180,10 @@ def build_raw(
         timeouts_out = np.zeros(n, dtype=bool)
         timeouts_out[prev] = True
         if vanished:
-            notes.append(f"{_plural(vanished, 'episode')} of one step without a next observation vanished")
+            notes.append(f"{plural(vanished, 'episode')} of one step without a next observation vanished")
         if term.any():
             notes.append(
-                f"{_plural(int(term.sum()), 'terminal row')} with a placeholder next observation (a copy of "
+                f"{plural(int(term.sum()), 'terminal row')} with a placeholder next observation (a copy of "
                 "the observation; bootstrapping is masked by the terminal)"
             )
     if not keep.any():

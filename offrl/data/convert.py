@@ -37,7 +37,7 @@ _EXPORT_KEYS = (_EXPORT_TAG, _EXPORT_OBS_SPACE, _EXPORT_ACT_SPACE, _EXPORT_ENV_I
 _FLAT_KEYS = (fmt.OBSERVATIONS, fmt.ACTIONS, fmt.REWARDS, fmt.TERMINALS, fmt.TIMEOUTS, fmt.NEXT_OBSERVATIONS)
 
 
-def _plural(n: int, noun: str) -> str:
+def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
@@ -59,12 +59,12 @@ class ConvertReport:
 
     def describe(self) -> str:
         text = (
-            f"imported {_plural(self.rows_in, 'row')} from {self.src} into {self.out}: "
-            f"{self.rows_kept} kept in {_plural(self.episodes, 'episode')}; "
+            f"imported {plural(self.rows_in, 'row')} from {self.src} into {self.out}: "
+            f"{self.rows_kept} kept in {plural(self.episodes, 'episode')}; "
         )
         if self.dropped:
             reasons = ", ".join(f"{reason}: {n}" for reason, n in self.dropped.items())
-            text += f"dropped {_plural(self.rows_dropped, 'row')} ({reasons})"
+            text += f"dropped {plural(self.rows_dropped, 'row')} ({reasons})"
         else:
             text += "nothing dropped"
         return "\n".join([text, *(f"  note: {note}" for note in self.notes)])
@@ -126,7 +126,7 @@ def _flag_column(src: str, key: str, a: np.ndarray, n: int) -> np.ndarray:
     return a.astype(bool)
 
 
-def _make_env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+def make_env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
     try:
         env = gym.make(env_id)
     except gym.error.Error as exc:
@@ -172,7 +172,7 @@ def _infer_action_space(actions: np.ndarray) -> gym.Space:
     return gym.spaces.Box(low, high, shape=actions.shape[1:], dtype=dtype.type)
 
 
-def _fit_spaces(
+def fit_spaces(
     src: str,
     obs: np.ndarray,
     actions: np.ndarray,
@@ -314,7 +314,7 @@ def _import(
     both = terminals & timeouts
     if both.any():
         notes.append(
-            f"{_plural(int(both.sum()), 'row')} with both terminal and timeout set: kept as terminals"
+            f"{plural(int(both.sum()), 'row')} with both terminal and timeout set: kept as terminals"
         )
     timeouts = timeouts & ~terminals
     flagged = terminals | timeouts
@@ -337,7 +337,7 @@ def _import(
         if hidden.any():
             new_timeouts |= hidden
             notes.append(
-                f"{_plural(int(hidden.sum()), 'unflagged row')} whose '{fmt.NEXT_OBSERVATIONS}' differs from "
+                f"{plural(int(hidden.sum()), 'unflagged row')} whose '{fmt.NEXT_OBSERVATIONS}' differs from "
                 "the next row's observation: episodes split there with a timeout"
             )
         if not flagged[-1]:
@@ -351,7 +351,7 @@ def _import(
         next_obs[terminals] = obs[terminals]
         if terminals.any():
             notes.append(
-                f"{_plural(int(terminals.sum()), 'terminal row')} with a placeholder next observation "
+                f"{plural(int(terminals.sum()), 'terminal row')} with a placeholder next observation "
                 "(a copy of the observation; bootstrapping is masked by the terminal)"
             )
         drop_final = np.zeros(n, dtype=bool)
@@ -368,7 +368,7 @@ def _import(
         new_timeouts = np.zeros(n, dtype=bool)
         new_timeouts[prev] = True
         if lone.size:
-            notes.append(f"{_plural(lone.size, 'episode')} of only a dropped row vanished")
+            notes.append(f"{plural(lone.size, 'episode')} of only a dropped row vanished")
 
     if not keep.any():
         raise DatasetError(src, "no transitions are left after dropping rows without a next observation")
@@ -384,7 +384,7 @@ def _import(
             raise ConfigError("give both observation_space and action_space, or neither")
         origin = "the given space"
     elif env_id is not None:
-        observation_space, action_space = _make_env_spaces(env_id)
+        observation_space, action_space = make_env_spaces(env_id)
         origin = f"{env_id}'s space"
     elif _EXPORT_OBS_SPACE in d4rl_meta and _EXPORT_ACT_SPACE in d4rl_meta:
         observation_space = space_from_json(d4rl_meta[_EXPORT_OBS_SPACE])
@@ -393,7 +393,7 @@ def _import(
         env_id = recorded_env if isinstance(recorded_env, str) else None
         notes.append("spaces taken from the offrl export metadata in the file")
     if observation_space is not None and action_space is not None:
-        observation_space, action_space, actions = _fit_spaces(
+        observation_space, action_space, actions = fit_spaces(
             src, obs, actions, observation_space, action_space, origin, metadata
         )
     else:

@@ -18,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 
 from offrl.data import format as fmt
-from offrl.data.convert import ConvertReport, _fit_spaces, _plural
+from offrl.data.convert import ConvertReport, fit_spaces, plural
 from offrl.data.writer import write_raw
 from offrl.errors import ConfigError, DatasetError, OfflineRLError
 
@@ -176,11 +176,11 @@ def read_minari(id_or_path: str) -> tuple[fmt.RawDataset, int, dict[str, int], l
         raise DatasetError(src, "the Minari dataset has no steps")
     if unflagged:
         notes.append(
-            f"{_plural(unflagged, 'episode')} ended with neither a termination nor a truncation: "
+            f"{plural(unflagged, 'episode')} ended with neither a termination nor a truncation: "
             "closed as timeouts"
         )
     if empty:
-        notes.append(f"{_plural(empty, 'episode')} without steps skipped")
+        notes.append(f"{plural(empty, 'episode')} without steps skipped")
     # an info key is kept only when every episode has it, with the same row shape and dtype
     common = set(infos[0]) - skipped
     for ep_infos in infos[1:]:
@@ -206,7 +206,7 @@ def read_minari(id_or_path: str) -> tuple[fmt.RawDataset, int, dict[str, int], l
         if k not in ("observation_space", "action_space", "env_spec", "eval_env_spec")
     }
     metadata["minari_metadata"] = json.loads(json.dumps(kept_meta, default=str))
-    obs_space, act_space, actions = _fit_spaces(
+    obs_space, act_space, actions = fit_spaces(
         src, cat["observations"], cat["actions"], obs_space, act_space, "the Minari dataset's space", metadata
     )
     env_id = env_spec = None

@@ -223,9 +223,9 @@ def import_table(
         actions = np.stack([raw_actions[c] for c in act_cols], axis=1).astype(np.float32)[order]
         action_space = gym.spaces.Box(low, high, dtype=np.float32)
     elif env_id is not None:
-        from offrl.data.convert import _make_env_spaces
+        from offrl.data.convert import make_env_spaces
 
-        action_space = _make_env_spaces(env_id)[1]
+        action_space = make_env_spaces(env_id)[1]
         actions = np.stack([raw_actions[c] for c in act_cols], axis=1)[order]
     else:
         a = raw_actions[act_cols[0]]
