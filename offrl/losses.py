@@ -84,3 +84,40 @@ def advantage_weights(scaled_adv: Tensor, max_weight: float) -> Tensor:
 def weighted_nll_loss(log_prob: Tensor, weights: Tensor) -> Tensor:
     """Weighted negative log-likelihood of the dataset actions, weights constant: (B,), (B,) -> ()."""
     return -(weights.detach() * log_prob).mean()
+
+
+# -- Monte-Carlo returns ---------------------------------------------------------------------------
+def return_to_go(
+    rewards: Tensor, terminals: Tensor, episode_ends: Tensor, gamma: float, reward_floor: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Discounted return-to-go of every row of a dataset's episodes, and the discount ``γ^k`` of what
+    the episode leaves untracked: rewards (N,), terminals (N,), episode_ends (E,) exclusive row ends ->
+    returns (N,), tail weight (N,), both float32.
+
+    A row k steps before its episode's end sums γ^j·r over the k rows left. An episode whose last row
+    is a termination has nothing after it (tail weight 0); a truncated one does, weighing γ^k. With
+    ``reward_floor`` (e.g. the dataset's smallest reward) that tail is bounded below by
+    γ^k·reward_floor/(1 − γ), so the returns stay lower bounds of the true value where rewards can be
+    negative (Cal-QL's reference value); without it the tail counts as 0. Rows whose tail weight is
+    small (γ^k < 0.05) have returns nearly free of that choice.
+    """
+    ends = episode_ends.to(torch.int64).cpu()
+    lengths = ends - torch.cat([ends.new_zeros(1), ends[:-1]])  # (E,)
+    n, width = int(ends[-1]), int(lengths.max())
+    # every episode as a row of an (E, L) grid, right-aligned: column L - 1 holds each episode's last step
+    episode = torch.repeat_interleave(torch.arange(len(ends)), lengths)  # (N,)
+    column = torch.arange(n) - (ends - lengths)[episode] + (width - lengths)[episode]  # (N,)
+    grid = torch.zeros(len(ends), width, dtype=torch.float64)
+    grid[episode, column] = rewards.detach().cpu().to(torch.float64)
+    returns = torch.zeros_like(grid)
+    running = torch.zeros(len(ends), dtype=torch.float64)
+    for k in range(width - 1, -1, -1):  # one vectorised step per column: L steps, not N
+        running = grid[:, k] + gamma * running
+        returns[:, k] = running
+    truncated = terminals.detach().cpu()[ends - 1] == 0  # (E,): the last row is no termination
+    steps_left = (width - column).to(torch.float64)  # (N,) rows from this one to the episode's end
+    tail = torch.where(truncated[episode], gamma**steps_left, torch.zeros((), dtype=torch.float64))
+    out = returns[episode, column]
+    if reward_floor is not None:
+        out = out + tail * (reward_floor / (1.0 - gamma))
+    return out.float().to(rewards.device), tail.float().to(rewards.device)

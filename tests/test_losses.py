@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from offrl import nets
+from offrl import losses, nets
 from offrl.errors import ConfigError
 from offrl.losses import (
     advantage_weights,
@@ -133,3 +133,36 @@ def test_weighted_nll_loss_hand_computed_and_moves_only_the_log_likelihood() -> 
     assert log_prob.grad is not None
     torch.testing.assert_close(log_prob.grad, torch.tensor([-2.0, -0.5, -3.0]) / 3)  # −w / B
     assert weights.grad is None
+
+
+def test_return_to_go_hand_computed() -> None:
+    # a terminated episode [1, 2, 3], a truncated one [-2, -4], a truncated single step [5]; γ = 0.5
+    rewards = torch.tensor([1.0, 2.0, 3.0, -2.0, -4.0, 5.0])
+    terminals = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    ends = torch.tensor([3, 5, 6])
+    returns, tail = losses.return_to_go(rewards, terminals, ends, 0.5)
+    torch.testing.assert_close(returns, torch.tensor([2.75, 3.5, 3.0, -4.0, -4.0, 5.0]), rtol=0, atol=0)
+    # nothing follows a termination; a truncation k rows ahead leaves γ^k untracked
+    torch.testing.assert_close(tail, torch.tensor([0.0, 0.0, 0.0, 0.25, 0.5, 0.5]), rtol=0, atol=0)
+    # with the smallest reward as a floor, the tail adds γ^k · r_min / (1 − γ) = γ^k · (−8): lower bounds
+    bounded, _ = losses.return_to_go(rewards, terminals, ends, 0.5, reward_floor=-4.0)
+    torch.testing.assert_close(bounded, torch.tensor([2.75, 3.5, 3.0, -6.0, -8.0, 1.0]), rtol=0, atol=0)
+
+
+def test_return_to_go_matches_a_plain_loop_on_ragged_episodes() -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 40, (25,), generator=g)
+    ends = lengths.cumsum(0)
+    rewards = torch.randn(int(ends[-1]), generator=g)
+    terminals = torch.zeros(len(rewards))
+    terminals[ends[::2] - 1] = 1.0  # every other episode terminates, the rest are truncated
+    returns, tail = losses.return_to_go(rewards, terminals, ends, 0.9, reward_floor=-3.0)
+    start = 0
+    for end in ends.tolist():
+        for t in range(start, end):
+            k = end - t
+            g_t = sum(0.9**j * float(rewards[t + j]) for j in range(k))
+            w = 0.0 if terminals[end - 1] else 0.9**k
+            assert abs(float(returns[t]) - (g_t + w * -3.0 / 0.1)) < 1e-4
+            assert abs(float(tail[t]) - w) < 1e-6
+        start = end
