@@ -1,7 +1,7 @@
 """Training speed of two offrl source trees side by side: did a change make updates slower?
 
-    git worktree add /tmp/offrl-old <commit>
-    python benchmarks/bench_trees.py --old /tmp/offrl-old [--new .] [--algos bc cql ...] [--rounds 5]
+    git worktree add ../offrl-old <commit>
+    python benchmarks/bench_trees.py --old ../offrl-old [--new .] [--algos bc cql ...] [--rounds 5]
         [--seconds 3] [--threads 1] [--json OUT]
 
 Each tree runs its own ``benchmarks/bench_train.py`` worker (so each speaks its own API) with
