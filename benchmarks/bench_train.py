@@ -391,9 +391,12 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def start_worker(label: str, python: str, argv: list[str], env: dict[str, str] | None = None) -> Worker:
+def start_worker(
+    label: str, python: str, argv: list[str], env: dict[str, str] | None = None, script: Path | None = None
+) -> Worker:
+    """A worker process running ``script`` (default: this file) in worker mode, once it reports ready."""
     proc = subprocess.Popen(
-        [python, str(Path(__file__).resolve()), *argv],
+        [python, str(script or Path(__file__).resolve()), *argv],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

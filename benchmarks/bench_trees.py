@@ -18,29 +18,20 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ALGOS, PRECISION_ALGOS, Worker, machine
+from bench_train import ALGOS, PRECISION_ALGOS, Worker, machine, start_worker
 
 TREE_WORKER = "benchmarks/bench_train.py"
 
 
 def start(label: str, tree: Path, argv: list[str]) -> Worker:
+    """``tree``'s own training-benchmark worker, importing offrl from ``tree``."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.Popen(
-        [sys.executable, str(tree / TREE_WORKER), *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    w = Worker(label, proc)
-    w.ready = w._read()
-    return w
+    return start_worker(label, sys.executable, argv, env, script=tree / TREE_WORKER)
 
 
 def measure(old: Path, new: Path, algo: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
