@@ -41,6 +41,7 @@ from offrl.checkpoint import (
 )
 from offrl.config import option
 from offrl.data.dataset import TransitionDataset
+from offrl.diagnostics import diagnose, diagnostic_rows
 from offrl.errors import ConfigError
 from offrl.logger import Logger
 from offrl.preprocess import ObsNormalizer
@@ -78,6 +79,12 @@ class TrainConfig:
         True,
         "fit an out-of-distribution monitor on the dataset's states and save it in the policy artefact "
         "(policy.ood_score; its fit time is logged as time/ood_fit_seconds)",
+    )
+    diagnostics: bool = option(
+        True,
+        "log diag/... at pass ends: Q of the data's actions against their discounted return-to-go, Q of the "
+        "policy's actions against the data's, and the policy's distance from the data's actions "
+        "(docs/training.md; algorithms without Q-values log none)",
     )
 
     def __post_init__(self) -> None:
@@ -249,6 +256,18 @@ class Trainer:
         # warm start: before prepare_dataset, which applies the (then loaded) observation normaliser
         self.init_from = None if init_from is None else load_initial_weights(self.algo, init_from)
         self.train_data = self.algo.prepare_dataset(self.dataset)
+        gamma = getattr(cfg.algo_config, "gamma", None)
+        self.diag_rows = (
+            diagnostic_rows(
+                self.dataset,
+                self.train_data,
+                float(gamma),
+                reward_scale=float(getattr(cfg.algo_config, "reward_scale", 1.0)),
+                seed=cfg.seed,
+            )
+            if cfg.train.diagnostics and gamma is not None
+            else None
+        )
         batch_size = int(cfg.algo_config.batch_size)
         self.sampler = self.train_data.sampler(batch_size, seed=cfg.seed, drop_last=cfg.train.drop_last)
         self.total_passes = self._total_passes(cfg.train)
@@ -393,6 +412,8 @@ class Trainer:
                 passes_done = p + 1
                 is_last = passes_done == self.total_passes
                 with clock.paused():  # steps/s counts training time only
+                    if self.diag_rows is not None and (diag := diagnose(self.algo, self.diag_rows)):
+                        logger.log(self.step, {f"diag/{k}": v for k, v in diag.items()})
                     if cfg.train.eval_every and (passes_done % cfg.train.eval_every == 0 or is_last):
                         final_eval = self._evaluate(passes_done, logger)
                     if passes_done % cfg.train.checkpoint_every == 0 or is_last:

@@ -165,6 +165,11 @@ class Algorithm:
         """Networks that must never receive gradients (for the contract tests)."""
         return ()
 
+    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor | None:
+        """The algorithm's Q estimate of (s, a) in learning units, (B, obs_dim), (B, A) | (B,) -> (B,), for
+        the ``diag/`` metrics (:mod:`offrl.diagnostics`); None where it has no Q-function."""
+        return None
+
     # -- shared ----------------------------------------------------------------------------------
     @property
     def normalizer(self) -> ObsNormalizer:
@@ -262,6 +267,9 @@ class ActorCritic(Algorithm):
 
     def target_networks(self) -> list[nn.Module]:
         return [self.nets[k] for k in ("actor_target", "critic_target") if k in self.nets]
+
+    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
+        return self.critic(obs, actions).min(0).values  # the ensemble's minimum, as the targets use
 
     def build_critics(self, n_critics: int, hidden: Sequence[int]) -> None:
         """``nets["critic"]``, an ensemble of ``n_critics`` Q(s, a) networks, and ``nets["critic_target"]``,

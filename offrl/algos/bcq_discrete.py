@@ -131,6 +131,9 @@ class DiscreteBCQ(Algorithm):
     def target_networks(self) -> tuple[nn.Module, ...]:
         return (self.q_target,)
 
+    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
+        return self.q(obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
+
     def policy(self) -> TorchPolicy:
         net = DiscreteBCQPolicyNet(self.q, self.imitator, self.config.threshold)
         policy = self._policy("bcq_discrete", net, self.config.hidden)

@@ -102,6 +102,9 @@ class DiscreteCQL(Algorithm):
     def target_networks(self) -> tuple[nn.Module, ...]:
         return (self.q_target,)
 
+    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
+        return self.q(obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
+
     def policy(self) -> TorchPolicy:
         return self._policy("q_greedy", self.q, self.config.hidden)
 

@@ -158,6 +158,9 @@ class IQL(Algorithm):
     def target_networks(self) -> list[nn.Module]:
         return [self.critic_target]
 
+    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
+        return self.q_data(self.critic, obs, actions).min(0).values
+
     # -- pieces of an update -----------------------------------------------------------------------
     @torch.no_grad()
     def target_q(self, obs: Tensor, actions: Tensor) -> Tensor:

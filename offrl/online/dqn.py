@@ -139,6 +139,9 @@ class DQN(OnlineAlgorithm):
     def target_networks(self) -> list[nn.Module]:
         return [self.nets["q_target"]]
 
+    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
+        return self.nets["q"](obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
+
     def policy(self) -> TorchPolicy:
         q = self.nets["q"]
         net = q.folded() if isinstance(q, DuelingQ) else q  # a folded copy: it does not follow training
