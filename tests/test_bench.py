@@ -209,6 +209,8 @@ def _end_to_end(grid: Path, results: Path, pool: runner.LocalBackend, tmp_path: 
         assert r["final"]["step"] == r["evaluations"][-1]["step"] == r["steps"]
         assert r["final"]["normalized_score"] is not None and r["threads"] == 1
         assert r["steps_per_second"] > 0 and r["wall_time_s"] > 0 and r["x_unit"] == "gradient_steps"
+        # the diag/ metrics of algorithms with a Q-function ride along with each evaluation
+        assert all(("q_return_gap" in e) == cid.startswith("cql") for e in r["evaluations"])
     for cid in ("bad__cp__s0", "bad__cp__s1"):  # retried once, then recorded with the error
         assert recs[cid]["status"] == "failed" and recs[cid]["attempts"] == 2
         assert "learning rate" in recs[cid]["error"]
@@ -239,7 +241,7 @@ def _end_to_end(grid: Path, results: Path, pool: runner.LocalBackend, tmp_path: 
     text = (out / "report.md").read_text()
     assert "### cp" in text and BEST_LABEL in text and "IQM [95% CI]" in text
     assert "| bad | 0/2 (2 failed) |" in text and "failed after 2 attempt(s)" in text
-    pngs = {"curves-cp.png", "aggregate.png", "online-CartPole-v1.png"}
+    pngs = {"curves-cp.png", "diag-cp.png", "aggregate.png", "online-CartPole-v1.png"}
     assert pngs <= {p.name for p in out.iterdir()}
     for name in pngs:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC

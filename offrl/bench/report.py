@@ -5,8 +5,9 @@ training is shown beside it, labelled, because choosing it uses online rollouts.
 normalised final scores of each algorithm are aggregated with the IQM and the mean, each with a
 stratified bootstrap 95% interval (see :mod:`offrl.bench.stats`).
 
-REPORT_DIR/report.md, REPORT_DIR/curves-<dataset>.png, REPORT_DIR/aggregate.png and, when online
-records exist, REPORT_DIR/online-<env>.png; every file is written atomically.
+REPORT_DIR/report.md, REPORT_DIR/curves-<dataset>.png, REPORT_DIR/diag-<dataset>.png (where runs
+logged ``diag/`` metrics), REPORT_DIR/aggregate.png and, when online records exist,
+REPORT_DIR/online-<env>.png; every file is written atomically.
 """
 
 from __future__ import annotations
@@ -349,6 +350,41 @@ def plot_learning_curves(task: str, groups: dict[str, _Group], out: Path) -> Pat
     return path
 
 
+DIAGNOSTICS = (
+    ("q_return_gap", "|Q − G| / (|G| + 1)", "Q of the data's actions vs their return-to-go"),
+    ("q_policy_minus_data", "Q(s, π(s)) − Q(s, a_data)", "the policy's actions vs the data's, by the critic"),
+)
+
+
+def plot_diagnostics(task: str, groups: dict[str, _Group], out: Path) -> Path | None:
+    """The ``diag/`` curves of each algorithm on ``task`` (docs/training.md), beside its learning curves;
+    None where no run logged any."""
+    fig = _figure(11.0, 4.0)
+    drawn = False
+    for i, (key, ylabel, title) in enumerate(DIAGNOSTICS):
+        ax = fig.add_subplot(1, len(DIAGNOSTICS), i + 1)
+        for algo, g in groups.items():
+            steps, means, stds = _curve(g.ok, key)
+            if steps.size == 0:
+                continue
+            (line,) = ax.plot(steps, means, marker="o", markersize=3, label=f"{algo} (n={len(g.ok)})")
+            ax.fill_between(steps, means - stds, means + stds, color=line.get_color(), alpha=0.2, linewidth=0)
+            drawn = True
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize="medium")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize="small")
+    if not drawn:
+        return None
+    fig.suptitle(f"{task}: diagnostics at pass ends (mean ± std over seeds)")
+    fig.tight_layout()
+    path = out / f"diag-{slug(task)}.png"
+    _save(fig, path)
+    return path
+
+
 def plot_aggregates(aggs: list[Aggregate], out: Path) -> Path | None:
     if not aggs:
         return None
@@ -456,6 +492,10 @@ def write_report(
             if p is not None:
                 plots.append(p)
                 lines += [f"![learning curves on {task}]({p.name})", ""]
+            p = plot_diagnostics(task, data.offline[task], out_dir)
+            if p is not None:
+                plots.append(p)
+                lines += [f"![diagnostics on {task}]({p.name})", ""]
         lines += _aggregate_table(aggs, tasks, n_boot, seed)
         p = plot_aggregates(aggs, out_dir)
         if p is not None:

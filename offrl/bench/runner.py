@@ -126,11 +126,13 @@ def _float(v: Any) -> float | None:
 
 
 def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
-    """Evaluations logged in ``metrics.jsonl``, one per step (a resumed run's repeat of a step wins)."""
+    """Evaluations logged in ``metrics.jsonl``, one per step (a resumed run's repeat of a step wins),
+    each with the ``diag/`` metrics logged at its step (without the prefix), where there are any."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
     by_step: dict[int, dict[str, Any]] = {}
+    diag: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
@@ -138,6 +140,8 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
+        if any(k.startswith("diag/") for k in row):
+            diag[int(row["step"])] = {k[5:]: _float(v) for k, v in row.items() if k.startswith("diag/")}
         if "eval/return_mean" not in row:
             continue
         step = int(row["step"])
@@ -148,7 +152,7 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
             "return_std": _float(row.get("eval/return_std")),
             "normalized_score": _float(row.get("eval/normalized_score")),
         }
-    return [by_step[s] for s in sorted(by_step)]
+    return [{**by_step[s], **diag.get(s, {})} for s in sorted(by_step)]
 
 
 def _best(evaluations: list[dict[str, Any]]) -> dict[str, Any] | None:
