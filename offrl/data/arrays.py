@@ -9,8 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from offrl.data import format as fmt
-from offrl.data.convert import ConvertReport, plural
-from offrl.data.writer import write_raw
+from offrl.data.convert import ConvertReport, plural, write_imported
 from offrl.errors import DatasetError
 
 DROP_LAST = "last step of an episode without a next observation"
@@ -302,15 +301,8 @@ def from_arrays(
         infos=infos,
         metadata=metadata,
     )
-    write_raw(raw, path, compression=compression)
-    report = ConvertReport(
-        src="arrays",
-        out=str(path),
-        rows_in=rows_in,
-        rows_kept=raw.num_transitions,
-        episodes=raw.num_episodes,
-        dropped=dropped,
-        notes=tuple(notes),
+    report = write_imported(
+        raw, path, src="arrays", rows_in=rows_in, dropped=dropped, notes=notes, compression=compression
     )
     if not quiet:
         print(report.describe())

@@ -37,6 +37,29 @@ _EXPORT_KEYS = (_EXPORT_TAG, _EXPORT_OBS_SPACE, _EXPORT_ACT_SPACE, _EXPORT_ENV_I
 _FLAT_KEYS = (fmt.OBSERVATIONS, fmt.ACTIONS, fmt.REWARDS, fmt.TERMINALS, fmt.TIMEOUTS, fmt.NEXT_OBSERVATIONS)
 
 
+def write_imported(
+    raw: fmt.RawDataset,
+    out: str | os.PathLike[str],
+    *,
+    src: str,
+    rows_in: int,
+    dropped: dict[str, int],
+    notes: list[str] | tuple[str, ...],
+    compression: str | None = None,
+) -> ConvertReport:
+    """Write an imported dataset to ``out`` (atomically) and report what the import kept and dropped."""
+    write_raw(raw, out, compression=compression)
+    return ConvertReport(
+        src=src,
+        out=str(out),
+        rows_in=rows_in,
+        rows_kept=raw.num_transitions,
+        episodes=raw.num_episodes,
+        dropped=dict(dropped),
+        notes=tuple(notes),
+    )
+
+
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -467,16 +490,14 @@ def import_d4rl(
 ) -> ConvertReport:
     """Convert a D4RL file (see :func:`read_d4rl`) into a format-v1 file at ``out``, written atomically."""
     imported = _import(src, env_id=env_id, observation_space=observation_space, action_space=action_space)
-    raw = imported.raw
-    write_raw(raw, out, compression=compression)
-    return ConvertReport(
+    return write_imported(
+        imported.raw,
+        out,
         src=str(src),
-        out=str(out),
         rows_in=imported.rows_in,
-        rows_kept=raw.num_transitions,
-        episodes=raw.num_episodes,
-        dropped=dict(imported.dropped),
-        notes=tuple(imported.notes),
+        dropped=imported.dropped,
+        notes=imported.notes,
+        compression=compression,
     )
 
 

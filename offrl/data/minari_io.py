@@ -18,8 +18,7 @@ import gymnasium as gym
 import numpy as np
 
 from offrl.data import format as fmt
-from offrl.data.convert import ConvertReport, fit_spaces, plural
-from offrl.data.writer import write_raw
+from offrl.data.convert import ConvertReport, fit_spaces, plural, write_imported
 from offrl.errors import ConfigError, DatasetError, OfflineRLError
 
 MINARI_PREFIX = "minari:"
@@ -254,15 +253,8 @@ def import_minari(
 ) -> ConvertReport:
     """Convert a Minari dataset (an id in the local root, or a folder) into a format-v1 file, atomically."""
     raw, rows, dropped, notes = read_minari(id_or_path)
-    write_raw(raw, out, compression=compression)
-    return ConvertReport(
-        src=id_or_path,
-        out=str(out),
-        rows_in=rows,
-        rows_kept=raw.num_transitions,
-        episodes=raw.num_episodes,
-        dropped=dropped,
-        notes=tuple(notes),
+    return write_imported(
+        raw, out, src=id_or_path, rows_in=rows, dropped=dropped, notes=notes, compression=compression
     )
 
 

@@ -18,8 +18,7 @@ import gymnasium as gym
 import numpy as np
 
 from offrl.data.arrays import build_raw
-from offrl.data.convert import ConvertReport
-from offrl.data.writer import write_raw
+from offrl.data.convert import ConvertReport, write_imported
 from offrl.errors import ConfigError, DatasetError, OfflineRLError
 
 SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -265,13 +264,6 @@ def import_table(
             "columns": {"episode": episode, "step": step, "observations": obs_cols, "actions": act_cols},
         },
     )
-    write_raw(raw, out, compression=compression)
-    return ConvertReport(
-        src=src,
-        out=str(out),
-        rows_in=rows_in,
-        rows_kept=raw.num_transitions,
-        episodes=raw.num_episodes,
-        dropped=dropped,
-        notes=tuple(notes),
+    return write_imported(
+        raw, out, src=src, rows_in=rows_in, dropped=dropped, notes=notes, compression=compression
     )
