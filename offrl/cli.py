@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from offrl.errors import OfflineRLError
 
@@ -194,9 +195,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["train.epochs"] = str(args.epochs)
     if args.steps is not None:
         overrides["train.steps"] = str(args.steps)
+    packed = args.seeds is not None or bool(args.sweep)
     if args.resume:
         _refuse_fixed_on_resume(args, "--dataset", "data", "the pass target (--epochs or --steps)")
+        if packed:
+            raise OfflineRLError(
+                "--resume continues a pack with its own members; --seeds and --sweep cannot change"
+            )
+        from offrl import packed as packmod
+
+        if packmod.is_pack(args.resume):
+            return _report_pack(packmod.resume_packed(args.resume, epochs=args.epochs, steps=args.steps))
         result = train.resume(args.resume, epochs=args.epochs, steps=args.steps)
+    elif packed:
+        from offrl import packed as packmod
+
+        if not (args.algo and args.dataset and args.out):
+            raise OfflineRLError("train: --algo, --dataset and --out are required (or --resume RUN_DIR)")
+        if args.seed is not None:
+            raise OfflineRLError("train: give --seed for one run or --seeds for a pack, not both")
+        pack = packmod.fit_packed(
+            args.algo,
+            args.dataset,
+            args.out,
+            seeds=packmod.parse_seeds(args.seeds or "0"),
+            sweep=packmod.parse_sweep(args.sweep or []),
+            device=args.device or "cpu",
+            config_file=args.config,
+            overrides=overrides,
+        )
+        return _report_pack(pack)
     else:
         if not (args.algo and args.dataset and args.out):
             raise OfflineRLError("train: --algo, --dataset and --out are required (or --resume RUN_DIR)")
@@ -228,6 +256,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
             line += f", normalised score {ev['normalized_mean']:.1f}"
         print(line)
     print(f"policy artefact: {result.run_dir / 'policy'}")
+    return 0
+
+
+def _report_pack(pack: Any) -> int:
+    """One line per member of a finished pack; non-zero when a member diverged."""
+    print(f"pack finished: {len(pack.members)} members, {pack.steps_per_second:.0f} steps/s each")
+    for member, result in zip(pack.members, pack.results, strict=True):
+        if isinstance(result, Exception):
+            print(f"  {member.folder}: diverged: {result}")
+            continue
+        ev = result.final_eval or {}
+        score = ev.get("normalized_mean")
+        shown = (
+            f"normalised score {score:.1f}"
+            if score is not None
+            else f"return {ev.get('mean', float('nan')):.1f}"
+        )
+        print(
+            f"  {member.folder}: {result.passes} passes, {shown}"
+            if ev
+            else f"  {member.folder}: {result.passes} passes"
+        )
+    if pack.diverged:
+        raise OfflineRLError(
+            f"{len(pack.diverged)} of {len(pack.members)} members diverged: "
+            + ", ".join(m.folder for m, _ in pack.diverged)
+        )
     return 0
 
 
@@ -621,7 +676,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML config file: top-level seed/device, [train], [algo_config] and [runtime] tables",
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument(
+        "--seeds",
+        metavar="SEEDS",
+        help="train a pack: one member per seed (e.g. 0-7 or 0,3,5) in one process, into OUT/seed-S "
+        "(docs/packing.md)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="pack members for each value of a sweepable setting (e.g. cql_alpha=1,5,10), into "
+        "OUT/KEY=VALUE-seed-S; repeatable (every combination); with --seeds, each with every seed",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR (a run, or a pack's OUT) from its last checkpoint",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(

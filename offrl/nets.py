@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offrl.fast.packing import packed_lerp_
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
 # a faster ``seq(x)`` of an MLP head, or of a relu ensemble on (state or None, rest) (None: not here)
 HeadKernel = Callable[[nn.Sequential, Tensor], Tensor]
@@ -240,7 +242,8 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging ``target ← (1 − τ)·target + τ·source`` as one fused foreach op."""
     tgt: list[Tensor] = list(target.parameters())
     src: list[Tensor] = list(source.parameters())
-    torch._foreach_lerp_(tgt, src, tau)
+    if not packed_lerp_(tgt, src, tau):  # inside a packed step, it runs on the stacked parameters
+        torch._foreach_lerp_(tgt, src, tau)
 
 
 @torch.no_grad()

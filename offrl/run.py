@@ -467,11 +467,12 @@ class MetricAccumulator:
         self.count = 0
 
     def add(self, metrics: Mapping[str, Tensor]) -> None:
+        """Add one update's metrics: scalars, or (K,) vectors with one value per member of a pack."""
         if self.keys is None:
             self.keys = list(metrics)
         vals = torch.stack(
-            [torch.as_tensor(metrics[k], device=self.device).detach().float().reshape(()) for k in self.keys]
-        )
+            [torch.as_tensor(metrics[k], device=self.device).detach().float().reshape(-1) for k in self.keys]
+        )  # (terms, members)
         bad = ~torch.isfinite(vals)
         if self.sums is None or self.first_bad is None:
             self.sums = torch.where(bad, torch.zeros_like(vals), vals)
@@ -484,17 +485,31 @@ class MetricAccumulator:
     def read(self, counter: int, unit: str) -> dict[str, float]:
         """The means since the last read; ``counter`` numbers the last update added (in ``unit``s, e.g.
         gradient steps), so that a non-finite term raises :class:`TrainingDiverged` naming its first."""
-        if self.keys is None or self.sums is None or self.first_bad is None:
+        members = self.read_members(counter, unit)
+        if not members:
             return {}
-        means = (self.sums / self.count).tolist()
-        first_bad = self.first_bad.tolist()
+        result = members[0]
+        if isinstance(result, TrainingDiverged):
+            raise result
+        return result
+
+    def read_members(self, counter: int, unit: str) -> list[dict[str, float] | TrainingDiverged]:
+        """:meth:`read` for each member of a pack: its means, or the divergence it met (not raised)."""
+        if self.keys is None or self.sums is None or self.first_bad is None:
+            return []
+        means = (self.sums / self.count).T.tolist()
+        first_bad = self.first_bad.T.tolist()
         count = self.count
         self.sums, self.first_bad, self.count = None, None, 0
-        bad = [(k, fb) for k, fb in zip(self.keys, first_bad) if fb >= 0]
-        if bad:
-            term, rel = min(bad, key=lambda kv: kv[1])
-            raise TrainingDiverged(f"non-finite '{term}' at {unit} {counter - count + rel + 1}")
-        return dict(zip(self.keys, means))
+        out: list[dict[str, float] | TrainingDiverged] = []
+        for member_means, member_bad in zip(means, first_bad, strict=True):
+            bad = [(k, fb) for k, fb in zip(self.keys, member_bad) if fb >= 0]
+            if bad:
+                term, rel = min(bad, key=lambda kv: kv[1])
+                out.append(TrainingDiverged(f"non-finite '{term}' at {unit} {counter - count + rel + 1}"))
+            else:
+                out.append(dict(zip(self.keys, member_means)))
+        return out
 
 
 class StepClock:

@@ -45,7 +45,6 @@ from offrl.diagnostics import diagnose, diagnostic_rows
 from offrl.errors import ConfigError
 from offrl.logger import Logger
 from offrl.preprocess import ObsNormalizer
-from offrl.run import MetricAccumulator, StepClock
 from offrl.run import TrainingDiverged as TrainingDiverged  # raised by Trainer.run
 from offrl.runtime import Runtime
 from offrl.utils import file_sha256
@@ -226,6 +225,10 @@ class RunResult:
 class Trainer:
     """Trains one run in full passes. Construct with a config, call :meth:`run`; or :meth:`resume`."""
 
+    dataset: TransitionDataset
+    train_data: TransitionDataset
+    dataset_sha: str
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -234,8 +237,12 @@ class Trainer:
         dataset: TransitionDataset | None = None,
         init_from: str | os.PathLike[str] | None = None,
         dataset_path: str | os.PathLike[str] | None = None,
+        shared: Trainer | None = None,
     ):
+        """``shared``: a trainer on the same dataset and algorithm whose dataset (and prepared view of it) this
+        one reuses instead of loading its own (the members of a pack)."""
         self.cfg = cfg
+        self.extra_info: dict[str, Any] = {}  # more fields for run.json (e.g. the pack a member is in)
         self.run_dir = Path(run_dir)
         self.rd = run.RunDirectory(self.run_dir, prefix="pass", digits=6, unit="pass")
         # the run directory and the environment are checked before any work (loading, training)
@@ -244,6 +251,9 @@ class Trainer:
         cfg.runtime.apply()
         # where the dataset is read (cfg.dataset as recorded, or its absolute path from another directory)
         self.dataset_path = Path(dataset_path if dataset_path is not None else cfg.dataset)
+        if shared is not None:
+            dataset = shared.dataset
+            self.dataset_sha = shared.dataset_sha if getattr(shared, "dataset_sha", None) else ""
         self.dataset = (
             dataset if dataset is not None else TransitionDataset.load(self.dataset_path, self.device)
         )
@@ -255,7 +265,12 @@ class Trainer:
         self.algo = build_algorithm(cfg, self.dataset)
         # warm start: before prepare_dataset, which applies the (then loaded) observation normaliser
         self.init_from = None if init_from is None else load_initial_weights(self.algo, init_from)
-        self.train_data = self.algo.prepare_dataset(self.dataset)
+        # a pack's members share one prepared view: the normaliser is fitted on the same data
+        self.train_data = (
+            shared.train_data
+            if shared is not None and self.init_from is None
+            else self.algo.prepare_dataset(self.dataset)
+        )
         gamma = getattr(cfg.algo_config, "gamma", None)
         self.diag_rows = (
             diagnostic_rows(
@@ -373,7 +388,37 @@ class Trainer:
 
     def _run(self, resume: bool, show_progress: bool | None) -> RunResult:
         cfg, rd = self.cfg, self.rd
-        self.dataset_sha = file_sha256(self.dataset_path)
+        start_pass = self._open(resume)
+        per_pass = self.sampler.batches_per_pass
+        bar = run.progress_bar(self.total_passes * per_pass, self.step, show_progress)
+        self.show_progress = not bar.disable
+        clock = run.StepClock(self.step)
+        acc = run.MetricAccumulator(self.device)
+        try:
+            for p in range(start_pass, self.total_passes):
+                self.algo.train_mode(True)
+                for idx in self.sampler.iter_pass():
+                    acc.add(self.algo.update(self.train_data.batch(idx)))
+                    self.step += 1
+                    if self.step % cfg.train.log_every == 0:
+                        self._flush(acc.read(self.step, "gradient step"), bar, clock.interval_rate(self.step))
+                bar.set_description(f"pass {p + 1}/{self.total_passes}")
+                if acc.count:
+                    self._flush(acc.read(self.step, "gradient step"), bar, clock.interval_rate(self.step))
+                with clock.paused():  # steps/s counts training time only
+                    self._end_pass(p + 1)
+        except run.TrainingDiverged as exc:
+            bar.close()
+            raise rd.diverged(exc, passes_done=rd.last_saved) from None
+        bar.close()
+        return self._finish(clock.overall_rate(self.step))
+
+    def _open(self, resume: bool) -> int:
+        """Restore the newest checkpoint (on resume), record the run as running and open its loggers.
+        Returns the number of passes already done."""
+        cfg, rd = self.cfg, self.rd
+        if not getattr(self, "dataset_sha", None):
+            self.dataset_sha = file_sha256(self.dataset_path)
         start_pass = self._restore(rd.resume_point(cfg.runtime)) if resume else 0
         if resume and self.target_given and start_pass >= self.total_passes:
             raise ConfigError(
@@ -388,52 +433,41 @@ class Trainer:
         }
         if self.init_from is not None:
             info["init_from"] = str(self.init_from)
-        logger = rd.begin(
+        info.update(self.extra_info)
+        self._logger = rd.begin(
             resume=resume, config_toml=cfg.to_toml(), info=info, totals={"total_passes": self.total_passes}
         )
-        self._logger = logger
-        per_pass = self.sampler.batches_per_pass
-        bar = run.progress_bar(self.total_passes * per_pass, self.step, show_progress)
-        self.show_progress = not bar.disable
-        final_eval: dict[str, Any] | None = None
-        clock = run.StepClock(self.step)
-        acc = run.MetricAccumulator(self.device)
-        try:
-            for p in range(start_pass, self.total_passes):
-                self.algo.train_mode(True)
-                for idx in self.sampler.iter_pass():
-                    acc.add(self.algo.update(self.train_data.batch(idx)))
-                    self.step += 1
-                    if self.step % cfg.train.log_every == 0:
-                        self._flush(acc, bar, clock, logger)
-                bar.set_description(f"pass {p + 1}/{self.total_passes}")
-                if acc.count:
-                    self._flush(acc, bar, clock, logger)
-                passes_done = p + 1
-                is_last = passes_done == self.total_passes
-                with clock.paused():  # steps/s counts training time only
-                    if self.diag_rows is not None and (diag := diagnose(self.algo, self.diag_rows)):
-                        logger.log(self.step, {f"diag/{k}": v for k, v in diag.items()})
-                    if cfg.train.eval_every and (passes_done % cfg.train.eval_every == 0 or is_last):
-                        final_eval = self._evaluate(passes_done, logger)
-                    if passes_done % cfg.train.checkpoint_every == 0 or is_last:
-                        self._save(passes_done)
-        except run.TrainingDiverged as exc:
-            bar.close()
-            raise rd.diverged(exc, passes_done=rd.last_saved) from None
-        bar.close()
-        sps = clock.overall_rate(self.step)
-        rd.finish(final_eval, passes_done=self.total_passes, steps_done=self.step)
-        return RunResult(self.run_dir, self.total_passes, self.step, final_eval, sps)
+        self.final_eval: dict[str, Any] | None = None
+        return start_pass
 
-    def _flush(self, acc: MetricAccumulator, bar: tqdm, clock: StepClock, logger: Logger) -> None:
-        """Read the accumulated metrics (one host sync), check them, log them."""
-        means = acc.read(self.step, "gradient step")
-        sps = clock.interval_rate(self.step)
+    @property
+    def logger(self) -> Logger:
+        assert self._logger is not None, "the run is not open"
+        return self._logger
+
+    def _end_pass(self, passes_done: int) -> None:
+        """What happens at a pass boundary: diagnostics, evaluation and checkpoint, as scheduled."""
+        cfg = self.cfg
+        is_last = passes_done == self.total_passes
+        if self.diag_rows is not None and (diag := diagnose(self.algo, self.diag_rows)):
+            self.logger.log(self.step, {f"diag/{k}": v for k, v in diag.items()})
+        if cfg.train.eval_every and (passes_done % cfg.train.eval_every == 0 or is_last):
+            self.final_eval = self._evaluate(passes_done, self.logger)
+        if passes_done % cfg.train.checkpoint_every == 0 or is_last:
+            self._save(passes_done)
+
+    def _finish(self, steps_per_second: float) -> RunResult:
+        self.rd.finish(self.final_eval, passes_done=self.total_passes, steps_done=self.step)
+        return RunResult(self.run_dir, self.total_passes, self.step, self.final_eval, steps_per_second)
+
+    def _flush(self, means: dict[str, float], bar: tqdm | None, sps: float) -> None:
+        """Log the means read since the last flush and the steps/s since then (and show them on the bar)."""
         out = {f"train/{k}": v for k, v in means.items()}
         out["time/steps_per_second"] = sps
         out["train/pass"] = self.step / self.sampler.batches_per_pass
-        logger.log(self.step, out)
+        self.logger.log(self.step, out)
+        if bar is None:
+            return
         loss_key = next((k for k in ("loss", "critic_loss") if k in means), None)
         postfix = {"steps/s": f"{sps:.0f}"}
         if loss_key:

@@ -17,6 +17,7 @@ from offrl.data.dataset import TransitionDataset
 from offrl.errors import CheckpointError, ConfigError
 from offrl.fast.graphs import CudaGraphSteps
 from offrl.fast.optim import adam
+from offrl.fast.packing import clip_grad_norm
 from offrl.fast.runner import StepRunner
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ActionScaler, ObsNormalizer
@@ -302,5 +303,5 @@ def step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm is not None and params is not None:
-        nn.utils.clip_grad_norm_(list(params), max_grad_norm, foreach=True)
+        clip_grad_norm(list(params), max_grad_norm)
     optimizer.step()

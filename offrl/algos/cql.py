@@ -34,6 +34,7 @@ from offrl import nets
 from offrl.algos.base import GaussianActorCritic
 from offrl.algos.registry import register
 from offrl.config import option, validate
+from offrl.fast.packing import clip_grad_norm
 from offrl.losses import critic_loss, sac_actor_loss, sac_alpha_loss, td_target
 from offrl.types import Batch
 
@@ -288,6 +289,6 @@ class CQL(GaussianActorCritic):
             self.optimizers[name].zero_grad(set_to_none=True)
         torch.stack(list(terms.values())).sum().backward()
         if self.config.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(list(net.parameters()), self.config.max_grad_norm, foreach=True)
+            clip_grad_norm(list(net.parameters()), self.config.max_grad_norm)
         for name in terms:
             self.optimizers[name].step()

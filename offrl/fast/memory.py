@@ -23,9 +23,12 @@ def keep_freed_memory() -> bool:
             mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
         except (OSError, AttributeError):
             return False
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        # 32 MB is glibc's upper limit for the mmap threshold on 64-bit systems
+        m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+        # 32 MB is glibc's upper limit for the mmap threshold on 64-bit systems; packed runs allocate
+        # larger blocks than that, so mmap is switched off altogether (every block comes from the heap)
         _allocator_tuned = (
-            mallopt(m_mmap_threshold, 32 << 20) == 1 and mallopt(m_trim_threshold, 1 << 30) == 1
+            mallopt(m_mmap_threshold, 32 << 20) == 1
+            and mallopt(m_trim_threshold, 1 << 30) == 1
+            and mallopt(m_mmap_max, 0) == 1
         )
     return _allocator_tuned
