@@ -155,11 +155,10 @@ class PackedAdam:
         torch._foreach_div_(denom, bias2_sqrt)
         torch._foreach_add_(denom, self.eps)
         updates = torch._foreach_div(exp_avg, denom)
-        for i, p, u in zip(idx, params, updates, strict=True):
-            u.mul_(self._lr_views[i])
-            if self.active is not None:
-                u.mul_(self.active.reshape(_member_dims(p, self.members)))
-            p.sub_(u, alpha=1.0 / bias1)
+        torch._foreach_mul_(updates, [self._lr_views[i] for i in idx])  # broadcast over each member
+        if self.active is not None:
+            torch._foreach_mul_(updates, [self.active.reshape(_member_dims(p, self.members)) for p in params])
+        torch._foreach_add_(params, updates, alpha=-1.0 / bias1)
 
 
 class _PackMode(TorchFunctionMode):
@@ -203,17 +202,6 @@ class _PackMode(TorchFunctionMode):
         return functorch._add_batch_dim(stacked, 0, self.level)
 
 
-class _Call(nn.Module):
-    """Lets ``torch.func.functional_call`` swap the networks' parameters for any callable."""
-
-    def __init__(self, nets: nn.Module) -> None:
-        super().__init__()
-        self.nets = nets
-
-    def forward(self, fn: Any, *args: Any) -> Any:
-        return fn(*args)
-
-
 class PackedStep:
     """The update of K algorithm instances (same class, architecture and batch size) as one vmapped step.
 
@@ -255,6 +243,7 @@ class PackedStep:
     # -- construction ----------------------------------------------------------------------------
     def _stack_parameters(self) -> None:
         self.stacked: dict[str, nn.Parameter] = {}
+        self._slots: list[tuple[nn.Module, str, str]] = []  # (module, attribute, parameter name)
         for name, p in list(self.template.nets.named_parameters()):
             owner, _, leaf = name.rpartition(".")
             module = self.template.nets.get_submodule(owner)
@@ -264,6 +253,7 @@ class PackedStep:
             )
             setattr(module, leaf, stacked)
             self.stacked[name] = stacked
+            self._slots.append((module, leaf, name))
 
     def _build_optimizers(self) -> None:
         self.optimizers: dict[str, PackedAdam] = {}
@@ -367,7 +357,7 @@ class PackedStep:
         global _active
         template = self.template
         args = template.step_args()
-        call = _Call(template.nets)
+        slots = self._slots
 
         batch_type = type(batch)
         fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
@@ -378,10 +368,16 @@ class PackedStep:
             batch = batch_type(**fields)
             self._installed = {id(v): n for n, v in params.items()}
             mode = _PackMode(self, functorch.current_level())
-            with self._configured(hyper), mode:
-                out: dict[str, Tensor] = torch.func.functional_call(
-                    call, {f"nets.{n}": v for n, v in params.items()}, (template._step, batch, *args)
-                )
+            # the networks see each member's parameters (as torch.func.functional_call swaps them, without
+            # its per-call walk over the modules)
+            for module, leaf, name in slots:
+                module._parameters[leaf] = params[name]  # type: ignore[assignment]
+            try:
+                with self._configured(hyper), mode:
+                    out: dict[str, Tensor] = template._step(batch, *args)
+            finally:
+                for module, leaf, name in slots:
+                    module._parameters[leaf] = self.stacked[name]
             return out
 
         if _active is not None:
