@@ -10,12 +10,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from offrl.fast.packing import packed_lerp_
+from offrl.fast.packing import packed_draw, packed_lerp_
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
 # a faster ``seq(x)`` of an MLP head, or of a relu ensemble on (state or None, rest) (None: not here)
@@ -175,7 +176,7 @@ class TanhGaussianActor(nn.Module):
         mean, log_std = self(obs)
         if std_scale != 1.0:
             log_std = log_std + math.log(std_scale)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = randn(mean.shape, generator, mean.device, mean.dtype)
         u = mean + noise * log_std.exp()
         log_prob = gaussian_log_prob(u, mean, log_std) - tanh_log_det_jacobian(u).sum(-1)
         return torch.tanh(u), log_prob
@@ -235,6 +236,27 @@ def call_frozen(module: nn.Module, *args: Tensor) -> Tensor:
     frozen = {k: v.detach() for k, v in module.named_parameters()}
     out: Tensor = torch.func.functional_call(module, frozen, args)
     return out
+
+
+def randn(
+    shape: Sequence[int], generator: torch.Generator | None, device: Any, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Standard normal draws from ``generator``: the one way algorithms draw noise, so that a packed step
+    (:mod:`offrl.fast.packing`) can give each member its own generator's draws."""
+    packed = packed_draw(torch.randn, shape, generator, device, dtype)
+    return (
+        packed if packed is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    )
+
+
+def rand(
+    shape: Sequence[int], generator: torch.Generator | None, device: Any, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Uniform [0, 1) draws from ``generator`` (see :func:`randn`)."""
+    packed = packed_draw(torch.rand, shape, generator, device, dtype)
+    return (
+        packed if packed is not None else torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    )
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from offrl.data.dataset import TransitionDataset
 from offrl.errors import CheckpointError, ConfigError
 from offrl.fast.graphs import CudaGraphSteps
 from offrl.fast.optim import adam
-from offrl.fast.packing import clip_grad_norm
+from offrl.fast.packing import backward, clip_grad_norm
 from offrl.fast.runner import StepRunner
 from offrl.policies.artifact import TorchPolicy
 from offrl.preprocess import ActionScaler, ObsNormalizer
@@ -301,7 +301,7 @@ def step(
 ) -> None:
     """zero_grad → backward → optional clip → step, in one call."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(loss)
     if max_grad_norm is not None and params is not None:
         clip_grad_norm(list(params), max_grad_norm)
     optimizer.step()

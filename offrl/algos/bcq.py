@@ -133,7 +133,7 @@ class ConditionalVAE(nn.Module):
         """Reconstruction, latent mean and log-std: (B, obs_dim), (B, A) -> (B, A), (B, L), (B, L)."""
         mean, log_std = self.encoder(torch.cat([obs, actions], dim=-1)).chunk(2, dim=-1)
         log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = nets.randn(mean.shape, generator, mean.device, mean.dtype)
         return self.decoder(obs, mean + noise * log_std.exp()), mean, log_std
 
 

@@ -34,7 +34,7 @@ from offrl import nets
 from offrl.algos.base import GaussianActorCritic
 from offrl.algos.registry import register
 from offrl.config import option, validate
-from offrl.fast.packing import clip_grad_norm
+from offrl.fast.packing import backward, clip_grad_norm
 from offrl.losses import critic_loss, sac_actor_loss, sac_alpha_loss, td_target
 from offrl.types import Batch
 
@@ -111,7 +111,7 @@ def sample_n(
     The draws of ``actor.sample`` on rows repeated N times, but the network runs once per row.
     """
     mean, log_std = (t.unsqueeze(1) for t in actor(obs))  # (B, 1, A)
-    noise = torch.randn((obs.shape[0], n, mean.shape[-1]), generator=generator, device=obs.device)
+    noise = nets.randn((obs.shape[0], n, mean.shape[-1]), generator, obs.device)
     u = mean + noise * log_std.exp()
     log_prob = nets.gaussian_log_prob(u, mean, log_std) - nets.tanh_log_det_jacobian(u).sum(-1)
     return torch.tanh(u), log_prob
@@ -160,9 +160,7 @@ class CQL(GaussianActorCritic):
         serves both, saving an actor pass).
         """
         n, batch = self.config.n_actions, obs.shape[0]
-        uniform = (
-            torch.rand((batch, n, self.act_dim), generator=self.generator, device=obs.device) * 2.0 - 1.0
-        )
+        uniform = nets.rand((batch, n, self.act_dim), self.generator, obs.device) * 2.0 - 1.0
         pi, log_pi = sample_n(
             self.actor, torch.cat([obs, next_obs]), n, self.generator
         )  # (2B, N, A), (2B, N)
@@ -287,7 +285,7 @@ class CQL(GaussianActorCritic):
         """
         for name in terms:
             self.optimizers[name].zero_grad(set_to_none=True)
-        torch.stack(list(terms.values())).sum().backward()
+        backward(torch.stack(list(terms.values())).sum())
         if self.config.max_grad_norm is not None:
             clip_grad_norm(list(net.parameters()), self.config.max_grad_norm)
         for name in terms:

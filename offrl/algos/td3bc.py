@@ -79,7 +79,7 @@ def smoothing_noise(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Target policy smoothing noise clip(N(0, std²), −clip, clip) of the given shape."""
-    noise = torch.randn(shape, generator=generator, device=device) * std
+    noise = nets.randn(shape, generator, device) * std
     return noise.clamp(-clip, clip)
 
 

@@ -33,8 +33,6 @@ import torch
 import torch._functorch.pyfunctorch as pyfunctorch
 from torch import Tensor, nn
 from torch._C import _functorch as functorch
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from offrl.errors import ConfigError
 
@@ -80,6 +78,32 @@ def clip_grad_norm(params: Sequence[Tensor], max_norm: float) -> None:
         _active.clip(params, max_norm)
 
 
+def backward(loss: Tensor) -> None:
+    """``loss.backward()``; inside a packed step, on the members' stacked losses (K,), summed: members are
+    independent, so each member's parameters get exactly its own gradient."""
+    pack = _active
+    if pack is None:
+        loss.backward()
+        return
+    with pyfunctorch.temporarily_pop_interpreter_stack():
+        pack.physical(loss).sum().backward()
+
+
+def packed_draw(
+    draw: Any, shape: Sequence[int], generator: torch.Generator | None, device: Any, dtype: Any
+) -> Tensor | None:
+    """Inside a packed step, ``draw(shape, generator=…)`` (torch.rand, torch.randn) made once per member from
+    that member's own generator, the same call its solo run makes, and entered into the vmap stacked; None
+    (nothing drawn) outside one or for another generator."""
+    pack = _active
+    if pack is None or generator is not pack.template.generator:
+        return None
+    with pyfunctorch.temporarily_pop_interpreter_stack():
+        draws = [draw(shape, generator=a.generator, device=device, dtype=dtype) for a in pack.algos]
+        stacked = torch.stack(draws)
+    return functorch._add_batch_dim(stacked, 0, pack.level)
+
+
 def packed_lerp_(target: Sequence[Tensor], source: Sequence[Tensor], weight: float) -> bool:
     """Inside a packed step, ``target ← lerp(target, source, weight)`` on the stacked parameters behind
     these networks' parameters, for all members at once (vmap has no rule for the foreach op); returns
@@ -89,7 +113,7 @@ def packed_lerp_(target: Sequence[Tensor], source: Sequence[Tensor], weight: flo
     pack = _active
     tgt: list[Tensor] = [pack.stacked[pack._installed[id(p)]] for p in target]
     src: list[Tensor] = [pack.stacked[pack._installed[id(p)]] for p in source]
-    with pyfunctorch.temporarily_pop_interpreter_stack(), torch._C.DisableTorchFunction(), torch.no_grad():
+    with pyfunctorch.temporarily_pop_interpreter_stack(), torch.no_grad():
         torch._foreach_lerp_(tgt, src, weight)
     return True
 
@@ -161,47 +185,6 @@ class PackedAdam:
         torch._foreach_add_(params, updates, alpha=-1.0 / bias1)
 
 
-class _PackMode(TorchFunctionMode):
-    """Inside the vmapped step: random draws from the template's generator come from the members'
-    generators, and ``backward`` runs on the stacked physical loss."""
-
-    def __init__(self, pack: PackedStep, level: int) -> None:
-        super().__init__()
-        self.pack, self.level = pack, level
-
-    def physical(self, t: Tensor) -> Tensor:
-        """The stacked (K, ...) tensor behind a tensor batched at this pack's level."""
-        if functorch.maybe_get_level(t) == self.level:
-            return functorch._remove_batch_dim(t, self.level, self.pack.members, 0)
-        return t.unsqueeze(0).expand(self.pack.members, *t.shape)
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if kwargs.get("generator") is not None and kwargs["generator"] is self.pack.template.generator:
-            return self._draw(func, args, kwargs)
-        if func is Tensor.backward:
-            (loss, *rest) = args
-            with pyfunctorch.temporarily_pop_interpreter_stack(), torch._C.DisableTorchFunction():
-                self.physical(loss).sum().backward(*rest, **kwargs)
-            return None
-        return func(*args, **kwargs)
-
-    def _draw(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Tensor:
-        def batched(x: Any) -> bool:
-            return isinstance(x, Tensor) and functorch.maybe_get_level(x) == self.level
-
-        stacked_inputs = pytree.tree_map(lambda x: self.physical(x) if batched(x) else x, (args, kwargs))
-        marked = pytree.tree_map(batched, (args, kwargs))
-        draws = []
-        with pyfunctorch.temporarily_pop_interpreter_stack(), torch._C.DisableTorchFunction():
-            for k, member in enumerate(self.pack.algos):
-                a, kw = pytree.tree_map(lambda x, m, k=k: x[k] if m else x, stacked_inputs, marked)
-                kw = {**kw, "generator": member.generator}
-                draws.append(func(*a, **kw))
-            stacked = torch.stack(draws)
-        return functorch._add_batch_dim(stacked, 0, self.level)
-
-
 class PackedStep:
     """The update of K algorithm instances (same class, architecture and batch size) as one vmapped step.
 
@@ -217,6 +200,11 @@ class PackedStep:
         self.members = len(self.algos)
         first = self.algos[0]
         self.sweep = _swept_fields(self.algos)
+        if first.runtime.dtype != torch.float32:
+            raise ConfigError(
+                f"packing: packed runs train in float32; runtime.precision={first.runtime.precision} is for "
+                "solo runs"
+            )
         # the template runs the step: a member's twin whose parameters are the stacked ones (building it
         # seeds torch's global RNG, which is put back: the members' runs own it)
         rng = torch.get_rng_state()
@@ -231,6 +219,7 @@ class PackedStep:
         )
         torch.set_rng_state(rng)
         self._installed: dict[int, str] = {}
+        self.level = -1  # the vmap level of the running step
         self.names = [n for n, _ in self.template.nets.named_parameters()]
         self._stack_parameters()
         self._build_optimizers()
@@ -344,6 +333,12 @@ class PackedStep:
                     state["exp_avg"] = opt.exp_avg[i][k].clone()
                     state["exp_avg_sq"] = opt.exp_avg_sq[i][k].clone()
 
+    def physical(self, t: Tensor) -> Tensor:
+        """The stacked (K, ...) tensor behind a tensor of the running vmapped step."""
+        if functorch.maybe_get_level(t) == self.level:
+            return functorch._remove_batch_dim(t, self.level, self.members, 0)
+        return t.unsqueeze(0).expand(self.members, *t.shape)
+
     def stop(self, member: int) -> None:
         """Mask ``member`` out of later updates (it diverged): its parameters no longer change."""
         for opt in self.optimizers.values():
@@ -360,21 +355,25 @@ class PackedStep:
         slots = self._slots
 
         batch_type = type(batch)
-        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        field_names = [f.name for f in dataclasses.fields(batch)]
+        present = [n for n in field_names if isinstance(getattr(batch, n), Tensor)]
+        names, hyper_names = list(self.stacked), list(self.hyper)
+        n_params, n_fields = len(names), len(present)
 
-        def member_step(
-            params: dict[str, Tensor], fields: Any, hyper: dict[str, Tensor]
-        ) -> dict[str, Tensor]:
-            batch = batch_type(**fields)
-            self._installed = {id(v): n for n, v in params.items()}
-            mode = _PackMode(self, functorch.current_level())
+        def member_step(*flat: Tensor) -> dict[str, Tensor]:
+            params = flat[:n_params]
+            fields = dict(zip(present, flat[n_params : n_params + n_fields], strict=True))
+            member_batch = batch_type(**{n: fields.get(n, getattr(batch, n)) for n in field_names})
+            hyper = dict(zip(hyper_names, flat[n_params + n_fields :], strict=True))
+            self.level = functorch.current_level()
+            self._installed = {id(v): n for n, v in zip(names, params, strict=True)}
             # the networks see each member's parameters (as torch.func.functional_call swaps them, without
             # its per-call walk over the modules)
-            for module, leaf, name in slots:
-                module._parameters[leaf] = params[name]  # type: ignore[assignment]
+            for (module, leaf, _), value in zip(slots, params, strict=True):
+                module._parameters[leaf] = value  # type: ignore[assignment]
             try:
-                with self._configured(hyper), mode:
-                    out: dict[str, Tensor] = template._step(batch, *args)
+                with self._configured(hyper):
+                    out: dict[str, Tensor] = template._step(member_batch, *args)
             finally:
                 for module, leaf, name in slots:
                     module._parameters[leaf] = self.stacked[name]
@@ -382,9 +381,10 @@ class PackedStep:
 
         if _active is not None:
             raise RuntimeError("packed steps do not nest")
+        flat = [*self.stacked.values(), *(getattr(batch, n) for n in present), *self.hyper.values()]
         _active = self
         try:
-            metrics = torch.func.vmap(member_step, randomness="error")(dict(self.stacked), fields, self.hyper)
+            metrics = torch.func.vmap(member_step, randomness="error")(*flat)
         finally:
             _active = None
         template.num_updates += 1
@@ -415,7 +415,7 @@ class PackedStep:
                 grads.append(grad)
         if not grads:
             return
-        with pyfunctorch.temporarily_pop_interpreter_stack(), torch._C.DisableTorchFunction():
+        with pyfunctorch.temporarily_pop_interpreter_stack():
             norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()  # (K,)
             coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
             for g in grads:

@@ -90,7 +90,7 @@ class VAEDecoder(nn.Module):
         self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
     ) -> Tensor:
         """Standard normal latents clipped to ±latent_clip (the paper's decoding without an encoder)."""
-        z = torch.randn((*shape, self.latent_dim), generator=generator, device=device)
+        z = nets.randn((*shape, self.latent_dim), generator, device)
         return z.clamp(-self.latent_clip, self.latent_clip)
 
     def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
