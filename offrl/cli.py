@@ -476,6 +476,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         workers=args.workers,
         ray_address=args.ray_address,
         retry_failed=args.retry_failed,
+        pack=args.pack,
     )
     for line in summary.messages:
         print(line)
@@ -778,6 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results directory (default: runs/bench/NAME); rerun to continue it")
     p.add_argument("--ray-address", help="Ray cluster address for --backend ray (default: a local instance)")
     p.add_argument("--retry-failed", action="store_true", help="also rerun cells recorded as failed")
+    p.add_argument(
+        "--pack",
+        type=int,
+        metavar="K",
+        help="train up to K offline cells that differ only in seed (or a sweepable setting) in one process "
+        "(fewer where memory is short; default 8 on CUDA, 1 on CPU: one process per cell); docs/packing.md",
+    )
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("report", help="tables and plots (IQM, bootstrap CIs) from a bench results directory")

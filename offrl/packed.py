@@ -285,6 +285,24 @@ def _member_trainer(cfg: Any, out: Path, m: Member, shared: Trainer | None, data
     return t
 
 
+def train_pack(
+    runs: list[tuple[Any, Path]], *, resume: bool = False, show_progress: bool | None = None
+) -> PackResult:
+    """Train the runs ``(RunConfig, run directory)`` as one pack (the bench runner's entry: its cells keep
+    their own run directories). With ``resume``, each continues from its newest checkpoint."""
+    trainers: list[Trainer] = []
+    members = []
+    for cfg, run_dir in runs:
+        run_dir = Path(run_dir)
+        t = Trainer(cfg, run_dir, shared=trainers[0] if trainers else None)
+        t.extra_info = {"pack_members": len(runs)}
+        trainers.append(t)
+        members.append(Member(run_dir.name, cfg.seed, {}))
+    return PackedTrainer(trainers, Path(runs[0][1]).parent, members).run(
+        resume=resume, show_progress=show_progress
+    )
+
+
 def resume_packed(
     out: str | os.PathLike[str],
     *,

@@ -243,3 +243,57 @@ def test_cli_trains_and_resumes_a_pack(builtin_dataset: Any, tmp_path: Path, cap
     assert "seed-1: 2 passes" in capsys.readouterr().out
     assert cli.main(["train", "--resume", str(out), "--seeds", "0-3"]) != 0
     assert "--seeds and --sweep cannot change" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_packed_cql_learns_as_solo_runs_do(builtin_dataset: Any, tmp_path: Path) -> None:
+    """Three CQL seeds packed against the same three seeds solo on mixed Pendulum (the learning test's
+    setting): float rounding makes the runs drift apart over 3k updates, so the check is statistical:
+    the packed mean lies within three standard errors (plus 5 points) of the solo mean, and both learned."""
+    import statistics
+
+    from tests.learning import scores
+
+    data = builtin_dataset("builtin/pendulum-mixed")
+    nets = {"actor_hidden": (64, 64), "critic_hidden": (64, 64)}
+    solo = scores("cql", data, tmp_path / "solo", epochs=40, **nets)
+    pack = fit_packed(
+        "cql",
+        data,
+        tmp_path / "pack",
+        seeds=[0, 1, 2],
+        epochs=40,
+        show_progress=False,
+        **{"train.eval_every": 40, "train.eval_episodes": 10, "train.threads": 1, **nets},
+    )
+    packed = [float(r.final_eval["normalized_mean"]) for r in pack.results]  # type: ignore[union-attr,index]
+    se = (statistics.variance(solo) / 3 + statistics.variance(packed) / 3) ** 0.5
+    print(
+        f"packed {[round(x, 1) for x in packed]}, solo {[round(x, 1) for x in solo]}, standard error {se:.1f}"
+    )
+    assert abs(statistics.mean(packed) - statistics.mean(solo)) <= 3 * se + 5, (packed, solo)
+    assert min(statistics.median(packed), statistics.median(solo)) >= 60, (packed, solo)
+
+
+def test_bench_packs_cells_that_differ_only_in_seed(builtin_dataset: Any, tmp_path: Path) -> None:
+    """``offrl bench --pack 3``: the three seeds of a cell train as one pack; each keeps its run folder and
+    finished record, the same numbers as the unpacked grid to float tolerance, and the report reads them."""
+    from offrl.bench.runner import run_grid
+
+    data = builtin_dataset("builtin/cartpole-mixed")
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        f'name = "packed"\nseeds = [0, 1, 2]\ndatasets = ["{data}"]\n[budget]\nepochs = 1\n'
+        "[train]\neval_every = 1\neval_episodes = 2\nthreads = 1\n[algos.bc]\nhidden = [32, 32]\n"
+    )
+    finals = {}
+    for pack in (3, 1):
+        out = tmp_path / f"pack{pack}"
+        summary = run_grid(grid, out, pack=pack, workers=1, show_progress=False)
+        assert not summary.failed
+        records = {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
+        assert len(records) == 3 and all(r["status"] == "finished" for r in records.values())
+        assert all(r.get("packed_with") == (3 if pack == 3 else None) for r in records.values())
+        finals[pack] = {k: r["final"]["return_mean"] for k, r in records.items()}
+    assert finals[3] == pytest.approx(finals[1], rel=1e-3)
+    assert cli.main(["report", str(tmp_path / "pack3"), "--out", str(tmp_path / "report")]) == 0

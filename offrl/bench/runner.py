@@ -104,6 +104,145 @@ def _run_online(cell: Cell, run_dir: Path, resume: bool) -> CellOutcome:
 
 CELL_RUNNERS: dict[str, CellRunner] = {"offline": _run_offline, "online": _run_online}
 
+# A member of a pack takes at most this much memory (networks, optimiser state, activations of the
+# default sizes at batch 256; the dataset is shared by the pack): packs are sized to half the free memory.
+PACK_MEMBER_BYTES = 256 << 20
+# Packs of up to this many on CUDA by default. On CPU a pack of 3 runs no faster per member than solo runs
+# (benchmarks/README.md: packing pays from about 8 members of 64-wide networks), so CPU grids pack only
+# when asked (--pack K).
+DEFAULT_PACK = {"cuda": 8, "cpu": 1}
+
+
+@dataclass(frozen=True)
+class Pack:
+    """Offline cells that differ only in seed or in settings their algorithm may sweep, trained in one
+    process as one pack (:mod:`offrl.packed`); each keeps its run directory and record."""
+
+    cells: tuple[Cell, ...]
+
+    @property
+    def cell_id(self) -> str:
+        return f"{self.cells[0].cell_id} (+{len(self.cells) - 1} packed)"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.cells[0].settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pack": [c.to_dict() for c in self.cells]}
+
+
+Job = Cell | Pack
+
+
+def memory_bounded_pack(limit: int) -> int:
+    """``limit``, or fewer where half the free memory holds fewer members."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover (no sysconf)
+        return limit
+    return max(1, min(limit, int(free // 2 // PACK_MEMBER_BYTES)))
+
+
+def plan_jobs(cells: list[Cell], limit: int) -> list[Job]:
+    """Group offline cells that may be packed (same algorithm, dataset, device and settings, except seeds
+    and settings their algorithm may sweep) into packs of at most ``limit``; the rest stay single."""
+    from offrl.algos import registry
+    from offrl.data.format import read_raw
+    from offrl.fast.packing import sweepable
+
+    if limit <= 1:
+        return list(cells)
+    groups: dict[str, list[Cell]] = {}
+    jobs: list[Job] = []
+    spaces: dict[str, Any] = {}
+    for cell in cells:
+        if cell.kind != "offline" or cell.dataset is None:
+            jobs.append(cell)
+            continue
+        if cell.dataset not in spaces:
+            spaces[cell.dataset] = read_raw(cell.dataset).action_space
+        try:
+            free = sweepable(registry.algorithm_class(cell.algo_name, spaces[cell.dataset]))
+        except ConfigError:
+            jobs.append(cell)
+            continue
+        fixed = {k: v for k, v in cell.settings.items() if k.removeprefix("algo.") not in free}
+        key = json.dumps([cell.algo_name, cell.dataset, cell.device, fixed], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(cell)
+    for members in groups.values():
+        for i in range(0, len(members), limit):
+            chunk = members[i : i + limit]
+            jobs.append(Pack(tuple(chunk)) if len(chunk) > 1 else chunk[0])
+    return jobs
+
+
+def execute_pack(pack_data: list[dict[str, Any]], results_dir: str, attempt: int) -> dict[str, Any]:
+    """Train a pack's cells in this process; write each member's record; return them. A member that
+    diverged gets an error record (the caller retries it alone); the pack's own failure is an error for all."""
+    os.environ["OFFRL_NO_PROGRESS"] = "1"
+    from offrl import train
+    from offrl.data.format import read_raw
+    from offrl.packed import train_pack
+
+    cells = [Cell.from_dict(d) for d in pack_data]
+    results = Path(results_dir)
+    run_dirs = [results / "runs" / c.cell_id for c in cells]
+    t0 = time.perf_counter()
+    try:
+        resume = attempt == 1 and all(_resumable(c, d) for c, d in zip(cells, run_dirs, strict=True))
+        runs = []
+        for cell, run_dir in zip(cells, run_dirs, strict=True):
+            assert cell.dataset is not None
+            if not resume and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                run_dir / CELL_FILE, {"cell_id": cell.cell_id, "config_hash": cell.config_hash()}
+            )
+            if resume:
+                cfg = train.load_run_config(run_dir, read_raw(cell.dataset).action_space)
+            else:
+                overrides = {k: v for k, v in cell.settings.items()}
+                cfg = train.resolve_config(
+                    cell.algo_name,
+                    cell.dataset,
+                    action_space=read_raw(cell.dataset).action_space,
+                    seed=cell.seed,
+                    device=cell.device,
+                    overrides=overrides,
+                )
+            runs.append((cfg, run_dir))
+        result = train_pack(runs, resume=resume, show_progress=False)
+    except Exception as exc:
+        error = {
+            "status": "error",
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+        return {"pack": [{**_base_record(c, attempt), **error} for c in cells]}
+    wall = time.perf_counter() - t0
+    records = []
+    for cell, run_dir, outcome in zip(cells, run_dirs, result.results, strict=True):
+        if isinstance(outcome, Exception):
+            records.append(
+                {**_base_record(cell, attempt), "status": "error", "error": f"diverged: {outcome}"}
+            )
+            continue
+        record = finished_record(
+            cell,
+            run_dir,
+            results,
+            CellOutcome(outcome.steps, outcome.steps_per_second, "gradient_steps"),
+            attempt=attempt,
+            resumed=resume,
+            wall_time_s=wall,
+        )
+        record["packed_with"] = len(cells)
+        atomic_write_json(results / "records" / f"{cell.cell_id}.json", record)
+        records.append(record)
+    return {"pack": records}
+
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
@@ -177,7 +316,7 @@ def _final(run_dir: Path, evaluations: list[dict[str, Any]]) -> dict[str, Any] |
     }
 
 
-def cell_threads(cell: Cell) -> int:
+def cell_threads(cell: Cell | Pack) -> int:
     """The torch threads a cell's run uses (grids set one per run: the pool parallelises across runs)."""
     return int(runtime_setting(cell.settings, "threads", 1))
 
@@ -199,8 +338,11 @@ def _base_record(cell: Cell, attempt: int) -> dict[str, Any]:
 
 
 def execute_cell(cell_data: dict[str, Any], results_dir: str, attempt: int) -> dict[str, Any]:
-    """Train one cell in this process and write its record; return it. Never raises for the cell's own
-    errors: they come back as ``status: "error"`` so that the caller decides whether to retry."""
+    """Train one cell (or a pack of them: :func:`execute_pack`) in this process and write its record;
+    return it. Never raises for the cell's own errors: they come back as ``status: "error"`` so that the
+    caller decides whether to retry."""
+    if "pack" in cell_data:
+        return execute_pack(cell_data["pack"], results_dir, attempt)
     os.environ["OFFRL_NO_PROGRESS"] = "1"
     cell = Cell.from_dict(cell_data)
     results = Path(results_dir)
@@ -273,7 +415,7 @@ def finished_record(
 class Backend(Protocol):
     slots: int  # cells run at the same time
 
-    def submit(self, cell: Cell, attempt: int) -> Any: ...
+    def submit(self, cell: Job, attempt: int) -> Any: ...
 
     def wait(self, handles: Iterable[Any]) -> list[tuple[Any, dict[str, Any] | BaseException]]: ...
 
@@ -308,7 +450,7 @@ class LocalBackend:
             self._pool = cf.ProcessPoolExecutor(max_workers=self.slots, mp_context=self._ctx)
         return self._pool
 
-    def submit(self, cell: Cell, attempt: int) -> Any:
+    def submit(self, cell: Job, attempt: int) -> Any:
         pool = self._executor()
         fut = pool.submit(self.target, cell.to_dict(), self.results_dir, attempt)
         self._pool_of[fut] = pool
@@ -355,7 +497,7 @@ class RayBackend:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.slots = slots if slots is not None else max(1, cpus)
 
-    def submit(self, cell: Cell, attempt: int) -> Any:
+    def submit(self, cell: Job, attempt: int) -> Any:
         threads = cell_threads(cell)
         return self._remote.options(num_cpus=threads, max_retries=0).remote(
             cell.to_dict(), self.results_dir, attempt
@@ -426,6 +568,7 @@ def run_grid(
     retries: int = 1,
     retry_failed: bool = False,
     show_progress: bool | None = None,
+    pack: int | None = None,
 ) -> BenchSummary:
     """Run every unfinished cell of ``grid`` and write its record under ``out``/records.
 
@@ -433,6 +576,9 @@ def run_grid(
     :class:`Backend` built for ``out`` (e.g. a :class:`LocalBackend` reused across calls; its owner
     closes it). A cell whose record says ``failed`` for the same config runs again only with
     ``retry_failed``; editing its settings in the grid changes its config hash, so it runs again anyway.
+
+    ``pack``: offline cells that differ only in seed (or in settings their algorithm may sweep) train
+    together in one process, up to this many, fewer where memory is short (default: 8 on CUDA, 1 on CPU).
     """
     if isinstance(backend, str) and backend not in ("local", "ray"):
         raise ConfigError(f"--backend must be 'local' or 'ray', got {backend!r}")
@@ -478,8 +624,13 @@ def run_grid(
     else:
         exec_backend = LocalBackend(workers if workers is not None else default_workers(todo), str(results))
     owned = isinstance(backend, str)
+    if pack is not None and pack < 1:
+        raise ConfigError(f"--pack must be positive, got {pack}")
+    if pack is None:
+        pack = DEFAULT_PACK["cuda" if any(c.device.startswith("cuda") for c in todo) else "cpu"]
+    jobs = plan_jobs(todo, memory_bounded_pack(pack))
     try:
-        _loop(exec_backend, todo, results, retries, summary, show_progress, grid.name)
+        _loop(exec_backend, jobs, results, retries, summary, show_progress, grid.name)
     except BaseException:
         if owned:
             with contextlib.suppress(Exception):
@@ -492,7 +643,7 @@ def run_grid(
 
 def _loop(
     backend: Backend,
-    todo: list[Cell],
+    jobs: list[Job],
     results: Path,
     retries: int,
     summary: BenchSummary,
@@ -500,10 +651,11 @@ def _loop(
     name: str,
 ) -> None:
     show = progress_enabled() if show_progress is None else show_progress
-    pending = deque(todo)
+    pending: deque[Job] = deque(jobs)
     attempts: dict[str, int] = {}
-    running: dict[Any, Cell] = {}
-    bar = tqdm(total=len(todo), desc=name, unit="cell", disable=not show, dynamic_ncols=True, file=sys.stderr)
+    running: dict[Any, Job] = {}
+    total = sum(len(j.cells) if isinstance(j, Pack) else 1 for j in jobs)
+    bar = tqdm(total=total, desc=name, unit="cell", disable=not show, dynamic_ncols=True, file=sys.stderr)
     finished = 0
 
     def status() -> None:
@@ -511,36 +663,49 @@ def _loop(
             f"done {finished}, running {len(running)}, failed {len(summary.failed)}, queued {len(pending)}"
         )
 
+    def settle(cell: Cell, result: dict[str, Any] | BaseException) -> None:
+        nonlocal finished
+        if isinstance(result, dict) and result.get("status") == "finished":
+            finished += 1
+            bar.update(1)
+            return
+        err = result.get("error") if isinstance(result, dict) else f"{type(result).__name__}: {result}"
+        if attempts[cell.cell_id] <= retries:
+            bar.write(f"{cell.cell_id}: attempt {attempts[cell.cell_id]} failed ({err}); retrying")
+            pending.appendleft(cell)  # alone: a pack's failed member is retried outside the pack
+        else:
+            atomic_write_json(
+                results / "records" / f"{cell.cell_id}.json",
+                _failed_record(cell, attempts[cell.cell_id], result),
+            )
+            summary.failed.append(cell.cell_id)
+            bar.write(f"{cell.cell_id}: failed after {attempts[cell.cell_id]} attempts: {err}")
+            bar.update(1)
+
     try:
         while pending or running:
             while pending and len(running) < backend.slots:
-                cell = pending.popleft()
-                attempts[cell.cell_id] = attempts.get(cell.cell_id, 0) + 1
-                running[backend.submit(cell, attempts[cell.cell_id])] = cell
-                if attempts[cell.cell_id] == 1:
-                    summary.ran.append(cell.cell_id)
+                job = pending.popleft()
+                cells = job.cells if isinstance(job, Pack) else (job,)
+                for cell in cells:
+                    attempts[cell.cell_id] = attempts.get(cell.cell_id, 0) + 1
+                    if attempts[cell.cell_id] == 1:
+                        summary.ran.append(cell.cell_id)
+                attempt = max(attempts[c.cell_id] for c in cells)
+                running[backend.submit(job, attempt)] = job
             status()
             for handle, result in backend.wait(running):
-                cell = running.pop(handle)
-                ok = isinstance(result, dict) and result.get("status") == "finished"
-                if ok:
-                    finished += 1
-                    bar.update(1)
-                    continue
-                err = (
-                    result.get("error") if isinstance(result, dict) else f"{type(result).__name__}: {result}"
-                )
-                if attempts[cell.cell_id] <= retries:
-                    bar.write(f"{cell.cell_id}: attempt {attempts[cell.cell_id]} failed ({err}); retrying")
-                    pending.appendleft(cell)
-                else:
-                    atomic_write_json(
-                        results / "records" / f"{cell.cell_id}.json",
-                        _failed_record(cell, attempts[cell.cell_id], result),
+                job = running.pop(handle)
+                if isinstance(job, Pack):
+                    member_results = (
+                        result["pack"]
+                        if isinstance(result, dict) and "pack" in result
+                        else [result] * len(job.cells)
                     )
-                    summary.failed.append(cell.cell_id)
-                    bar.write(f"{cell.cell_id}: failed after {attempts[cell.cell_id]} attempts: {err}")
-                    bar.update(1)
+                    for cell, member_result in zip(job.cells, member_results, strict=True):
+                        settle(cell, member_result)
+                else:
+                    settle(job, result)
             status()
     finally:
         bar.close()
