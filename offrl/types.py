@@ -24,13 +24,21 @@ class Batch:
     rewards: Tensor  # (B,) float32
     next_obs: Tensor  # (B, *obs_shape) float32
     terminals: Tensor  # (B,) float32 in {0, 1}
+    # (B,) float32: the Monte-Carlo discounted return-to-go of each row, a lower bound of its value (see
+    # offrl.losses.return_to_go); present only for algorithms that ask for it (Cal-QL)
+    returns: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
-            *(t.to(device) for t in (self.obs, self.actions, self.rewards, self.next_obs, self.terminals))
+            obs=self.obs.to(device),
+            actions=self.actions.to(device),
+            rewards=self.rewards.to(device),
+            next_obs=self.next_obs.to(device),
+            terminals=self.terminals.to(device),
+            returns=None if self.returns is None else self.returns.to(device),
         )
 
 

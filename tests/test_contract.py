@@ -185,6 +185,7 @@ def make_data(cls: type[Algorithm], n: int, seed: int = 123) -> list[Any]:
                 rewards=torch.randn(BATCH, generator=g),
                 next_obs=observations(BATCH),
                 terminals=(torch.rand(BATCH, generator=g) < 0.1).float(),
+                returns=torch.randn(BATCH, generator=g) * 5.0 if cls.needs_returns else None,
             )
         )
     return batches

@@ -50,6 +50,8 @@ class Algorithm:
     cuda_graph_safe: ClassVar[bool] = False
     # whose reference steps are checked to run under torch.compile (the runtime's ``compile``)
     compile_safe: ClassVar[bool] = False
+    # whose batches carry the rows' Monte-Carlo returns-to-go (``Batch.returns``, from prepare_dataset)
+    needs_returns: ClassVar[bool] = False
 
     def __init__(
         self,

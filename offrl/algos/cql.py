@@ -178,6 +178,11 @@ class CQL(GaussianActorCritic):
         q = self.critic.q_sampled(obs, all_actions)  # the observation projected once per state
         return q[..., 0], q[..., 1:]
 
+    def penalised_values(self, q_sampled: Tensor, batch: Batch) -> Tensor:
+        """The sampled actions' Q-values as the penalty's logsumexp sees them: (E, B, 3N) -> (E, B, 3N).
+        CQL takes them as they are; Cal-QL (:mod:`offrl.algos.calql`) bounds the policy's from below."""
+        return q_sampled
+
     @torch.no_grad()
     def soft_target(self, batch: Batch, next_actions: Tensor, next_log_prob: Tensor) -> Tensor:
         """TD target from the target critics' minimum at π(·|s′) draws (B, N, A), (B, N) -> (B,).
@@ -204,6 +209,7 @@ class CQL(GaussianActorCritic):
         actions, log_density, next_actions, next_log_prob = self.penalty_actions(obs, next_obs)
         target = self.soft_target(batch, next_actions, next_log_prob)
         q_data, q_sampled = self.critic_values(obs, batch.actions, actions)
+        q_sampled = self.penalised_values(q_sampled, batch)
         td = critic_loss(q_data, target)  # summed over critics, as CORL
         penalty = cql_penalty(q_data, q_sampled, log_density, cfg.cql_temperature)  # (E,)
         terms: dict[str, Tensor] = {}

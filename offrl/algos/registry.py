@@ -19,6 +19,7 @@ from offrl.errors import ConfigError
 _MODULES = (
     "offrl.algos.bc",
     "offrl.algos.cql",
+    "offrl.algos.calql",
     "offrl.algos.cql_discrete",
     "offrl.algos.td3bc",
     "offrl.algos.iql",

@@ -55,6 +55,8 @@ class TransitionDataset:
         self.timeouts = _to_tensor(raw.timeouts.astype(bool), self.device).bool()  # (N,)
         self.episode_ends = torch.from_numpy(raw.episode_ends.astype(np.int64))  # (E,) on CPU
         self._packed: tuple[Tensor, tuple[int, ...]] | None = None
+        # (N,) Monte-Carlo returns-to-go, attached by algorithms that learn from them (Cal-QL)
+        self.returns: Tensor | None = None
         self.action_log_probs = (
             None
             if raw.action_log_probs is None
@@ -74,7 +76,7 @@ class TransitionDataset:
 
     def with_tensors(self, **tensors: Tensor) -> TransitionDataset:
         """A shallow copy with some per-transition tensors replaced (e.g. normalised observations)."""
-        allowed = {"observations", "next_observations", "actions", "rewards", "terminals"}
+        allowed = {"observations", "next_observations", "actions", "rewards", "terminals", "returns"}
         unknown = set(tensors) - allowed
         if unknown:
             raise ValueError(f"cannot replace {sorted(unknown)}; replaceable: {sorted(allowed)}")
@@ -119,6 +121,8 @@ class TransitionDataset:
                 self.rewards.reshape(n, 1),
                 self.terminals.reshape(n, 1),
             ]
+            if self.returns is not None:
+                cols.append(self.returns.reshape(n, 1))
             widths = tuple(int(c.shape[1]) for c in cols)
             self._packed = (torch.cat([c.float() for c in cols], dim=1).contiguous(), widths)
         return self._packed
@@ -128,7 +132,9 @@ class TransitionDataset:
         packed = self._packed_rows()
         if packed is not None:
             rows, widths = packed
-            obs, next_obs, actions, rewards, terminals = rows.index_select(0, idx).split(widths, dim=1)
+            obs, next_obs, actions, rewards, terminals, *returns = rows.index_select(0, idx).split(
+                widths, dim=1
+            )
             b = idx.shape[0]
             actions = actions.squeeze(1).long() if self.discrete else actions
             return Batch(
@@ -137,6 +143,7 @@ class TransitionDataset:
                 rewards=rewards.squeeze(1),
                 next_obs=next_obs.reshape(b, *self.next_observations.shape[1:]),
                 terminals=terminals.squeeze(1),
+                returns=returns[0].squeeze(1) if returns else None,
             )
         obs = self.observations.index_select(0, idx)
         next_obs = self.next_observations.index_select(0, idx)
@@ -148,6 +155,7 @@ class TransitionDataset:
             rewards=self.rewards.index_select(0, idx),
             next_obs=next_obs,
             terminals=self.terminals.index_select(0, idx),
+            returns=None if self.returns is None else self.returns.index_select(0, idx),
         )
 
     def sampler(self, batch_size: int, *, seed: int = 0, drop_last: bool = False) -> FullPassSampler:

@@ -47,6 +47,9 @@ SWEEPABLE: dict[str, frozenset[str]] = {
     "cql": frozenset(
         {"cql_alpha", "actor_lr", "critic_lr", "alpha_lr", "alpha_prime_lr", "gamma", "target_action_gap"}
     ),
+    "calql": frozenset(
+        {"cql_alpha", "actor_lr", "critic_lr", "alpha_lr", "alpha_prime_lr", "target_action_gap"}
+    ),
     "cql/discrete": frozenset({"lr", "gamma"}),
     "iql": frozenset({"expectile", "beta", "actor_lr", "critic_lr", "value_lr", "gamma"}),
     "iql/discrete": frozenset({"expectile", "beta", "actor_lr", "critic_lr", "value_lr", "gamma"}),
