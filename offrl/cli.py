@@ -533,6 +533,51 @@ def _cmd_online(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from offrl import config as cfgmod
+    from offrl import finetune as ft
+
+    if args.resume:
+        fixed = [
+            f
+            for f, v in (("RUN_DIR", args.run), ("--env", args.env), ("--out", args.out), ("--set", args.set))
+            if v
+        ]
+        if fixed or args.seed is not None or args.offline_data or args.offline_ratio is not None:
+            raise OfflineRLError(
+                f"--resume continues {args.resume} with its own source run and settings; only --steps can change"
+            )
+        result = ft.resume_finetune(args.resume, steps=args.steps)
+    else:
+        if not (args.run and args.out and args.steps):
+            raise OfflineRLError("finetune: RUN_DIR, --steps and --out are required (or --resume DIR)")
+        result = ft.finetune(
+            args.run,
+            args.out,
+            env=args.env,
+            steps=args.steps,
+            seed=0 if args.seed is None else args.seed,
+            device=args.device or "cpu",
+            offline_data=args.offline_data,
+            offline_ratio=args.offline_ratio,
+            overrides=dict(cfgmod.parse_sets(args.set or [])),
+        )
+    info = json.loads((result.run_dir / "run.json").read_text())
+    m = info.get("finetune", {})
+
+    def show(key: str) -> str:
+        v = m.get(key)
+        return "n/a" if v is None else f"{v:.1f}" if key != "regret" else f"{v:.3f}"
+
+    print(f"fine-tuned {result.env_steps} env steps, {result.updates} updates")
+    print(
+        f"normalised score: {show('score_start')} offline -> {show('score_end')} at the end; dip {show('dip')}, "
+        f"area under the curve {show('auc')}, regret {show('regret')}"
+    )
+    print(f"policy artefact: {result.run_dir / 'policy'}; online transitions: {result.run_dir / 'online.h5'}")
+    return 0
+
+
 def _cmd_iterate(args: argparse.Namespace) -> int:
     from offrl import config as cfgmod
     from offrl.iterate import ITERATE_JSON, IterateConfig, run_iterate
@@ -814,6 +859,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     p.set_defaults(func=_cmd_online)
+
+    p = sub.add_parser(
+        "finetune",
+        help="continue an offline run online: its algorithm's online form, offline data kept in the replay",
+    )
+    p.add_argument(
+        "run", nargs="?", metavar="RUN_DIR", help="the offline run (its folder, with checkpoints/)"
+    )
+    p.add_argument("--env", help="environment id (default: the one the run's dataset names)")
+    p.add_argument(
+        "--steps", type=int, help="environment steps of fine-tuning (with --resume: the new total)"
+    )
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--seed", type=int, help="seed of exploration, episodes and updates (default 0)")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument(
+        "--offline-data",
+        choices=["keep", "drop"],
+        help="keep the offline dataset in the replay (default) or drop it",
+    )
+    p.add_argument(
+        "--offline-ratio", type=float, help="fraction of each batch from the offline data (default 0.5)"
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the fine-tuning run DIR from its last checkpoint"
+    )
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("ope", help="estimate policies' returns from a dataset alone (off-policy evaluation)")
     p.add_argument(

@@ -71,6 +71,7 @@ class AWAC(GaussianActorCritic):
     """Offline AWAC with a tanh-Gaussian actor and a vectorised pair of critics."""
 
     name: ClassVar[str] = "awac"
+    online_form: ClassVar[str | None] = "AWAC, the same losses (designed for fine-tuning)"
     discrete: ClassVar[bool] = False
     Config: ClassVar[type] = AWACConfig
     config: AWACConfig

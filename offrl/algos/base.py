@@ -52,6 +52,8 @@ class Algorithm:
     compile_safe: ClassVar[bool] = False
     # whose batches carry the rows' Monte-Carlo returns-to-go (``Batch.returns``, from prepare_dataset)
     needs_returns: ClassVar[bool] = False
+    # how an offline algorithm continues online (``offrl finetune``, docs/finetune.md); None: it does not
+    online_form: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -167,6 +169,17 @@ class Algorithm:
     def target_networks(self) -> Iterable[nn.Module]:
         """Networks that must never receive gradients (for the contract tests)."""
         return ()
+
+    def explore(self, obs: Tensor, exploration: float | None) -> Tensor:
+        """Online fine-tuning: exploratory actions for (N, obs_dim) observations in learning units, in
+        learning units. ``exploration``: the algorithm's knob (Gaussian noise, ε), None: its default.
+        Only algorithms with an ``online_form`` implement it."""
+        raise NotImplementedError(f"{self.name} has no online form")
+
+    def online_settings(self, progress: float) -> dict[str, Any]:
+        """Online fine-tuning: config values that differ from the offline run's, at ``progress`` in [0, 1]
+        of the fine-tuning (e.g. a BC weight decayed to 0); none by default: the same losses online."""
+        return {}
 
     def q_values(self, obs: Tensor, actions: Tensor) -> Tensor | None:
         """The algorithm's Q estimate of (s, a) in learning units, (B, obs_dim), (B, A) | (B,) -> (B,), for
@@ -293,6 +306,10 @@ class GaussianActorCritic(ActorCritic):
 
     def policy(self) -> TorchPolicy:
         return self._policy("tanh_gaussian", self.actor, self.config.actor_hidden)
+
+    @torch.no_grad()
+    def explore(self, obs: Tensor, exploration: float | None) -> Tensor:
+        return self.actor.sample(obs, self.generator)[0]  # the stochastic policy explores by itself
 
 
 def step(

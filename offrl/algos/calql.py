@@ -52,6 +52,9 @@ class CalQL(CQL):
 
     name: ClassVar[str] = "calql"
     needs_returns: ClassVar[bool] = True
+    online_form: ClassVar[str | None] = (
+        "Cal-QL, the same losses; online rows get their returns when their episode ends"
+    )
     Config: ClassVar[type] = CalQLConfig
     config: CalQLConfig
 

@@ -123,6 +123,7 @@ class CQL(GaussianActorCritic):
 
     name: ClassVar[str] = "cql"
     discrete: ClassVar[bool] = False
+    online_form: ClassVar[str | None] = "CQL, the same losses (the documented case of the unlearning dip)"
     cuda_graph_safe: ClassVar[bool] = True
     compile_safe: ClassVar[bool] = True
     Config: ClassVar[type] = CQLConfig

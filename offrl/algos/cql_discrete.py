@@ -75,12 +75,16 @@ class DiscreteCQLConfig:
 
 
 # -- algorithm -----------------------------------------------------------------------------------
+EPSILON = 0.05  # ε-greedy rate of online fine-tuning (DQN's final rate in SB3's and CleanRL's defaults)
+
+
 @register
 class DiscreteCQL(Algorithm):
     """Double DQN + the CQL(H) penalty. Acts greedily on Q (policy kind ``q_greedy``)."""
 
     name = "cql"
     discrete = True
+    online_form = "double DQN: the penalty is off online (cql_alpha 0), ε-greedy exploration (ε 0.05)"
     Config = DiscreteCQLConfig
     cuda_graph_safe = True
     compile_safe = True
@@ -107,6 +111,18 @@ class DiscreteCQL(Algorithm):
 
     def policy(self) -> TorchPolicy:
         return self._policy("q_greedy", self.q, self.config.hidden)
+
+    @torch.no_grad()
+    def explore(self, obs: Tensor, exploration: float | None) -> Tensor:
+        epsilon = EPSILON if exploration is None else exploration
+        greedy = self.q(obs).argmax(-1)
+        n = obs.shape[0]
+        random = torch.randint(self.act_dim, (n,), generator=self.generator, device=obs.device)
+        explore = torch.rand(n, generator=self.generator, device=obs.device) < epsilon
+        return torch.where(explore, random, greedy)
+
+    def online_settings(self, progress: float) -> dict[str, float]:
+        return {"cql_alpha": 0.0}
 
     def _losses(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """TD loss, CQL penalty (unweighted), Q(s, ·) (B, A) and Q(s, a_data) (B,)."""

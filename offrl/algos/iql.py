@@ -106,6 +106,7 @@ class IQL(Algorithm):
     discrete: ClassVar[bool] = False
     Config: ClassVar[type] = IQLConfig
     config: IQLConfig
+    online_form: ClassVar[str | None] = "IQL, the same losses (CORL's fine-tuning)"
 
     def build(self) -> None:
         cfg = self.config
@@ -137,6 +138,11 @@ class IQL(Algorithm):
 
     def policy(self) -> TorchPolicy:
         return self._policy("tanh_gaussian", self.actor, self.config.hidden)
+
+    @torch.no_grad()
+    def explore(self, obs: Tensor, exploration: float | None) -> Tensor:
+        actor = cast(nets.TanhGaussianActor, self.actor)
+        return actor.sample(obs, self.generator)[0]
 
     # -- accessors ---------------------------------------------------------------------------------
     @property

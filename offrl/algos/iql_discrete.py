@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -50,3 +51,8 @@ class DiscreteIQL(IQL):
 
     def policy(self) -> TorchPolicy:
         return self._policy("categorical", self.actor, self.config.hidden)
+
+    @torch.no_grad()
+    def explore(self, obs: Tensor, exploration: float | None) -> Tensor:
+        probs = F.softmax(self.actor(obs), dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

@@ -35,6 +35,7 @@ from offrl.policies.artifact import TorchPolicy
 from offrl.types import Batch
 
 ACTOR_METRICS = ("actor_loss", "bc_loss", "lambda")
+EXPLORATION_NOISE = 0.1  # TD3's Gaussian exploration noise (fine-tuning), in learning units
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,16 @@ class TD3BCConfig:
     noise_clip: float = option(0.5, "the smoothing noise is clipped to ±noise_clip", low=0.0)
     policy_freq: int = option(2, "one actor step and target update per this many critic steps", low=1)
     alpha: float = option(2.5, "α in λ = α / mean|Q(s, π(s))|: weight of the Q term against BC", low=0.0)
+    bc_weight: float = option(
+        1.0, "weight of the BC term (1: TD3+BC; 0: TD3 with a normalised Q term)", low=0.0
+    )
+    online_bc_decay: float = option(
+        0.25,
+        "fine-tuning (offrl finetune): the fraction of the online steps over which bc_weight decays "
+        "linearly to 0, turning TD3+BC into TD3 (0: TD3 from the first online step)",
+        low=0.0,
+        high=1.0,
+    )
     normalize_obs: bool = option(True, "normalise observations by dataset mean/std (paper, CORL: true)")
     max_grad_norm: float | None = option(
         None, "clip each network's gradient norm; none: no clipping", low=0.0, low_open=True
@@ -88,9 +99,11 @@ def td3bc_lambda(q_pi: Tensor, alpha: float) -> Tensor:
     return alpha / q_pi.abs().mean().detach()
 
 
-def td3bc_actor_loss(q_pi: Tensor, pi: Tensor, data_actions: Tensor, alpha: float) -> Tensor:
+def td3bc_actor_loss(
+    q_pi: Tensor, pi: Tensor, data_actions: Tensor, alpha: float, bc_weight: float = 1.0
+) -> Tensor:
     """−λ·mean Q1(s, π(s)) + MSE(π(s), a_data): (B,), (B,A), (B,A) -> ()."""
-    return -td3bc_lambda(q_pi, alpha) * q_pi.mean() + F.mse_loss(pi, data_actions)
+    return -td3bc_lambda(q_pi, alpha) * q_pi.mean() + bc_weight * F.mse_loss(pi, data_actions)
 
 
 @register
@@ -99,6 +112,10 @@ class TD3BC(ActorCritic):
 
     name: ClassVar[str] = "td3bc"
     discrete: ClassVar[bool] = False
+    online_form: ClassVar[str | None] = (
+        "TD3: the BC weight decays linearly to 0 over the first online_bc_decay of fine-tuning, and the "
+        "deterministic actor explores with Gaussian noise (std 0.1)"
+    )
     Config: ClassVar[type] = TD3BCConfig
     config: TD3BCConfig
 
@@ -128,6 +145,20 @@ class TD3BC(ActorCritic):
     def policy(self) -> TorchPolicy:
         return self._policy("deterministic", self.actor, self.config.actor_hidden)
 
+    @torch.no_grad()
+    def explore(self, obs: Tensor, exploration: float | None) -> Tensor:
+        std = EXPLORATION_NOISE if exploration is None else exploration
+        noise = nets.randn((obs.shape[0], self.act_dim), self.generator, obs.device) * std
+        return (self.actor(obs) + noise).clamp(-1.0, 1.0)
+
+    def online_settings(self, progress: float) -> dict[str, float]:
+        # Held, the BC term ties the policy to the logged actions and caps what fine-tuning can add;
+        # dropped at once, the actor follows a Q that is wrong outside the data and collapses (as in
+        # Beeson & Montana 2022). A linear decay hands over from one to the other.
+        decay = self.config.online_bc_decay
+        weight = 0.0 if decay == 0 else max(0.0, 1.0 - progress / decay)
+        return {"bc_weight": round(weight, 2)}  # in steps of 0.01: the config is rebuilt only then
+
     # -- losses ------------------------------------------------------------------------------------
     @torch.no_grad()
     def target_actions(self, next_obs: Tensor) -> Tensor:
@@ -156,7 +187,7 @@ class TD3BC(ActorCritic):
         # other members are not evaluated (every ensemble weight has the member on its leading axis).
         first = {k: v.detach()[:1] for k, v in self.critic.named_parameters()}
         q1_pi = torch.func.functional_call(self.critic, first, (obs.unsqueeze(0), pi.unsqueeze(0)))[0]  # (B,)
-        loss = td3bc_actor_loss(q1_pi, pi, batch.actions, self.config.alpha)
+        loss = td3bc_actor_loss(q1_pi, pi, batch.actions, self.config.alpha, self.config.bc_weight)
         with torch.no_grad():
             metrics = {
                 "actor_loss": loss.detach(),

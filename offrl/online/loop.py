@@ -250,7 +250,9 @@ class OnlineResult:
 class OnlineTrainer:
     """Trains one online run. Construct with a config and a run directory; call :meth:`run`."""
 
-    def __init__(self, cfg: OnlineRunConfig, run_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, cfg: OnlineRunConfig, run_dir: str | os.PathLike[str], *, algo: Any = None) -> None:
+        """``algo``: an algorithm built elsewhere that answers the loop's hooks (fine-tuning's); by default
+        the online algorithm ``cfg.algo``, built fresh."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rd = run.RunDirectory(self.run_dir, prefix="step", digits=9, unit="environment step")
@@ -260,11 +262,16 @@ class OnlineTrainer:
         if cfg.train.steps is None or cfg.train.steps <= 0:
             raise ConfigError(f"give a positive number of environment steps (--steps), got {cfg.train.steps}")
         cfg.runtime.apply()
-        obs_space, act_space = env_spaces(cfg.env)
-        algo_cls = algorithm_class(cfg.algo, act_space)
-        self.algo = algo_cls(
-            cfg.algo_config, obs_space, act_space, device=self.device, seed=cfg.seed, runtime=cfg.runtime
-        )
+        if algo is None:
+            obs_space, act_space = env_spaces(cfg.env)
+            algo_cls = algorithm_class(cfg.algo, act_space)
+            algo = algo_cls(
+                cfg.algo_config, obs_space, act_space, device=self.device, seed=cfg.seed, runtime=cfg.runtime
+            )
+        self.algo = algo
+        self.evaluate_first = False  # also evaluate before the first step (fine-tuning's offline score)
+        self.eval_refs: dict[str, Any] = {}  # reference returns that normalise evaluation scores
+        self.extra_info: dict[str, Any] = {}  # more fields for run.json
         self.storage = self.algo.make_storage()
         unit = self.algo.steps_per_iteration
         self.total_steps = math.ceil(cfg.train.steps / unit) * unit
@@ -368,13 +375,14 @@ class OnlineTrainer:
         logger = rd.begin(
             resume=resume,
             config_toml=cfg.to_toml(),
-            info={"env_id": cfg.env, "online": True},
+            info={"env_id": cfg.env, "online": True, **self.extra_info},
             totals={"total_env_steps": self.total_steps},
         )
         bar = run.progress_bar(self.total_steps, self.env_steps, show_progress)
         envs = self._make_envs()
         try:
             final_eval, sps, stopped = self._loop(envs, bar, logger)
+            extra = self.finishing(logger)
         except run.TrainingDiverged as exc:
             raise rd.diverged(exc) from None
         finally:
@@ -386,8 +394,13 @@ class OnlineTrainer:
             env_steps_done=self.env_steps,
             updates_done=self.algo.num_updates,
             stopped_early=stopped,
+            **extra,
         )
         return OnlineResult(self.run_dir, self.env_steps, self.algo.num_updates, final_eval, sps, stopped)
+
+    def finishing(self, logger: Logger) -> dict[str, Any]:
+        """After the last step, before the run is closed: more to log, and fields for ``run.json``."""
+        return {}
 
     def _loop(
         self, envs: gym.vector.SyncVectorEnv, bar: tqdm, logger: Logger
@@ -405,6 +418,9 @@ class OnlineTrainer:
         last_eval = last_ckpt = self.env_steps
         final_eval: dict[str, Any] | None = None
         stopped = False
+        if self.evaluate_first and self.env_steps == 0:
+            with clock.paused():
+                final_eval = self._evaluate(logger)
         algo.train_mode(True)
         while self.env_steps < self.total_steps:
             actions, extras = algo.act_for_collection(obs, self.env_steps, self.total_steps)
@@ -498,7 +514,13 @@ class OnlineTrainer:
     def _evaluate(self, logger: Logger) -> dict[str, Any]:
         t = self.cfg.train
         result = run.evaluate_and_log(
-            self.algo, self.cfg.env, t, logger, self.env_steps, max_episode_steps=t.max_episode_steps
+            self.algo,
+            self.cfg.env,
+            t,
+            logger,
+            self.env_steps,
+            max_episode_steps=t.max_episode_steps,
+            **self.eval_refs,
         )
         return {**result.to_dict(), "env_steps": self.env_steps}
 

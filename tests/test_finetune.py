@@ -1,0 +1,218 @@
+"""Fine-tuning (offrl.finetune): the measures by hand, the mixed replay, each online form's settings, and
+whole runs from an offline run through the online loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from offrl import cli
+from offrl.errors import ConfigError
+from offrl.finetune import FineTuneConfig, FineTuning, finetune, finetune_measures, resume_finetune
+from offrl.online.buffer import Transition
+from offrl.online.mixed import MixedReplay
+from offrl.preprocess import ObsNormalizer
+
+
+def test_measures_by_hand() -> None:
+    evals = [(0, 50.0), (50, 20.0), (100, 40.0), (500, 70.0), (1000, 90.0)]
+    m = finetune_measures(evals, 1000)
+    assert m["score_start"] == 50.0 and m["score_end"] == 90.0
+    assert m["dip"] == pytest.approx(20.0 - 50.0)  # the lowest within the first 100 steps
+    assert m["regret"] == pytest.approx(1 - (20 + 40 + 70 + 90) / 4 / 100)
+    # trapezoids: (50+20)/2*50 + (20+40)/2*50 + (40+70)/2*400 + (70+90)/2*500, over 1000 steps
+    assert m["auc"] == pytest.approx((1750 + 1500 + 22000 + 40000) / 1000)
+    assert finetune_measures([(0, 10.0), (500, 30.0)], 1000)["dip"] is None  # nothing in the first 10%
+    with pytest.raises(ValueError, match="step 0"):
+        finetune_measures([(10, 1.0)], 100)
+
+
+def _transition(obs: float, reward: float, terminal: bool = False, timeout: bool = False) -> Transition:
+    return Transition(
+        obs=torch.full((1, 2), obs),
+        actions=torch.zeros(1, 1),
+        rewards=torch.tensor([reward]),
+        next_obs=torch.full((1, 2), obs + 1),
+        terminals=torch.tensor([float(terminal)]),
+        timeouts=torch.tensor([float(timeout)]),
+    )
+
+
+def _offline(n: int = 10) -> Any:
+    from offrl.data.dataset import TransitionDataset
+
+    class Fake:  # the few members MixedReplay reads of a prepared dataset
+        device = torch.device("cpu")
+
+        def __len__(self) -> int:
+            return n
+
+        def batch(self, idx: torch.Tensor) -> Any:
+            from offrl.types import Batch
+
+            k = idx.shape[0]
+            return Batch(
+                obs=torch.full((k, 2), -7.0),
+                actions=torch.zeros(k, 1),
+                rewards=torch.zeros(k),
+                next_obs=torch.zeros(k, 2),
+                terminals=torch.zeros(k),
+                returns=torch.full((k,), -100.0),
+            )
+
+    assert TransitionDataset  # the real one in the whole-run tests
+    return Fake()
+
+
+def test_mixed_replay_ratio_and_units() -> None:
+    norm = ObsNormalizer(2, torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]))
+    replay = MixedReplay(_offline(), 100, 2, 1, discrete=False, normalizer=norm, offline_ratio=0.25)
+    g = torch.Generator().manual_seed(0)
+    assert (replay.sample(8, g).obs == -7.0).all()  # all offline while nothing is online
+    for i in range(5):
+        replay.add(_transition(5.0, float(i)))
+    b = replay.sample(8, g)
+    assert (b.obs[:2] == -7.0).all()  # 2 of 8 offline
+    assert torch.allclose(b.obs[2:], torch.full((6, 2), (5.0 - 1.0) / 2.0))  # online rows normalised
+    assert b.returns is None  # only the offline part had returns: none for the batch
+    dropped = MixedReplay(None, 100, 2, 1, discrete=False, normalizer=norm, offline_ratio=0.5)
+    dropped.add(_transition(5.0, 1.0))
+    assert (dropped.sample(4, g).obs == 2.0).all()
+
+
+def test_online_rows_enter_with_their_returns_when_the_episode_ends() -> None:
+    """Cal-QL's online rows: staged until their episode ends, then stored with returns-to-go; a time-limit
+    end bounds the unseen tail with the smallest reward seen (here the offline floor, -3)."""
+    norm = ObsNormalizer(2)
+    gamma = 0.5
+    replay = MixedReplay(
+        None,
+        100,
+        2,
+        1,
+        discrete=False,
+        normalizer=norm,
+        offline_ratio=0.0,
+        returns_gamma=gamma,
+        reward_floor=-3.0,
+    )
+    replay.add(_transition(0.0, 1.0))
+    replay.add(_transition(1.0, 2.0))
+    assert len(replay) == 0  # the episode is still running
+    state = replay.state_dict()  # a checkpoint keeps the staged rows
+    replay.add(_transition(2.0, 4.0, terminal=True))
+    assert len(replay) == 3
+    torch.testing.assert_close(replay.returns[:3], torch.tensor([1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4.0]))
+    replay.add(_transition(3.0, 1.0, timeout=True))
+    tail = -3.0 / (1 - gamma)
+    torch.testing.assert_close(replay.returns[3], torch.tensor(1.0 + gamma * tail))
+    restored = MixedReplay(
+        None,
+        100,
+        2,
+        1,
+        discrete=False,
+        normalizer=norm,
+        offline_ratio=0.0,
+        returns_gamma=gamma,
+        reward_floor=0.0,
+    )
+    restored.load_state_dict(state)
+    assert len(restored) == 0 and len(restored.pending) == 2 and restored.reward_floor == -3.0
+
+
+def test_td3bc_hands_over_to_td3_and_discrete_cql_to_double_dqn() -> None:
+    from offrl.algos.cql_discrete import DiscreteCQL
+    from offrl.algos.td3bc import TD3BC, TD3BCConfig
+
+    box = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    obs = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    td3 = TD3BC(TD3BCConfig(actor_hidden=(8,), critic_hidden=(8,)), obs, box)
+    assert [td3.online_settings(p)["bc_weight"] for p in (0.0, 0.125, 0.25, 0.9)] == [1.0, 0.5, 0.0, 0.0]
+    tuning = FineTuning(td3, FineTuneConfig(), None)
+    tuning._apply_online_settings(0.125)
+    assert td3.config.bc_weight == 0.5 and td3.config.alpha == 2.5
+    actions = td3.explore(torch.zeros(1000, 3), 0.3)
+    with torch.no_grad():
+        spread = float((actions - td3.actor(torch.zeros(1, 3))).std())
+    assert actions.abs().max() <= 1.0 and 0.2 < spread < 0.4
+    dqn = DiscreteCQL(DiscreteCQL.Config(hidden=(8,)), obs, gym.spaces.Discrete(4))
+    assert dqn.online_settings(0.0) == {"cql_alpha": 0.0}
+    greedy = dqn.q(torch.zeros(1, 3)).argmax(-1)
+    picks = dqn.explore(torch.zeros(4000, 3), 0.2)
+    assert float((picks != greedy).float().mean()) == pytest.approx(0.2 * 3 / 4, abs=0.03)
+
+
+# -- whole runs --------------------------------------------------------------------------------------
+SMALL = {"train.eval_episodes": 2, "train.eval_envs": 2}
+
+
+@pytest.fixture(scope="module")
+def offline_runs(builtin_dataset: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from offrl.train import fit
+
+    root = tmp_path_factory.mktemp("offline")
+    pendulum = builtin_dataset("builtin/pendulum-mixed")
+    cartpole = builtin_dataset("builtin/cartpole-mixed")
+    runs = {
+        "calql": ("calql", pendulum, {"actor_hidden": (32, 32), "critic_hidden": (32, 32)}),
+        "td3bc": ("td3bc", pendulum, {"actor_hidden": (32, 32), "critic_hidden": (32, 32)}),
+        "dqn": ("cql", cartpole, {"hidden": (32, 32)}),
+        "bc": ("bc", cartpole, {"hidden": (16, 16)}),
+    }
+    out = {}
+    for key, (algo, data, nets) in runs.items():
+        fit(algo, data, root / key, epochs=1, show_progress=False, **{**nets, **SMALL, "train.eval_every": 0})
+        out[key] = root / key
+    return out
+
+
+@pytest.mark.parametrize("key", ["calql", "td3bc", "dqn"])
+def test_finetune_runs_from_an_offline_run(offline_runs: dict[str, Path], tmp_path: Path, key: str) -> None:
+    out = tmp_path / "ft"
+    result = finetune(
+        offline_runs[key], out, steps=300, show_progress=False, **{"train.eval_every": 25, **SMALL}
+    )
+    info = json.loads((out / "run.json").read_text())
+    measures = info["finetune"]
+    assert set(measures) == {"score_start", "score_end", "auc", "dip", "regret"}
+    assert measures["dip"] is not None  # an evaluation at step 25, within the first 10%
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "eval/normalized_score" in m]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 300
+    assert any("finetune/regret" in m for m in metrics)
+    assert result.updates > 300  # the offline updates, then one per environment step
+    from offrl.data.dataset import TransitionDataset
+
+    online = TransitionDataset.load(out / "online.h5")  # a valid format-v1 dataset of its own
+    assert len(online) == 300
+
+
+def test_finetune_resumes(offline_runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    finetune(offline_runs["td3bc"], out, steps=100, show_progress=False, **SMALL)
+    result = resume_finetune(out, steps=200, show_progress=False)
+    assert result.env_steps == 200
+    from offrl.data.dataset import TransitionDataset
+
+    online = TransitionDataset.load(out / "online.h5")  # the episode cut by the resume ends as a timeout
+    assert len(online) == 200 and bool(online.timeouts[99])
+
+
+def test_finetune_refusals(offline_runs: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    assert cli.main(["finetune", str(offline_runs["bc"]), "--steps", "10", "--out", str(tmp_path / "a")]) != 0
+    assert (
+        "'bc' has no online form; algorithms that fine-tune: awac, calql, cql, iql, td3bc"
+        in capsys.readouterr().err
+    )
+    policy = offline_runs["td3bc"] / "policy"
+    assert cli.main(["finetune", str(policy), "--steps", "10", "--out", str(tmp_path / "b")]) != 0
+    assert "pass the offline run's folder" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="offline_ratio"):
+        FineTuneConfig(offline_ratio=1.5)
