@@ -63,21 +63,42 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
+class EnsembleLayerNorm(nn.Module):
+    """Layer normalisation over the features of ``(E, B, D)``, with a gain and bias per member."""
+
+    def __init__(self, members: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(members, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(members, 1, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
 class EnsembleMLP(nn.Module):
     """``E`` MLPs with identical shapes evaluated together (no Python loop over members).
 
     ``forward`` takes ``(B, in)`` (shared by all members) or ``(E, B, in)`` and returns ``(E, B, out)``.
+    ``layer_norm`` normalises every hidden layer's output before its activation (RLPD's critics).
     """
 
     def __init__(
-        self, members: int, in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "relu"
+        self,
+        members: int,
+        in_dim: int,
+        out_dim: int,
+        hidden: Sequence[int],
+        activation: str = "relu",
+        layer_norm: bool = False,
     ):
         super().__init__()
         self.members = members
         dims = [in_dim, *hidden, out_dim]
         self.layers = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in itertools.pairwise(dims))
+        self.norms = nn.ModuleList(EnsembleLayerNorm(members, d) for d in hidden) if layer_norm else None
         self.activation = ACTIVATIONS[activation]()
-        self.relu_hidden = activation == "relu" and len(dims) > 2  # relu between at least two layers
+        # relu between at least two layers, nothing else: what the speed layer's kernels compute
+        self.relu_hidden = activation == "relu" and len(dims) > 2 and not layer_norm
         self.width = max(dims[1:])
         self.kernel: EnsembleKernel | None = None  # set by offrl.fast for relu ensembles
 
@@ -91,6 +112,8 @@ class EnsembleMLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
+                if self.norms is not None:
+                    x = self.norms[i](x)
                 x = x.relu_() if self.relu_hidden else self.activation(x)
         return x
 
@@ -109,10 +132,16 @@ class QEnsemble(nn.Module):
     """``E`` critics Q(s, a) → ``(E, B)``, evaluated as one batched network."""
 
     def __init__(
-        self, members: int, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu"
+        self,
+        members: int,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int],
+        activation: str = "relu",
+        layer_norm: bool = False,
     ):
         super().__init__()
-        self.net = EnsembleMLP(members, obs_dim + act_dim, 1, hidden, activation)
+        self.net = EnsembleMLP(members, obs_dim + act_dim, 1, hidden, activation, layer_norm)
 
     def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         # obs (B, obs_dim) or (E, B, obs_dim); actions likewise → (E, B)

@@ -95,7 +95,10 @@ def _config_cases(cls: type[Algorithm]) -> list[tuple[str, dict[str, Any]]]:
 
 # Code paths an int field switches on, which the Literal/bool scan cannot find: CQL's behaviour-cloning
 # warm-up (one step of it, then SAC's actor loss, so a run crosses the switch).
-EXTRA_CASES: dict[tuple[str, str], list[dict[str, Any]]] = {("cql", "continuous"): [{"bc_steps": 1}]}
+EXTRA_CASES: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("cql", "continuous"): [{"bc_steps": 1}],
+    ("sac", "continuous"): [{"target_subset": 1}],  # RLPD's target over a random subset of the critics
+}
 
 CASES = [
     pytest.param(cls, overrides, id=f"{name}-{variant}-{label}")

@@ -216,3 +216,37 @@ def test_finetune_refusals(offline_runs: dict[str, Path], tmp_path: Path, capsys
     assert "pass the offline run's folder" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="offline_ratio"):
         FineTuneConfig(offline_ratio=1.5)
+
+
+def test_rlpd_style_sac_pieces(builtin_dataset: Any) -> None:
+    """LayerNorm critics normalise each member's hidden features; the subset target leaves the fast
+    path; prior data fills its share of every batch from the first update."""
+    from offrl import nets
+    from offrl.fast.registry import fast_step
+    from offrl.online.sac import SAC, SACConfig
+
+    ln = nets.EnsembleLayerNorm(3, 8)
+    x = torch.randn(3, 5, 8) * 4 + 2
+    y = ln(x)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    obs = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    box = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
+    rlpd = SACConfig(
+        n_critics=10,
+        target_subset=2,
+        critic_layer_norm=True,
+        actor_hidden=(8,),
+        critic_hidden=(8,),
+        prior_data=str(builtin_dataset("builtin/pendulum-mixed")),
+    )
+    sac = SAC(rlpd, obs, box)
+    assert sac.critic.net.norms is not None and not sac.critic.net.relu_hidden
+    assert fast_step(sac, torch.float32) is None
+    storage = sac.make_storage()
+    assert isinstance(storage, MixedReplay)
+    batch = storage.sample(16, sac.generator)  # no online row yet: all prior data
+    assert batch.actions.abs().max() <= 1.0  # prior actions in the algorithm's units
+    metrics = sac.update(batch)
+    assert torch.isfinite(metrics["critic_loss"])
+    with pytest.raises(ConfigError, match="target_subset"):
+        SACConfig(n_critics=2, target_subset=3)

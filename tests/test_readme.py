@@ -26,6 +26,7 @@ SMALLER = {
     "--epochs 80": "--epochs 2",  # train --resume: one more pass
     "--episodes 20": "--episodes 2",  # evaluate
     "--steps 20000": "--steps 300",  # online
+    "--steps 2000": "--steps 50",  # finetune
     "--rounds 5": "--rounds 2",  # iterate
     "--steps-per-round 2000": "--steps-per-round 200",
 }
@@ -41,6 +42,7 @@ EXTRA = {
         "train.eval_episodes=1",
     ],
     "iterate": ["--epochs", "1"],
+    "finetune": ["--set", "train.eval_episodes=1", "--set", "train.eval_every=0"],
 }
 
 

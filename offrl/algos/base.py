@@ -287,12 +287,14 @@ class ActorCritic(Algorithm):
     def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
         return self.critic(obs, actions).min(0).values  # the ensemble's minimum, as the targets use
 
-    def build_critics(self, n_critics: int, hidden: Sequence[int]) -> None:
+    def build_critics(self, n_critics: int, hidden: Sequence[int], layer_norm: bool = False) -> None:
         """``nets["critic"]``, an ensemble of ``n_critics`` Q(s, a) networks, and ``nets["critic_target"]``,
         a frozen copy of it (built as a second ensemble, then copied: initialisation draws as for two)."""
-        self.nets["critic"] = nets.QEnsemble(n_critics, self.obs_dim, self.act_dim, hidden)
+        self.nets["critic"] = nets.QEnsemble(
+            n_critics, self.obs_dim, self.act_dim, hidden, layer_norm=layer_norm
+        )
         self.nets["critic_target"] = nets.freeze(
-            nets.QEnsemble(n_critics, self.obs_dim, self.act_dim, hidden)
+            nets.QEnsemble(n_critics, self.obs_dim, self.act_dim, hidden, layer_norm=layer_norm)
         )
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
 

@@ -51,6 +51,8 @@ def tanh_gaussian_sample_grad(
 @register(SAC)
 def sac_step(algo: SAC, dtype: torch.dtype) -> StepFn | None:
     """SAC's ``_step`` as explicit passes: the same samples, losses and order of steps."""
+    if algo.config.target_subset is not None and algo.config.target_subset < algo.config.n_critics:
+        return None  # the random subset of critics is the reference step's
     actor_layers = hand.relu_linears(algo.actor.net)
     critic_layers = hand.relu_ensemble_linears(algo.critic.net)
     target_layers = hand.relu_ensemble_linears(algo.critic_target.net)

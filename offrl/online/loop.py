@@ -46,10 +46,11 @@ from offrl.config import option, validate
 from offrl.errors import CheckpointError, ConfigError
 from offrl.logger import Logger
 from offrl.online.buffer import ReplayBuffer, RolloutBuffer, Transition
+from offrl.online.mixed import MixedReplay
 from offrl.run import MetricAccumulator, StepClock
 from offrl.runtime import Runtime
 
-Storage = ReplayBuffer | RolloutBuffer
+Storage = ReplayBuffer | RolloutBuffer | MixedReplay
 
 
 OnlineDiverged = run.TrainingDiverged  # the one divergence error, under its online name

@@ -167,3 +167,26 @@ class MixedReplay:
             for name in ReplayBuffer.FIELDS:
                 rows[name] = torch.cat([rows[name], *(getattr(t, name) for t in self.pending)])
         return rows
+
+
+def prior_data_replay(algo: Any, source: str, ratio: float, capacity: int) -> MixedReplay:
+    """An online algorithm's replay with a dataset beside it, ``ratio`` of every batch from the first
+    update (RLPD's symmetric sampling). The algorithm normalises inside its update, so both parts stay in
+    its input units: observations as they are, actions scaled to [−1, 1]."""
+    from offrl.datasets_registry import resolve_dataset
+
+    data = TransitionDataset.load(resolve_dataset(source), algo.device)
+    if data.observation_space.shape != algo.observation_space.shape or type(data.action_space) is not type(
+        algo.action_space
+    ):
+        raise ValueError(f"prior_data {source}: its spaces do not match the environment's")
+    return MixedReplay(
+        algo.prepare_dataset(data),
+        capacity,
+        algo.obs_dim,
+        algo.act_dim,
+        discrete=algo.discrete,
+        normalizer=algo.normalizer,
+        offline_ratio=ratio,
+        device=algo.device,
+    )

@@ -24,6 +24,7 @@ from offrl.config import option, validate
 from offrl.losses import critic_loss, sac_actor_loss, sac_alpha_loss, soft_td_target
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
+from offrl.online.mixed import MixedReplay, prior_data_replay
 from offrl.types import Batch
 
 
@@ -57,9 +58,26 @@ class SACConfig:
     max_grad_norm: float | None = option(
         None, "clip each network's gradient norm; none: no clipping", low=0.0, low_open=True
     )
+    critic_layer_norm: bool = option(False, "LayerNorm after every hidden layer of the critics (RLPD)")
+    target_subset: int | None = option(
+        None,
+        "the TD target takes the minimum over this many critics drawn at random each update (RLPD: 2 of "
+        "n_critics = 10); none: over all critics",
+        low=1,
+    )
+    prior_data: str | None = option(
+        None,
+        "a dataset (file or name) whose transitions make up prior_ratio of every batch from the start "
+        "(RLPD's symmetric sampling of offline and online data)",
+    )
+    prior_ratio: float = option(0.5, "fraction of each batch from prior_data", low=0.0, high=1.0)
 
     def __post_init__(self) -> None:
-        validate(self, "sac")
+        validate(
+            self,
+            "sac",
+            {"target_subset": self.target_subset is None or self.target_subset <= self.n_critics},
+        )
 
 
 @register
@@ -74,7 +92,7 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
     def build(self) -> None:
         cfg = self.config
         self.nets["actor"] = nets.TanhGaussianActor(self.obs_dim, self.act_dim, cfg.actor_hidden)
-        self.build_critics(cfg.n_critics, cfg.critic_hidden)
+        self.build_critics(cfg.n_critics, cfg.critic_hidden, layer_norm=cfg.critic_layer_norm)
         self.nets["log_alpha"] = nets.LearnedScalar(math.log(cfg.init_alpha), learn=cfg.auto_alpha)
         self.target_entropy = -float(self.act_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.optimize("actor", self.actor, lr=cfg.actor_lr)
@@ -83,10 +101,13 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
             self.optimize("alpha", self.nets["log_alpha"], lr=cfg.alpha_lr)
 
     # -- loop hooks --------------------------------------------------------------------------------
-    def make_storage(self) -> ReplayBuffer:
-        return ReplayBuffer(
-            self.config.buffer_size, self.obs_dim, self.act_dim, discrete=False, device=self.device
-        )
+    def make_storage(self) -> ReplayBuffer | MixedReplay:
+        cfg = self.config
+        if cfg.prior_data is None:
+            return ReplayBuffer(
+                cfg.buffer_size, self.obs_dim, self.act_dim, discrete=False, device=self.device
+            )
+        return prior_data_replay(self, cfg.prior_data, cfg.prior_ratio, cfg.buffer_size)
 
     @torch.no_grad()
     def act_for_collection(
@@ -99,7 +120,7 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
 
     def learn(self, storage: Storage, env_steps: int, total_steps: int) -> list[dict[str, Tensor]]:
         cfg = self.config
-        assert isinstance(storage, ReplayBuffer)
+        assert isinstance(storage, ReplayBuffer | MixedReplay)
         if env_steps < cfg.learning_starts or (env_steps // self.num_envs) % cfg.train_freq:
             return []
         return [
@@ -115,7 +136,10 @@ class SAC(GaussianActorCritic, OnlineAlgorithm):
         log_alpha = self.nets["log_alpha"]()
         alpha = log_alpha.detach().exp()
         with torch.no_grad():
-            next_q = self.critic_target(next_obs, pi[b:])
+            next_q = self.critic_target(next_obs, pi[b:])  # (E, B)
+            if cfg.target_subset is not None and cfg.target_subset < cfg.n_critics:
+                pick = torch.randperm(cfg.n_critics, generator=self.generator, device=self.device)
+                next_q = next_q[pick[: cfg.target_subset]]
             target = soft_td_target(batch.rewards, batch.terminals, next_q, log_pi[b:], alpha, cfg.gamma)
         q = self.critic(obs, batch.actions)
         c_loss = critic_loss(q, target)
