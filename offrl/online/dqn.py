@@ -26,6 +26,7 @@ from offrl.config import option
 from offrl.losses import double_q_target, td_loss, td_target
 from offrl.online.buffer import ReplayBuffer
 from offrl.online.loop import OnlineAlgorithm, Storage
+from offrl.online.mixed import MixedReplay, prior_data_replay
 from offrl.policies.artifact import TorchPolicy
 from offrl.types import Batch
 
@@ -70,6 +71,12 @@ class DQNConfig:
         None, "clip the gradient norm; none: no clipping", low=0.0, low_open=True
     )
     num_envs: int = option(1, "parallel training sub-environments", low=1)
+    prior_data: str | None = option(
+        None,
+        "a dataset (file or name) whose transitions make up prior_ratio of every batch from the start "
+        "(RLPD's symmetric sampling, for discrete actions)",
+    )
+    prior_ratio: float = option(0.5, "fraction of each batch from prior_data", low=0.0, high=1.0)
 
 
 # -- losses and schedules (pure) -------------------------------------------------------------------
@@ -157,10 +164,13 @@ class DQN(OnlineAlgorithm):
         return linear_schedule(cfg.eps_start, cfg.eps_end, cfg.exploration_fraction * total_steps, env_steps)
 
     # -- loop hooks --------------------------------------------------------------------------------
-    def make_storage(self) -> ReplayBuffer:
-        return ReplayBuffer(
-            self.config.buffer_size, self.obs_dim, self.act_dim, discrete=True, device=self.device
-        )
+    def make_storage(self) -> ReplayBuffer | MixedReplay:
+        cfg = self.config
+        if cfg.prior_data is None:
+            return ReplayBuffer(
+                cfg.buffer_size, self.obs_dim, self.act_dim, discrete=True, device=self.device
+            )
+        return prior_data_replay(self, cfg.prior_data, cfg.prior_ratio, cfg.buffer_size)
 
     @torch.no_grad()
     def act_for_collection(
@@ -176,7 +186,7 @@ class DQN(OnlineAlgorithm):
 
     def learn(self, storage: Storage, env_steps: int, total_steps: int) -> list[dict[str, Tensor]]:
         cfg = self.config
-        assert isinstance(storage, ReplayBuffer)
+        assert isinstance(storage, ReplayBuffer | MixedReplay)
         if env_steps < cfg.learning_starts or (env_steps // self.num_envs) % cfg.train_freq:
             return []
         eps = torch.tensor(self.epsilon(env_steps, total_steps))
