@@ -250,3 +250,41 @@ def test_rlpd_style_sac_pieces(builtin_dataset: Any) -> None:
     assert torch.isfinite(metrics["critic_loss"])
     with pytest.raises(ConfigError, match="target_subset"):
         SACConfig(n_critics=2, target_subset=3)
+
+
+def test_bench_grid_with_finetune_cells(builtin_dataset: Any, tmp_path: Path) -> None:
+    """A [[finetune]] cell pretrains, fine-tunes and records its measures; the report tables them and
+    draws their curves with the online baseline's."""
+    from offrl.bench.runner import run_grid
+
+    data = builtin_dataset("builtin/pendulum-mixed")
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        f"""name = "ft"
+seeds = [0]
+[train]
+eval_episodes = 2
+[[finetune]]
+algo = "td3bc"
+dataset = "{data}"
+steps = 60
+pretrain = {{ epochs = 1, actor_hidden = [16, 16], critic_hidden = [16, 16], train = {{ eval_every = 0 }} }}
+settings = {{ train = {{ eval_every = 20, eval_episodes = 2 }} }}
+[[online]]
+algo = "sac"
+env = "Pendulum-v1"
+steps = 60
+settings = {{ learning_starts = 20, actor_hidden = [16, 16], critic_hidden = [16, 16], train = {{ eval_every = 30, eval_episodes = 2 }} }}
+"""
+    )
+    summary = run_grid(grid, tmp_path / "res", workers=1, show_progress=False)
+    assert not summary.failed, summary
+    (path,) = (tmp_path / "res" / "records").glob("finetune-td3bc__*__s0.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "finished" and record["x_unit"] == "env_steps"
+    assert record["finetune"]["score_start"] is not None
+    assert [e["step"] for e in record["evaluations"]][:2] == [0, 20]
+    assert cli.main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Fine-tuning" in report and "td3bc (fine-tuned)" in report
+    assert (tmp_path / "report" / "online-Pendulum-v1.png").exists()

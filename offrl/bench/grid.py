@@ -38,9 +38,21 @@ from typing import Any, Literal
 from offrl import config as cfgmod
 from offrl.errors import ConfigError
 
-CellKind = Literal["offline", "online"]
+CellKind = Literal["offline", "online", "finetune"]
 
-_TOP_KEYS = {"name", "seeds", "datasets", "budget", "train", "algos", "online", "device", "workers", "ray"}
+_TOP_KEYS = {
+    "name",
+    "seeds",
+    "datasets",
+    "budget",
+    "train",
+    "algos",
+    "online",
+    "finetune",
+    "device",
+    "workers",
+    "ray",
+}
 _VARIANTS = ("continuous", "discrete")
 _BUDGET_KEYS = ("epochs", "steps")
 
@@ -69,6 +81,18 @@ class OnlineSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneSpec:
+    """Pretrain ``algo`` on ``dataset`` offline, then fine-tune it online for ``steps`` (one cell per seed)."""
+
+    label: str
+    algo: str
+    dataset: str
+    steps: int
+    pretrain: dict[str, Any]  # the offline run's settings, its budget (train.epochs | train.steps) included
+    settings: dict[str, Any]  # fine-tuning settings (FineTuneConfig fields, train.… of the online loop)
+
+
+@dataclass(frozen=True)
 class GridConfig:
     name: str
     path: Path | None
@@ -76,6 +100,7 @@ class GridConfig:
     datasets: tuple[DatasetSpec, ...]
     algos: tuple[AlgoSpec, ...]
     online: tuple[OnlineSpec, ...] = ()
+    finetune: tuple[FinetuneSpec, ...] = ()
     budget: dict[str, int] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
@@ -239,6 +264,44 @@ def _online_specs(value: Any, where: str) -> tuple[OnlineSpec, ...]:
     return tuple(specs)
 
 
+def _finetune_specs(value: Any, where: str) -> tuple[FinetuneSpec, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: 'finetune' must be an array of [[finetune]] tables")
+    specs = []
+    for i, table in enumerate(value):
+        w = f"{where} [[finetune]] #{i + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{w}: must be a table")
+        required = {"algo", "dataset", "steps", "pretrain"}
+        unknown = set(table) - required - {"settings", "name"}
+        if unknown or not required <= set(table):
+            raise ConfigError(
+                f"{w}: needs algo, dataset, pretrain (a table with epochs or steps) and steps (optional: "
+                f"settings, name); got {sorted(table)}"
+            )
+        steps = table["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ConfigError(f"{w}: 'steps' must be a positive integer, got {steps!r}")
+        pretrain = dict(table["pretrain"]) if isinstance(table["pretrain"], dict) else None
+        if pretrain is None or sum(k in pretrain for k in _BUDGET_KEYS) != 1:
+            raise ConfigError(
+                f"{w}: 'pretrain' must be a table with epochs or steps (and the algorithm's settings)"
+            )
+        budget = {f"train.{k}": pretrain.pop(k) for k in _BUDGET_KEYS if k in pretrain}
+        label = slug(str(table.get("name", table["algo"])))
+        specs.append(
+            FinetuneSpec(
+                label,
+                str(table["algo"]),
+                str(table["dataset"]),
+                steps,
+                {**budget, **_flatten_settings(pretrain, f"{w} pretrain")},
+                _flatten_settings(dict(table.get("settings", {})), w),
+            )
+        )
+    return tuple(specs)
+
+
 def parse_grid(doc: dict[str, Any], path: str | os.PathLike[str] | None = None) -> GridConfig:
     """Validate a grid document (as read from TOML) into a :class:`GridConfig`."""
     where = str(path) if path is not None else "grid"
@@ -247,8 +310,9 @@ def parse_grid(doc: dict[str, Any], path: str | os.PathLike[str] | None = None) 
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
     algos = _algo_specs(doc.get("algos", {}), where)
     online = _online_specs(doc.get("online", []), where)
+    finetune = _finetune_specs(doc.get("finetune", []), where)
     datasets = _dataset_specs(doc.get("datasets", []), where)
-    if not online and not (algos and datasets):
+    if not online and not finetune and not (algos and datasets):
         raise ConfigError(
             f"{where}: name at least one algorithm ([algos.NAME]) and one dataset, or [[online]] runs"
         )
@@ -278,6 +342,7 @@ def parse_grid(doc: dict[str, Any], path: str | os.PathLike[str] | None = None) 
         datasets=datasets,
         algos=algos,
         online=online,
+        finetune=finetune,
         budget=budget,
         train=train,
         device=str(doc.get("device", "cpu")),
@@ -412,6 +477,41 @@ def expand(grid: GridConfig) -> list[Cell]:
                     device=grid.device,
                     settings=settings,
                     env_id=on.env,
+                )
+            )
+    for ft in grid.finetune:
+        facts = dataset_facts(ft.dataset, base)
+        if not facts.env_id:
+            raise ConfigError(
+                f"{grid.path or 'grid'}: [[finetune]] {ft.label}: {ft.dataset} names no environment"
+            )
+        pretrain = _one_thread_by_default({f"train.{k}": v for k, v in grid.train.items()} | ft.pretrain)
+        settings = {
+            **{f"pretrain.{k}": v for k, v in pretrain.items()},
+            **{f"finetune.{k}": v for k, v in ft.settings.items()},
+            "finetune.train.steps": ft.steps,
+        }
+        info = {
+            "dataset_source": ft.dataset,
+            "dataset_transitions": facts.transitions,
+            "ref_min_return": facts.ref_min_return,
+            "ref_max_return": facts.ref_max_return,
+            "discrete": facts.discrete,
+        }
+        for seed in grid.seeds:
+            cells.append(
+                Cell(
+                    cell_id=f"finetune-{ft.label}__{_dataset_specs([ft.dataset], 'finetune')[0].label}__s{seed}",
+                    kind="finetune",
+                    algo=f"{ft.label} (fine-tuned)",
+                    algo_name=ft.algo,
+                    task=facts.env_id,
+                    seed=seed,
+                    device=grid.device,
+                    settings=settings,
+                    dataset=facts.path,
+                    env_id=facts.env_id,
+                    info=info,
                 )
             )
     ids = [c.cell_id for c in cells]

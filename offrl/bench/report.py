@@ -108,12 +108,13 @@ class ReportData:
         online: dict[str, dict[str, _Group]] = {}
         task_info: dict[str, dict[str, Any]] = {}
         for r in records:
-            target = online if r.get("kind") == "online" else offline
+            interacts = r.get("kind") in ("online", "finetune")  # curves against environment steps
+            target = online if interacts else offline
             target.setdefault(str(r["task"]), {}).setdefault(str(r["algo"]), _Group()).records.append(r)
-            if r.get("kind") != "online":
+            if not interacts:
                 cell = r.get("cell", {})
                 task_info.setdefault(str(r["task"]), {**cell.get("info", {}), "env_id": cell.get("env_id")})
-        algos = _ordered(str(r["algo"]) for r in records if r.get("kind") != "online")
+        algos = _ordered(str(r["algo"]) for r in records if r.get("kind") not in ("online", "finetune"))
         return cls(root, records, expected, offline, online, algos, task_info, stale)
 
 
@@ -240,6 +241,39 @@ def _online_table(data: ReportData) -> list[str]:
                 )
     lines.append("")
     return lines
+
+
+def _finetune_table(data: ReportData) -> list[str]:
+    """Offline → online scores of fine-tuning runs (mean ± std over seeds), with their dips and regret."""
+    rows = []
+    for env, groups in data.online.items():
+        for algo, g in groups.items():
+            measures = [r.get("finetune") or {} for r in g.ok if r.get("kind") == "finetune"]
+            if not measures:
+                continue
+
+            def cell(key: str, ms: list[dict[str, Any]] = measures) -> str:
+                vals = [float(m[key]) for m in ms if m.get(key) is not None]
+                return _fmt(vals)
+
+            rows.append(
+                f"| {env} | {algo} | {cell('score_start')} | {cell('score_end')} | {cell('dip')} | "
+                f"{cell('auc')} | {cell('regret')} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Fine-tuning",
+        "",
+        "Normalised scores of the offline policy (step 0) and after fine-tuning; the dip is the lowest score "
+        "in the first 10% of fine-tuning minus the step-0 score; regret is 1 − the mean score during "
+        "fine-tuning / 100 (CORL's). Mean ± std over seeds.",
+        "",
+        "| environment | run | offline (step 0) | fine-tuned | dip | area under curve | regret |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _failures(data: ReportData) -> list[str]:
@@ -503,6 +537,7 @@ def write_report(
             lines += [f"![aggregate intervals]({p.name})", ""]
     if data.online:
         lines += _online_table(data)
+        lines += _finetune_table(data)
         for env in data.online:
             p = plot_online_offline(env, data, out_dir)
             if p is not None:

@@ -102,7 +102,58 @@ def _run_online(cell: Cell, run_dir: Path, resume: bool) -> CellOutcome:
     return CellOutcome(int(result.env_steps), float(result.steps_per_second), "env_steps")
 
 
-CELL_RUNNERS: dict[str, CellRunner] = {"offline": _run_offline, "online": _run_online}
+def _run_finetune(cell: Cell, run_dir: Path, resume: bool) -> CellOutcome:
+    """Pretrain offline into RESULTS_DIR/pretrain/<cell-id> (kept, and resumed or reused when a cell is
+    retried), then fine-tune online into the cell's run directory."""
+    from offrl import finetune, train
+
+    assert cell.dataset is not None
+    pre = {k[len("pretrain.") :]: v for k, v in cell.settings.items() if k.startswith("pretrain.")}
+    ft = {k[len("finetune.") :]: v for k, v in cell.settings.items() if k.startswith("finetune.")}
+    pre_dir = run_dir.parent.parent / "pretrain" / cell.cell_id
+    status = run_status(pre_dir)
+    mark = _read_json(pre_dir / CELL_FILE)
+    same = mark is not None and mark.get("config_hash") == cell.config_hash()
+    if not (same and status.status == "finished"):
+        if same and status.resumable:
+            train.resume(pre_dir, show_progress=False)
+        else:
+            if pre_dir.exists():
+                shutil.rmtree(pre_dir)
+            pre_dir.mkdir(parents=True)
+            atomic_write_json(
+                pre_dir / CELL_FILE, {"cell_id": cell.cell_id, "config_hash": cell.config_hash()}
+            )
+            train.fit(
+                cell.algo_name,
+                cell.dataset,
+                pre_dir,
+                seed=cell.seed,
+                device=cell.device,
+                show_progress=False,
+                **pre,
+            )
+    steps = int(ft.pop("train.steps"))
+    if resume:
+        result = finetune.resume_finetune(run_dir, show_progress=False)
+    else:
+        result = finetune.finetune(
+            pre_dir,
+            run_dir,
+            steps=steps,
+            seed=cell.seed,
+            device=cell.device,
+            show_progress=False,
+            overrides=ft,
+        )
+    return CellOutcome(int(result.env_steps), float(result.steps_per_second), "env_steps")
+
+
+CELL_RUNNERS: dict[str, CellRunner] = {
+    "offline": _run_offline,
+    "online": _run_online,
+    "finetune": _run_finetune,
+}
 
 # A member of a pack takes at most this much memory (networks, optimiser state, activations of the
 # default sizes at batch 256; the dataset is shared by the pack): packs are sized to half the free memory.
@@ -348,7 +399,7 @@ def execute_cell(cell_data: dict[str, Any], results_dir: str, attempt: int) -> d
     results = Path(results_dir)
     run_dir = results / "runs" / cell.cell_id
     record = _base_record(cell, attempt)
-    for module in (ONLINE_MODULE if cell.kind == "online" else "offrl.train", "torch.utils.tensorboard"):
+    for module in (ONLINE_MODULE if cell.kind != "offline" else "offrl.train", "torch.utils.tensorboard"):
         with contextlib.suppress(ImportError):  # a fresh worker's imports are not the run's wall time
             importlib.import_module(module)
     t0 = time.perf_counter()
@@ -405,6 +456,7 @@ def finished_record(
             "dataset_sha256": run_info.get("dataset_sha256"),
             "package_versions": run_info.get("package_versions"),
             "run_dir": os.path.relpath(run_dir, results),
+            "finetune": run_info.get("finetune"),
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
     )
