@@ -880,7 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the offline dataset in the replay (default) or drop it",
     )
     p.add_argument(
-        "--offline-ratio", type=float, help="fraction of each batch from the offline data (default 0.5)"
+        "--offline-ratio",
+        type=float,
+        help="fraction of each batch from the offline data (default: uniform over offline and online rows; "
+        "0.5: RLPD's symmetric sampling)",
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
     p.add_argument(

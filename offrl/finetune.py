@@ -44,8 +44,13 @@ class FineTuneConfig:
     offline_data: Literal["keep", "drop"] = option(
         "keep", "keep the offline dataset in the replay (sampled at offline_ratio) or drop it"
     )
-    offline_ratio: float = option(
-        0.5, "fraction of each batch drawn from the offline dataset (offline_data=keep)", low=0.0, high=1.0
+    offline_ratio: float | None = option(
+        None,
+        "fraction of each batch drawn from the offline dataset (offline_data=keep); none: uniform over the "
+        "offline and online rows together, as when online rows join the dataset's buffer (CORL, d3rlpy); "
+        "0.5: RLPD's symmetric sampling",
+        low=0.0,
+        high=1.0,
     )
     warm_start_steps: int = option(
         0,

@@ -81,6 +81,10 @@ def test_mixed_replay_ratio_and_units() -> None:
     assert (b.obs[:2] == -7.0).all()  # 2 of 8 offline
     assert torch.allclose(b.obs[2:], torch.full((6, 2), (5.0 - 1.0) / 2.0))  # online rows normalised
     assert b.returns is None  # only the offline part had returns: none for the batch
+    uniform = MixedReplay(_offline(10), 100, 2, 1, discrete=False, normalizer=norm, offline_ratio=None)
+    for i in range(30):
+        uniform.add(_transition(5.0, float(i)))
+    assert int((uniform.sample(8, g).obs == -7.0).all(-1).sum()) == 2  # 10 of 40 rows are offline
     dropped = MixedReplay(None, 100, 2, 1, discrete=False, normalizer=norm, offline_ratio=0.5)
     dropped.add(_transition(5.0, 1.0))
     assert (dropped.sample(4, g).obs == 2.0).all()

@@ -24,7 +24,8 @@ from offrl.types import Batch
 
 
 class MixedReplay:
-    """``offline_ratio`` of every batch from ``offline`` (None: none), the rest from the online ring."""
+    """``offline_ratio`` of every batch from ``offline`` (None: none), the rest from the online ring;
+    ``offline_ratio=None`` draws uniformly over both (the offline share shrinks as online rows arrive)."""
 
     def __init__(
         self,
@@ -35,7 +36,7 @@ class MixedReplay:
         *,
         discrete: bool,
         normalizer: ObsNormalizer,
-        offline_ratio: float,
+        offline_ratio: float | None,
         returns_gamma: float | None = None,
         reward_floor: float = 0.0,
         device: str | torch.device = "cpu",
@@ -43,7 +44,7 @@ class MixedReplay:
         self.offline = offline
         self.ring = ReplayBuffer(capacity, obs_dim, act_dim, discrete=discrete, device=device)
         self.normalizer = normalizer
-        self.offline_ratio = offline_ratio if offline is not None else 0.0
+        self.offline_ratio = offline_ratio if offline is not None else 0.0  # None: in proportion
         self.returns_gamma = returns_gamma  # set: rows wait for their episode's end, then carry returns
         self.reward_floor = reward_floor
         self.returns = torch.zeros(capacity, device=self.ring.device)
@@ -104,7 +105,13 @@ class MixedReplay:
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """A batch in learning units: ``round(offline_ratio · batch_size)`` offline rows, the rest online
         (all offline while the ring is still empty)."""
-        n_off = round(self.offline_ratio * batch_size) if len(self.ring) else batch_size
+        if not len(self.ring):
+            n_off = batch_size
+        elif self.offline_ratio is None:
+            assert self.offline is not None
+            n_off = round(batch_size * len(self.offline) / (len(self.offline) + len(self.ring)))
+        else:
+            n_off = round(self.offline_ratio * batch_size)
         n_on = batch_size - n_off
         parts: list[Batch] = []
         if n_off and self.offline is not None:
