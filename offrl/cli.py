@@ -882,8 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--offline-ratio",
         type=float,
-        help="fraction of each batch from the offline data (default: uniform over offline and online rows; "
-        "0.5: RLPD's symmetric sampling)",
+        help="fraction of each batch from the offline data (default: the algorithm's: 0.5 for CQL and Cal-QL, "
+        "uniform over offline and online rows for the others)",
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
     p.add_argument(

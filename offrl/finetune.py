@@ -46,9 +46,9 @@ class FineTuneConfig:
     )
     offline_ratio: float | None = option(
         None,
-        "fraction of each batch drawn from the offline dataset (offline_data=keep); none: uniform over the "
-        "offline and online rows together, as when online rows join the dataset's buffer (CORL, d3rlpy); "
-        "0.5: RLPD's symmetric sampling",
+        "fraction of each batch drawn from the offline dataset (offline_data=keep); none: the algorithm's "
+        "own (0.5 for CQL and Cal-QL, as Cal-QL's mixing ratio; for the others uniform over the offline and "
+        "online rows together, as when online rows join the dataset's buffer in CORL and d3rlpy)",
         low=0.0,
         high=1.0,
     )
@@ -121,7 +121,9 @@ class FineTuning:
             a.act_dim,
             discrete=a.discrete,
             normalizer=a.normalizer,
-            offline_ratio=self.cfg.offline_ratio,
+            offline_ratio=self.cfg.offline_ratio
+            if self.cfg.offline_ratio is not None
+            else a.online_offline_ratio,
             returns_gamma=float(a.config.gamma) if a.needs_returns else None,
             reward_floor=floor,
             device=a.device,

@@ -25,9 +25,11 @@ STEPS = 3
 
 
 def stack(batches: list[Batch]) -> Batch:
-    return Batch(
-        **{f.name: torch.stack([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(Batch)}
-    )
+    def field(name: str) -> torch.Tensor | None:
+        values = [getattr(b, name) for b in batches]
+        return None if values[0] is None else torch.stack(values)
+
+    return Batch(**{f.name: field(f.name) for f in dataclasses.fields(Batch)})
 
 
 def solo_updates(algo: Algorithm, batches: list[Batch]) -> list[dict[str, torch.Tensor]]:

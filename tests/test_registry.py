@@ -45,7 +45,7 @@ def test_online_classes_by_name_and_action_space() -> None:
         ),
         ("nope", False, r"^unknown algorithm 'nope'; available offline: awac, bc, "),
         ("nope", True, r"^unknown algorithm 'nope'; available online: dqn, ppo, sac$"),
-        ("nope", None, r"^unknown algorithm 'nope'; available: awac, bc, bcq, cql, dqn, "),
+        ("nope", None, r"^unknown algorithm 'nope'; available: awac, bc, bcq, calql, cql, dqn, "),
     ],
 )
 def test_errors_are_one_line_and_name_the_kind(name: str, online: bool | None, message: str) -> None:

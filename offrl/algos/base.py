@@ -54,6 +54,8 @@ class Algorithm:
     needs_returns: ClassVar[bool] = False
     # how an offline algorithm continues online (``offrl finetune``, docs/finetune.md); None: it does not
     online_form: ClassVar[str | None] = None
+    # the share of each fine-tuning batch from the offline data; None: uniform over offline and online rows
+    online_offline_ratio: ClassVar[float | None] = None
 
     def __init__(
         self,

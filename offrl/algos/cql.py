@@ -124,6 +124,8 @@ class CQL(GaussianActorCritic):
     name: ClassVar[str] = "cql"
     discrete: ClassVar[bool] = False
     online_form: ClassVar[str | None] = "CQL, the same losses (the documented case of the unlearning dip)"
+    # half offline, half online from the first step, as Cal-QL's mixing ratio (CQL alike, for comparison)
+    online_offline_ratio: ClassVar[float | None] = 0.5
     cuda_graph_safe: ClassVar[bool] = True
     compile_safe: ClassVar[bool] = True
     Config: ClassVar[type] = CQLConfig
