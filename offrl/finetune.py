@@ -201,7 +201,7 @@ def read_measures(run_dir: str | os.PathLike[str], total_steps: int) -> dict[str
 def _load_pretrained(source: Path, device: str, seed: int) -> tuple[Algorithm, TransitionDataset]:
     """The offline run's algorithm at its newest checkpoint, and its dataset."""
     from offrl.data.format import read_raw
-    from offrl.train import build_algorithm, load_run_config, read_run_toml
+    from offrl.train import build_algorithm, load_run_config, run_dataset_path
 
     if not (source / run.CONFIG_TOML).exists():
         if (source / "policy.json").exists() or (
@@ -215,11 +215,7 @@ def _load_pretrained(source: Path, device: str, seed: int) -> tuple[Algorithm, T
     ck = latest_checkpoint(source / "checkpoints")
     if ck is None:
         raise ConfigError(f"{source}: the run has no complete checkpoint to continue from")
-    dataset_path = Path(read_run_toml(source).text("dataset"))
-    if not dataset_path.exists():
-        recorded = run.run_status(source).info.get("dataset_absolute")
-        if isinstance(recorded, str) and Path(recorded).exists():
-            dataset_path = Path(recorded)
+    dataset_path = run_dataset_path(source)
     cfg = load_run_config(source, read_raw(dataset_path).action_space)
     cls = registry.algorithm_class(cfg.algo, read_raw(dataset_path).action_space)
     if cls.online_form is None:

@@ -26,7 +26,7 @@ import torch
 from offrl import run
 from offrl.errors import ConfigError
 from offrl.fast.packing import PackedStep
-from offrl.train import RunResult, Trainer, load_run_config, read_run_toml, resolve_config
+from offrl.train import RunResult, Trainer, load_run_config, resolve_config, run_dataset_path
 from offrl.utils import atomic_write_json, file_sha256
 
 PACK_JSON = "pack.json"
@@ -328,11 +328,7 @@ def resume_packed(
     for m in members:
         folder = out / m.folder
         run.check_run_dir(folder, resume=True)
-        dataset_path = Path(read_run_toml(folder).text("dataset"))
-        if not dataset_path.exists():
-            recorded = run.run_status(folder).info.get("dataset_absolute")
-            if isinstance(recorded, str) and Path(recorded).exists():
-                dataset_path = Path(recorded)
+        dataset_path = run_dataset_path(folder)
         cfg = load_run_config(folder, read_raw(dataset_path).action_space)
         if epochs is not None or steps is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, steps=steps))

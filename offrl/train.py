@@ -163,6 +163,17 @@ def read_run_toml(run_dir: str | os.PathLike[str]) -> Fields:
     return Fields(cfgmod.read_toml(path), path, RunConfigFileError)
 
 
+def run_dataset_path(run_dir: str | os.PathLike[str]) -> Path:
+    """The dataset a run was trained on: as its ``config.toml`` records it, or, where that relative path
+    does not resolve from here, the absolute path ``run.json`` recorded when the run started."""
+    path = Path(read_run_toml(run_dir).text("dataset"))
+    if not path.exists():
+        recorded = run.run_status(run_dir).info.get("dataset_absolute")
+        if isinstance(recorded, str) and Path(recorded).exists():
+            return Path(recorded)
+    return path
+
+
 def load_run_config(run_dir: str | os.PathLike[str], action_space: Any) -> RunConfig:
     """The config a run directory was started with (older layouts included)."""
     doc = read_run_toml(run_dir)
@@ -551,13 +562,8 @@ def resume(
     if epochs is not None and steps is not None:
         raise ConfigError("give either epochs or steps, not both")
     run.check_run_dir(run_dir, resume=True)
-    doc = read_run_toml(run_dir)
-    doc.text("algo")
-    dataset_path = Path(doc.text("dataset"))
-    if not dataset_path.exists():
-        recorded = run.run_status(run_dir).info.get("dataset_absolute")
-        if isinstance(recorded, str) and Path(recorded).exists():
-            dataset_path = Path(recorded)
+    read_run_toml(run_dir).text("algo")
+    dataset_path = run_dataset_path(run_dir)
     cfg = load_run_config(run_dir, read_raw(dataset_path).action_space)
     if epochs is not None or steps is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, steps=steps))

@@ -430,19 +430,24 @@ def _has_variant(name: str, discrete: bool) -> bool:
     return True
 
 
+def _dataset_info(source: str, facts: DatasetFacts) -> dict[str, Any]:
+    """What a cell's record repeats about its dataset (the report's tables and axes read it)."""
+    return {
+        "dataset_source": source,
+        "dataset_transitions": facts.transitions,
+        "ref_min_return": facts.ref_min_return,
+        "ref_max_return": facts.ref_max_return,
+        "discrete": facts.discrete,
+    }
+
+
 def expand(grid: GridConfig) -> list[Cell]:
     """Every (algorithm, dataset, seed) and (online run, seed) cell of the grid, datasets resolved."""
     base = grid.path.parent if grid.path is not None else None
     cells: list[Cell] = []
     for ds in grid.datasets:
         facts = dataset_facts(ds.source, base)
-        info = {
-            "dataset_source": ds.source,
-            "dataset_transitions": facts.transitions,
-            "ref_min_return": facts.ref_min_return,
-            "ref_max_return": facts.ref_max_return,
-            "discrete": facts.discrete,
-        }
+        info = _dataset_info(ds.source, facts)
         for algo in grid.algos:
             if not _has_variant(algo.algo, facts.discrete):
                 continue  # e.g. td3bc on a discrete dataset: that pair is not part of the grid
@@ -491,13 +496,7 @@ def expand(grid: GridConfig) -> list[Cell]:
             **{f"finetune.{k}": v for k, v in ft.settings.items()},
             "finetune.train.steps": ft.steps,
         }
-        info = {
-            "dataset_source": ft.dataset,
-            "dataset_transitions": facts.transitions,
-            "ref_min_return": facts.ref_min_return,
-            "ref_max_return": facts.ref_max_return,
-            "discrete": facts.discrete,
-        }
+        info = _dataset_info(ft.dataset, facts)
         for seed in grid.seeds:
             cells.append(
                 Cell(
