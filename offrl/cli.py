@@ -177,6 +177,7 @@ def _refuse_fixed_on_resume(args: argparse.Namespace, source_flag: str, source: 
         "--device": args.device,
         "--config": args.config,
         "--set": args.set,
+        "--preset": getattr(args, "preset", None),
     }
     fixed = [flag for flag, given in flags.items() if given]
     if fixed:
@@ -191,6 +192,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from offrl import train
 
     overrides = cfgmod.parse_sets(args.set or [])
+    if args.preset is not None:
+        overrides["preset"] = args.preset
     if args.epochs is not None:
         overrides["train.epochs"] = str(args.epochs)
     if args.steps is not None:
@@ -415,6 +418,20 @@ def _cmd_algos(args: argparse.Namespace) -> int:
     print()
     print("trainer settings (train.KEY):")
     _print_settings(OnlineTrainConfig if shown[0][1].online else TrainConfig)
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from offrl import presets
+
+    if args.name is None:
+        for name in presets.names():
+            first = presets.describe(name).splitlines()
+            print(f"{name:<10} {first[0] if first else ''}")
+        print("\n`offrl presets NAME` shows one; `offrl train --preset NAME` uses it.")
+        return 0
+    presets.describe(args.name)  # an unknown name fails with the list of presets
+    print((presets.PRESET_DIR / f"{args.name}.toml").read_text().strip())
     return 0
 
 
@@ -723,6 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting; repeatable")
     p.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="start from a named preset's settings (`offrl presets` lists them), below --config and --set",
+    )
+    p.add_argument(
         "--seeds",
         metavar="SEEDS",
         help="train a pack: one member per seed (e.g. 0-7 or 0,3,5) in one process, into OUT/seed-S "
@@ -802,6 +824,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("algos", help="list algorithms, or one algorithm's settings with their help")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_cmd_algos)
+
+    p = sub.add_parser("presets", help="list the named presets, or show one's settings and how it was chosen")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("datasets", help="list or build the named datasets offrl can make itself")
     p.add_argument("action", choices=["list", "build"])

@@ -126,19 +126,26 @@ def resolve_config(
     """
     algo_cls = registry.algorithm_class(algo, action_space)
     s = run.Settings(top={"seed": seed, "device": device, "dataset": str(dataset)})
+    given = dict(overrides or {})
+    preset = given.pop("preset", None)
+    from_file = run.Settings()
     if config_file is not None:
-        from_file = run.read_config_file(config_file, ("algo", *_TOP_KEYS), algo)
+        from_file = run.read_config_file(config_file, ("algo", "preset", *_TOP_KEYS), algo)
+        preset = preset if preset is not None else from_file.top.get("preset")
         from_file.top = {k: v for k, v in from_file.top.items() if k in ("seed", "device")}
-        s.update(from_file)
-    s.update(
-        run.split_overrides(
-            dict(overrides or {}),
+
+    def split(settings: dict[str, Any]) -> run.Settings:
+        return run.split_overrides(
+            settings,
             top_keys=_TOP_KEYS,
             train_cls=TrainConfig,
             algo_cls=algo_cls.Config,
             who=f"algorithm '{algo_cls.name}'",
         )
-    )
+
+    s.update(split(_preset_settings(str(preset), algo, action_space, given, from_file) if preset else {}))
+    s.update(from_file)
+    s.update(split(given))
     source = str(config_file) if config_file is not None else "settings"
     train_cfg, algo_cfg, runtime = run.build_tables(
         s, train_cls=TrainConfig, algo_cls=algo_cls.Config, runtime=DEFAULT_RUNTIME, source=source, algo=algo
@@ -155,6 +162,21 @@ def resolve_config(
         algo_config=algo_cfg,
         runtime=runtime,
     )
+
+
+def _preset_settings(
+    name: str, algo: str, action_space: Any, given: dict[str, Any], from_file: run.Settings
+) -> dict[str, Any]:
+    """Preset ``name``'s settings for ``algo``; its budget yields to one the file or overrides give."""
+    import gymnasium as gym
+
+    from offrl import presets
+
+    settings = presets.preset_settings(name, algo, discrete=isinstance(action_space, gym.spaces.Discrete))
+    budgets = ("epochs", "steps", "train.epochs", "train.steps")
+    if any(k in given for k in budgets) or any(k in from_file.train for k in budgets[:2]):
+        settings = presets.without_budget(settings)
+    return settings
 
 
 def read_run_toml(run_dir: str | os.PathLike[str]) -> Fields:

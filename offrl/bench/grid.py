@@ -52,6 +52,7 @@ _TOP_KEYS = {
     "device",
     "workers",
     "ray",
+    "preset",
 }
 _VARIANTS = ("continuous", "discrete")
 _BUDGET_KEYS = ("epochs", "steps")
@@ -69,6 +70,8 @@ class AlgoSpec:
     algo: str  # registry name
     settings: dict[str, Any]  # plain and train.-prefixed settings for every variant
     variant_settings: dict[str, dict[str, Any]]  # "continuous" | "discrete" -> extra settings
+    only: str | None = None  # "continuous" | "discrete": a sweep of one variant's settings
+    swept: dict[str, Any] = field(default_factory=dict)  # this spec's values of the swept settings
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ class Cell:
 
 def slug(text: str) -> str:
     """A file-name-safe form of ``text``: runs of other characters become one dash."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-.") or "x"
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -218,7 +221,7 @@ def _dataset_specs(value: Any, where: str) -> tuple[DatasetSpec, ...]:
     return tuple(specs)
 
 
-def _algo_specs(value: Any, where: str) -> tuple[AlgoSpec, ...]:
+def _algo_specs(value: Any, where: str, preset: str | None = None) -> tuple[AlgoSpec, ...]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: 'algos' must be a table of [algos.LABEL] tables")
     specs = []
@@ -227,12 +230,49 @@ def _algo_specs(value: Any, where: str) -> tuple[AlgoSpec, ...]:
             raise ConfigError(f"{where}: [algos.{label}] must be a table")
         table = dict(table)
         algo = str(table.pop("algo", label))
+        sweep = _sweep(table.pop("sweep", {}), f"{where} [algos.{label}] sweep")
+        if preset is not None:
+            table.setdefault("preset", preset)
+        variant_tables = {v: dict(table.pop(v, {})) for v in _VARIANTS}
+        variant_sweeps = {
+            v: _sweep(t.pop("sweep", {}), f"{where} [algos.{label}.{v}] sweep")
+            for v, t in variant_tables.items()
+        }
         variants = {
-            v: _flatten_settings(dict(table.pop(v, {})), f"{where} [algos.{label}.{v}]") for v in _VARIANTS
+            v: _flatten_settings(t, f"{where} [algos.{label}.{v}]") for v, t in variant_tables.items()
         }
         settings = _flatten_settings(table, f"{where} [algos.{label}]")
-        specs.append(AlgoSpec(slug(label), algo, settings, variants))
+        # a variant's own sweep splits the algorithm into one spec per variant, each seeing only its datasets
+        split = any(len(c) > 1 or c != [{}] for c in variant_sweeps.values())
+        for only in _VARIANTS if split else (None,):
+            for combo in sweep:
+                for own in variant_sweeps[only] if only else [{}]:
+                    swept = {**combo, **own}
+                    name = "-".join([label, *(f"{k}={_text(v)}" for k, v in swept.items())])
+                    if split and not swept:
+                        name = f"{label}-{only}"
+                    specs.append(AlgoSpec(slug(name), algo, settings, variants, only, swept))
+    labels = [s.label for s in specs]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: [algos] labels repeat: {dupes}")
     return tuple(specs)
+
+
+def _text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _sweep(table: Any, where: str) -> list[dict[str, Any]]:
+    """``{key: [v1, v2], …}`` → every combination as settings (one empty combination without a sweep)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table of KEY = [values]")
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in _flatten_settings(dict(table), where).items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {key} must be a non-empty list of values, got {values!r}")
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
 
 
 def _online_specs(value: Any, where: str) -> tuple[OnlineSpec, ...]:
@@ -308,7 +348,10 @@ def parse_grid(doc: dict[str, Any], path: str | os.PathLike[str] | None = None) 
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
-    algos = _algo_specs(doc.get("algos", {}), where)
+    preset = doc.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"{where}: 'preset' must be a preset's name, got {preset!r}")
+    algos = _algo_specs(doc.get("algos", {}), where, preset)
     online = _online_specs(doc.get("online", []), where)
     finetune = _finetune_specs(doc.get("finetune", []), where)
     datasets = _dataset_specs(doc.get("datasets", []), where)
@@ -323,7 +366,7 @@ def parse_grid(doc: dict[str, Any], path: str | os.PathLike[str] | None = None) 
     budget = _budget(dict(doc.get("budget", {})), f"{where} [budget]")
     if set(doc.get("budget", {})) - set(_BUDGET_KEYS):
         raise ConfigError(f"{where} [budget]: only 'epochs' or 'steps'")
-    if algos and not budget and any(not any(k in a.settings for k in _BUDGET_KEYS) for a in algos):
+    if algos and not budget and any(not ({*_BUDGET_KEYS, "preset"} & set(a.settings)) for a in algos):
         raise ConfigError(f"{where}: give the length of the offline runs: [budget] epochs or steps")
     train = dict(doc.get("train", {}))
     if any(isinstance(v, dict) for v in train.values()):
@@ -397,13 +440,24 @@ def dataset_facts(source: str, base: Path | None = None) -> DatasetFacts:
 
 
 def _offline_settings(grid: GridConfig, algo: AlgoSpec, discrete: bool) -> dict[str, Any]:
-    settings: dict[str, Any] = {f"train.{k}": v for k, v in grid.train.items()}
+    """A cell's settings: the preset's (expanded here, so a changed preset changes the cell's hash), the
+    grid's [train], its budget, then the algorithm's own."""
+    from offrl import presets
+
     variant = algo.variant_settings["discrete" if discrete else "continuous"]
-    specific = {**algo.settings, **variant}
+    specific = {**algo.settings, **variant, **algo.swept}
+    preset = specific.pop("preset", None)
     own_budget = {k: specific.pop(k) for k in _BUDGET_KEYS if k in specific}
     if len(own_budget) > 1:
         raise ConfigError(f"[algos.{algo.label}]: give either epochs or steps, not both")
-    for k, v in (own_budget or grid.budget).items():
+    budget = own_budget or grid.budget
+    settings: dict[str, Any] = {}
+    if preset is not None:
+        settings = presets.preset_settings(str(preset), algo.algo, discrete=discrete)
+        if budget:
+            settings = presets.without_budget(settings)
+    settings.update({f"train.{k}": v for k, v in grid.train.items()})
+    for k, v in budget.items():
         settings[f"train.{k}"] = v
     settings.update(specific)
     return _one_thread_by_default(settings)
@@ -451,6 +505,8 @@ def expand(grid: GridConfig) -> list[Cell]:
         for algo in grid.algos:
             if not _has_variant(algo.algo, facts.discrete):
                 continue  # e.g. td3bc on a discrete dataset: that pair is not part of the grid
+            if algo.only is not None and algo.only != ("discrete" if facts.discrete else "continuous"):
+                continue  # one variant's sweep
             settings = _offline_settings(grid, algo, facts.discrete)
             for seed in grid.seeds:
                 cells.append(
