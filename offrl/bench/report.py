@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from offrl.bench.diagnose import diagnose_table
 from offrl.bench.grid import Cell, slug
 from offrl.bench.stats import Interval, mean_std, stratified_bootstrap_ci
 from offrl.errors import OfflineRLError
@@ -531,6 +532,13 @@ def write_report(
                 plots.append(p)
                 lines += [f"![diagnostics on {task}]({p.name})", ""]
         lines += _aggregate_table(aggs, tasks, n_boot, seed)
+        lines += diagnose_table(
+            {
+                (task, algo): [r.get("evaluations", []) for r in g.ok]
+                for task in tasks
+                for algo, g in data.offline[task].items()
+            }
+        )
         p = plot_aggregates(aggs, out_dir)
         if p is not None:
             plots.append(p)

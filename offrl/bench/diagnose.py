@@ -1,0 +1,122 @@
+"""The report's *Diagnose* section: runs whose ``diag/`` metrics (logged at pass ends, docs/training.md)
+explain a poor or unstable score. Each run's evaluations are read in order; three findings:
+
+- **over-estimation**: at the end, the Q-value of the data's actions lies above their discounted
+  return-to-go by more than ``GAP`` of (|G| + 1), and that gap grew by more than ``GROWTH`` from its
+  smallest value during the run: Q drifts away from what the data's actions got.
+- **under-training**: at the end, Q lies below the return-to-go by more than ``GAP``, and it was
+  still rising over the last third of the run by more than ``RISE`` of (|G| + 1): the values had not
+  settled (too few steps, or a target network copied too rarely), so the policy was read from a Q that
+  had not converged. Q settled below the returns is the conservatism CQL is built for, not flagged.
+- **collapse**: the final evaluation lies ``DROP`` normalised points or more below the run's best,
+  while Q of the data's actions kept rising after that best evaluation, and Q is not still far below
+  the returns (that rise is under-training's climb): the policy got worse as the critic got more
+  optimistic.
+
+The bias uses the means over the diagnostic rows: (mean Q − mean G) / (|mean G| + 1). The thresholds
+are set from measured runs; docs/training.md says which.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+GAP = 0.25  # |bias| at the end beyond which Q is off the returns
+GROWTH = 0.10  # growth of the bias from its best (smallest |bias|) to the end, for over-estimation
+RISE = 0.05  # rise of Q over the last third of the run, per (|G| + 1), that counts as still rising
+DROP = 20.0  # normalised points below the run's best evaluation that count as a collapse
+
+KINDS = ("over-estimation", "under-training", "collapse")
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # one of KINDS
+    evidence: dict[str, float]  # the numbers behind it, for the report's table
+
+
+def _bias(ev: dict[str, Any]) -> float | None:
+    q, g = ev.get("q_data_mean"), ev.get("return_mean")
+    if q is None or g is None:
+        return None
+    return (float(q) - float(g)) / (abs(float(g)) + 1.0)
+
+
+def diagnose(evaluations: Sequence[dict[str, Any]]) -> list[Finding]:
+    """The findings of one run from its evaluations (step order; rows with ``q_data_mean``,
+    ``return_mean`` and ``normalized_score`` as in a bench record)."""
+    rows = [e for e in evaluations if _bias(e) is not None]
+    findings: list[Finding] = []
+    if len(rows) >= 3:
+        biases = [b for b in (_bias(e) for e in rows) if b is not None]
+        end = biases[-1]
+        scale = abs(float(rows[-1]["return_mean"])) + 1.0
+        third = rows[max(0, len(rows) - 1 - max(1, len(rows) // 3))]
+        rise = (float(rows[-1]["q_data_mean"]) - float(third["q_data_mean"])) / scale
+        growth = end - min(biases, key=abs)
+        if end > GAP and growth > GROWTH:
+            findings.append(Finding("over-estimation", {"bias": end, "growth": growth}))
+        elif end < -GAP and rise > RISE:
+            findings.append(Finding("under-training", {"bias": end, "rise": rise}))
+    scored = [e for e in evaluations if e.get("normalized_score") is not None]
+    if len(scored) >= 2:
+        best_i = max(range(len(scored)), key=lambda i: float(scored[i]["normalized_score"]))
+        best, final = scored[best_i], scored[-1]
+        drop = float(best["normalized_score"]) - float(final["normalized_score"])
+        q_best, q_end = best.get("q_data_mean"), final.get("q_data_mean")
+        end_bias = _bias(final)
+        climbing = end_bias is not None and end_bias < -GAP  # Q still far below the returns: not optimism
+        if (
+            drop >= DROP
+            and q_best is not None
+            and q_end is not None
+            and float(q_end) > float(q_best)
+            and not climbing
+        ):
+            scale = abs(float(final.get("return_mean", 0.0))) + 1.0
+            findings.append(
+                Finding("collapse", {"drop": drop, "q_rise": (float(q_end) - float(q_best)) / scale})
+            )
+    return findings
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def diagnose_table(groups: dict[tuple[str, str], list[list[dict[str, Any]]]]) -> list[str]:
+    """Markdown lines: one row per (dataset, algorithm, finding) with the seeds it holds for and the
+    median of its evidence. ``groups``: (dataset, algorithm) -> each seed's evaluations."""
+    rows = []
+    for (task, algo), runs in groups.items():
+        per_seed = [diagnose(evs) for evs in runs]
+        for kind in KINDS:
+            hits = [f for fs in per_seed for f in fs if f.kind == kind]
+            if not hits:
+                continue
+            evidence = ", ".join(
+                f"{k} {_median([h.evidence[k] for h in hits]):+.2f}"
+                if k != "drop"
+                else f"drop {_median([h.evidence[k] for h in hits]):.1f} points"
+                for k in hits[0].evidence
+            )
+            rows.append(f"| {task} | {algo} | {kind} | {len(hits)}/{len(runs)} | {evidence} |")
+    if not rows:
+        return []
+    return [
+        "## Diagnose",
+        "",
+        "Runs whose `diag/` metrics explain a poor or unstable score (docs/training.md, *Diagnostics*). "
+        f"bias: (Q − G) / (|G| + 1) at the end, Q of the data's actions against their return-to-go; "
+        f"over-estimation: bias > {GAP} and grown by > {GROWTH}; under-training: bias < −{GAP} and Q "
+        f"still rising by > {RISE} over the last third; collapse: final ≥ {DROP:.0f} points below the "
+        "best evaluation while Q rose after it. Medians over the flagged seeds.",
+        "",
+        "| dataset | algorithm | finding | seeds | evidence |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
