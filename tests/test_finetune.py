@@ -270,12 +270,14 @@ seeds = [0]
 eval_episodes = 2
 [[finetune]]
 algo = "td3bc"
+method = "TD3+BC → TD3"
 dataset = "{data}"
 steps = 60
 pretrain = {{ epochs = 1, actor_hidden = [16, 16], critic_hidden = [16, 16], train = {{ eval_every = 0 }} }}
 settings = {{ train = {{ eval_every = 20, eval_episodes = 2 }} }}
 [[online]]
 algo = "sac"
+method = "SAC (scratch)"
 env = "Pendulum-v1"
 steps = 60
 settings = {{ learning_starts = 20, actor_hidden = [16, 16], critic_hidden = [16, 16], train = {{ eval_every = 30, eval_episodes = 2 }} }}
@@ -291,7 +293,47 @@ settings = {{ learning_starts = 20, actor_hidden = [16, 16], critic_hidden = [16
     assert cli.main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Fine-tuning" in report and "td3bc (fine-tuned)" in report
+    assert "| TD3+BC → TD3 | " in report and "| SAC (scratch) | " in report  # the summary's rows
     assert (tmp_path / "report" / "online-Pendulum-v1.png").exists()
+
+
+def test_finetune_summary_by_hand(tmp_path: Path) -> None:
+    """The summary's cells: start → end means, baselines normalised with the fine-tuning runs' dataset
+    references, IQM and regret over (environment, seed)."""
+    from offrl.bench.report import ReportData, _finetune_summary
+
+    info = {"ref_min_return": -100.0, "ref_max_return": 0.0}
+    records = [
+        {
+            "cell_id": f"ft{s}",
+            "kind": "finetune",
+            "status": "finished",
+            "task": "E",
+            "algo": "x (fine-tuned)",
+            "cell": {"info": {**info, "method": "X"}},
+            "evaluations": [],
+            "finetune": {"score_start": start, "score_end": end, "regret": reg},
+        }
+        for s, (start, end, reg) in enumerate([(10.0, 50.0, 0.6), (20.0, 70.0, 0.4)])
+    ] + [
+        {
+            "cell_id": "on0",
+            "kind": "online",
+            "status": "finished",
+            "task": "E",
+            "algo": "sac (online)",
+            "cell": {"info": {}},
+            "finetune": None,
+            "evaluations": [{"step": 10, "return_mean": -80.0}, {"step": 20, "return_mean": -40.0}],
+        }
+    ]
+    (tmp_path / "records").mkdir()
+    for r in records:
+        (tmp_path / "records" / f"{r['cell_id']}.json").write_text(json.dumps(r))
+    lines = _finetune_summary(ReportData.load(tmp_path), 200, 0)
+    assert "| X | 15.0 → 60.0 | 60.0 [50.0, 70.0] | 0.50 [0.40, 0.60] |" in lines
+    # the baseline: returns −80, −40 → scores 20, 60; regret 1 − 40/100
+    assert "| sac | 60.0 | 60.0 [60.0, 60.0] | 0.60 [0.60, 0.60] |" in lines
 
 
 @pytest.mark.slow

@@ -81,6 +81,7 @@ class OnlineSpec:
     env: str
     steps: int
     settings: dict[str, Any]
+    method: str | None = None  # the row it joins in the fine-tuning table, across environments
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class FinetuneSpec:
     steps: int
     pretrain: dict[str, Any]  # the offline run's settings, its budget (train.epochs | train.steps) included
     settings: dict[str, Any]  # fine-tuning settings (FineTuneConfig fields, train.… of the online loop)
+    method: str | None = None  # the row it joins in the fine-tuning table, across environments
 
 
 @dataclass(frozen=True)
@@ -283,10 +285,10 @@ def _online_specs(value: Any, where: str) -> tuple[OnlineSpec, ...]:
         w = f"{where} [[online]] #{i + 1}"
         if not isinstance(table, dict):
             raise ConfigError(f"{w}: must be a table")
-        unknown = set(table) - {"algo", "env", "steps", "settings", "name"}
+        unknown = set(table) - {"algo", "env", "steps", "settings", "name", "method"}
         if unknown or not {"algo", "env", "steps"} <= set(table):
             raise ConfigError(
-                f"{w}: needs algo, env and steps (optional: settings, name); got {sorted(table)}"
+                f"{w}: needs algo, env and steps (optional: settings, name, method); got {sorted(table)}"
             )
         steps = table["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
@@ -299,9 +301,17 @@ def _online_specs(value: Any, where: str) -> tuple[OnlineSpec, ...]:
                 str(table["env"]),
                 steps,
                 settings,
+                _method(table, w),
             )
         )
     return tuple(specs)
+
+
+def _method(table: dict[str, Any], where: str) -> str | None:
+    method = table.get("method")
+    if method is not None and not isinstance(method, str):
+        raise ConfigError(f"{where}: 'method' must be a name, got {method!r}")
+    return method
 
 
 def _finetune_specs(value: Any, where: str) -> tuple[FinetuneSpec, ...]:
@@ -313,11 +323,11 @@ def _finetune_specs(value: Any, where: str) -> tuple[FinetuneSpec, ...]:
         if not isinstance(table, dict):
             raise ConfigError(f"{w}: must be a table")
         required = {"algo", "dataset", "steps", "pretrain"}
-        unknown = set(table) - required - {"settings", "name"}
+        unknown = set(table) - required - {"settings", "name", "method"}
         if unknown or not required <= set(table):
             raise ConfigError(
                 f"{w}: needs algo, dataset, pretrain (a table with epochs or steps) and steps (optional: "
-                f"settings, name); got {sorted(table)}"
+                f"settings, name, method); got {sorted(table)}"
             )
         steps = table["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
@@ -337,6 +347,7 @@ def _finetune_specs(value: Any, where: str) -> tuple[FinetuneSpec, ...]:
                 steps,
                 {**budget, **_flatten_settings(pretrain, f"{w} pretrain")},
                 _flatten_settings(dict(table.get("settings", {})), w),
+                _method(table, w),
             )
         )
     return tuple(specs)
@@ -538,6 +549,7 @@ def expand(grid: GridConfig) -> list[Cell]:
                     device=grid.device,
                     settings=settings,
                     env_id=on.env,
+                    info={"method": on.method} if on.method else {},
                 )
             )
     for ft in grid.finetune:
@@ -552,7 +564,7 @@ def expand(grid: GridConfig) -> list[Cell]:
             **{f"finetune.{k}": v for k, v in ft.settings.items()},
             "finetune.train.steps": ft.steps,
         }
-        info = _dataset_info(ft.dataset, facts)
+        info = _dataset_info(ft.dataset, facts) | ({"method": ft.method} if ft.method else {})
         for seed in grid.seeds:
             cells.append(
                 Cell(

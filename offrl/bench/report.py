@@ -277,6 +277,91 @@ def _finetune_table(data: ReportData) -> list[str]:
     ]
 
 
+def _method_of(data: ReportData, r: dict[str, Any]) -> str:
+    """The fine-tuning table's row of a record: its grid's ``method``, else its label."""
+    cell_id = r.get("cell_id")
+    for c in data.expected:
+        if c.get("cell_id") == cell_id and c.get("info", {}).get("method"):
+            return str(c["info"]["method"])
+    method = r.get("cell", {}).get("info", {}).get("method")
+    if method:
+        return str(method)
+    return str(r.get("algo", "?")).removesuffix(" (fine-tuned)").removesuffix(" (online)")
+
+
+def _env_refs(data: ReportData) -> dict[str, tuple[float, float]]:
+    """Per environment, the reference returns of the datasets its fine-tuning runs started from, to put
+    online baselines on the same normalised scale."""
+    refs: dict[str, tuple[float, float]] = {}
+    for env, groups in data.online.items():
+        for g in groups.values():
+            for r in g.ok:
+                info = r.get("cell", {}).get("info", {})
+                lo, hi = info.get("ref_min_return"), info.get("ref_max_return")
+                if r.get("kind") == "finetune" and lo is not None and hi is not None and hi != lo:
+                    refs.setdefault(env, (float(lo), float(hi)))
+    return refs
+
+
+def _finetune_summary(data: ReportData, n_boot: int, seed: int) -> list[str]:
+    """CORL's form: per method, offline → fine-tuned normalised score in each environment (means over
+    seeds), then its IQM final score and regret over environments with stratified bootstrap 95% CIs.
+    Baselines from scratch have no offline score; they are normalised with the datasets' references."""
+    refs = _env_refs(data)
+    if not refs:
+        return []
+    # method -> env -> per-seed (start, end, regret)
+    table: dict[str, dict[str, list[tuple[float | None, float, float]]]] = {}
+    for env, groups in data.online.items():
+        if env not in refs:
+            continue
+        lo, hi = refs[env]
+        for g in groups.values():
+            for r in g.ok:
+                ft = r.get("finetune") or {}
+                if r.get("kind") == "finetune" and ft.get("score_end") is not None:
+                    row = (ft.get("score_start"), float(ft["score_end"]), float(ft.get("regret") or 0.0))
+                else:
+                    evs = [e for e in r.get("evaluations", []) if e.get("return_mean") is not None]
+                    if not evs:
+                        continue
+                    norm = [100.0 * (float(e["return_mean"]) - lo) / (hi - lo) for e in evs]
+                    row = (None, norm[-1], 1.0 - float(np.mean(norm)) / 100.0)
+                table.setdefault(_method_of(data, r), {}).setdefault(env, []).append(row)
+    envs = [e for e in data.online if e in refs]
+    lines = [
+        "## Fine-tuning summary",
+        "",
+        "Normalised score offline (step 0) → after fine-tuning, mean over seeds; baselines from scratch "
+        "show only the end, normalised with the same datasets' references. IQM over every (environment, "
+        "seed) of a method, with stratified bootstrap 95% intervals (strata: environments); regret is "
+        "CORL's, 1 − mean score during fine-tuning / 100 (lower is better).",
+        "",
+        "| method | " + " | ".join(envs) + " | IQM final | IQM regret |",
+        "|---|" + "---|" * (len(envs) + 2),
+    ]
+    for method, per_env in table.items():
+        cols = []
+        for env in envs:
+            rows = per_env.get(env)
+            if not rows:
+                cols.append("")
+                continue
+            end = float(np.mean([x[1] for x in rows]))
+            starts = [x[0] for x in rows if x[0] is not None]
+            cols.append(f"{float(np.mean(starts)):.1f} → {end:.1f}" if starts else f"{end:.1f}")
+        finals = [[x[1] for x in per_env[e]] for e in envs if e in per_env]
+        regrets = [[x[2] for x in per_env[e]] for e in envs if e in per_env]
+        f = stratified_bootstrap_ci(finals, "iqm", n_boot=n_boot, seed=seed)
+        g = stratified_bootstrap_ci(regrets, "iqm", n_boot=n_boot, seed=seed)
+        lines.append(
+            f"| {method} | " + " | ".join(cols) + f" | {f.point:.1f} [{f.low:.1f}, {f.high:.1f}] | "
+            f"{g.point:.2f} [{g.low:.2f}, {g.high:.2f}] |"
+        )
+    lines.append("")
+    return lines
+
+
 def _failures(data: ReportData) -> list[str]:
     failed = [r for r in data.records if r.get("status") != "finished"]
     recorded = {r.get("cell_id") for r in data.records}
@@ -546,6 +631,7 @@ def write_report(
     if data.online:
         lines += _online_table(data)
         lines += _finetune_table(data)
+        lines += _finetune_summary(data, n_boot, seed)
         for env in data.online:
             p = plot_online_offline(env, data, out_dir)
             if p is not None:
