@@ -352,11 +352,13 @@ def _finetune_summary(data: ReportData, n_boot: int, seed: int) -> list[str]:
             cols.append(f"{float(np.mean(starts)):.1f} → {end:.1f}" if starts else f"{end:.1f}")
         finals = [[x[1] for x in per_env[e]] for e in envs if e in per_env]
         regrets = [[x[2] for x in per_env[e]] for e in envs if e in per_env]
-        f = stratified_bootstrap_ci(finals, "iqm", n_boot=n_boot, seed=seed)
-        g = stratified_bootstrap_ci(regrets, "iqm", n_boot=n_boot, seed=seed)
+        final = stratified_bootstrap_ci(finals, "iqm", n_boot=n_boot, seed=seed)
+        regret = stratified_bootstrap_ci(regrets, "iqm", n_boot=n_boot, seed=seed)
         lines.append(
-            f"| {method} | " + " | ".join(cols) + f" | {f.point:.1f} [{f.low:.1f}, {f.high:.1f}] | "
-            f"{g.point:.2f} [{g.low:.2f}, {g.high:.2f}] |"
+            f"| {method} | "
+            + " | ".join(cols)
+            + f" | {final.point:.1f} [{final.low:.1f}, {final.high:.1f}] | "
+            f"{regret.point:.2f} [{regret.low:.2f}, {regret.high:.2f}] |"
         )
     lines.append("")
     return lines
