@@ -389,3 +389,34 @@ def test_grid_runtime_settings_reach_the_runtime() -> None:
     assert cfg.runtime.threads == 3 and "train.threads" not in threaded
     cell = gridmod.Cell("c", "offline", "cql2", "cql", "t", 0, "cpu", threaded)
     assert runner.cell_threads(cell) == 3
+
+
+def test_external_records_stay_beside_the_grid(tmp_path: Path) -> None:
+    """Records of another library's runs (experiments/d3rlpy) are not grid cells: the report keeps them,
+    while a record whose cell left the grid is still left out."""
+    from offrl.bench.grid import Cell
+    from offrl.bench.report import ReportData
+
+    cell = Cell(
+        cell_id="bc__t__s0",
+        kind="offline",
+        algo="bc",
+        algo_name="bc",
+        task="t",
+        seed=0,
+        device="cpu",
+        settings={},
+    )
+    (tmp_path / "records").mkdir()
+    (tmp_path / "cells.json").write_text(json.dumps({"cells": [cell.to_dict()]}))
+    final = {"normalized_score": 50.0, "return_mean": 1.0}
+    base = {"kind": "offline", "status": "finished", "task": "t", "final": final, "evaluations": [final]}
+    records = {
+        "bc__t__s0": {**base, "algo": "bc", "config_hash": cell.config_hash()},
+        "gone__t__s0": {**base, "algo": "gone", "config_hash": "x"},
+        "d3rlpy-bc__t__s0": {**base, "algo": "d3rlpy-bc (2.8.1)", "external": "d3rlpy"},
+    }
+    for cell_id, r in records.items():
+        (tmp_path / "records" / f"{cell_id}.json").write_text(json.dumps({**r, "cell_id": cell_id}))
+    data = ReportData.load(tmp_path)
+    assert sorted(data.offline["t"]) == ["bc", "d3rlpy-bc (2.8.1)"] and data.stale == ["gone__t__s0"]

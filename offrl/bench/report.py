@@ -99,8 +99,11 @@ class ReportData:
         stale: list[str] = []
         if expected:  # report the grid as it is now, not records of cells since removed or edited
             hashes = {c.get("cell_id"): Cell.from_dict(c).config_hash() for c in expected}
+            # records of other libraries' runs on the same datasets ("external") are not grid cells
             stale = [
-                str(r.get("cell_id")) for r in records if hashes.get(r.get("cell_id")) != r.get("config_hash")
+                str(r.get("cell_id"))
+                for r in records
+                if not r.get("external") and hashes.get(r.get("cell_id")) != r.get("config_hash")
             ]
             records = [r for r in records if str(r.get("cell_id")) not in stale]
         order = {c.get("cell_id"): i for i, c in enumerate(expected)}
