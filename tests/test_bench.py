@@ -420,3 +420,50 @@ def test_external_records_stay_beside_the_grid(tmp_path: Path) -> None:
         (tmp_path / "records" / f"{cell_id}.json").write_text(json.dumps({**r, "cell_id": cell_id}))
     data = ReportData.load(tmp_path)
     assert sorted(data.offline["t"]) == ["bc", "d3rlpy-bc (2.8.1)"] and data.stale == ["gone__t__s0"]
+
+
+def test_report_groups_by_level_and_by_the_grids_report_table(tmp_path: Path) -> None:
+    from offrl.bench.report import ReportData, _grouped_table, report_groups, task_level
+
+    assert (
+        task_level("pendulum-medium-replay") == "medium-replay"
+        and task_level("lunarlander-medium") == "medium"
+    )
+    assert task_level("my-data") is None
+    (tmp_path / "records").mkdir()
+    scores = {"a-random": 10.0, "a-medium": 50.0, "b-random": 30.0}
+    for task, score in scores.items():
+        final = {"normalized_score": score, "return_mean": score}
+        rec = {
+            "cell_id": f"bc__{task}__s0",
+            "kind": "offline",
+            "status": "finished",
+            "task": task,
+            "algo": "bc",
+        }
+        (tmp_path / "records" / f"bc__{task}__s0.json").write_text(json.dumps({**rec, "final": final}))
+    (tmp_path / "grid.toml").write_text(
+        '[report]\ngroups = { chosen = ["classic/a-random"] }\nrest = "held-out"\n'
+    )
+    data = ReportData.load(tmp_path)
+    assert report_groups(data) == {
+        "level: random": ["a-random", "b-random"],
+        "level: medium": ["a-medium"],
+        "chosen": ["a-random"],
+        "held-out": ["a-medium", "b-random"],
+    }
+    table = _grouped_table(data, 100, 0)  # one run per task: resampling within tasks cannot vary it
+    assert (
+        table[-2]
+        == "| bc | 20.0 [20.0, 20.0] (2) | 50.0 [50.0, 50.0] (1) | 10.0 [10.0, 10.0] (1) | 40.0 [40.0, 40.0] (2) |"
+    )
+    with pytest.raises(ConfigError, match=r"\[report\]"):
+        parse_grid(
+            {
+                "seeds": 1,
+                "datasets": ["x.h5"],
+                "algos": {"bc": {}},
+                "budget": {"epochs": 1},
+                "report": {"x": 1},
+            }
+        )

@@ -389,3 +389,54 @@ def test_calql_fine_tuning_improves_and_beats_sac_from_scratch(tmp_path: Path) -
     print(f"Cal-QL step 0 {start}, after 5k steps {end}; SAC from scratch {sac}")
     assert median(end) >= median(start) + 15, (start, end)
     assert median(end) >= median(sac), (end, sac)
+
+
+def _iql_fine_tuning(
+    tmp_path: Path, dataset: str, passes: int, steps: int
+) -> tuple[list[float], list[float]]:
+    """Step-0 and final normalised scores of IQL (64×64) pretrained ``passes`` on ``dataset`` and
+    fine-tuned ``steps`` environment steps, seeds 0–2."""
+    from offrl.datasets_registry import resolve_dataset
+    from offrl.train import fit
+
+    data = resolve_dataset(dataset, progress=False)
+    start, end = [], []
+    for seed in (0, 1, 2):
+        pre = tmp_path / f"iql-{seed}"
+        fit(
+            "iql",
+            data,
+            pre,
+            epochs=passes,
+            seed=seed,
+            show_progress=False,
+            hidden=(64, 64),
+            **{"runtime.threads": 1, "train.eval_every": 0},
+        )
+        out = tmp_path / f"ft-{seed}"
+        finetune(
+            pre,
+            out,
+            steps=steps,
+            seed=seed,
+            show_progress=False,
+            **{"train.eval_every": steps, "train.eval_episodes": 10},
+        )
+        measures = json.loads((out / "run.json").read_text())["finetune"]
+        start.append(measures["score_start"])
+        end.append(measures["score_end"])
+    return start, end
+
+
+@pytest.mark.slow
+def test_iql_fine_tuning_improves_on_a_continuous_task(tmp_path: Path) -> None:
+    """IQL pretrained 10 passes on classic/pendulum-random (its step-0 policy is weak: the data is
+    random), fine-tuned 5,000 steps, 3 seeds: the median final score is at least 10 points above the
+    median step-0 score. Measured: [15, 17, 6] -> [39, 26, 46] (median +24, 14 points of margin).
+    From a strong start IQL does not improve here: on classic/pendulum-medium it falls from a median
+    70 to 35 over 15k steps (experiments/results/finetune-classic)."""
+    from statistics import median
+
+    start, end = _iql_fine_tuning(tmp_path, "classic/pendulum-random", passes=10, steps=5000)
+    print(f"IQL step 0 {start}, after 5k steps {end}")
+    assert median(end) >= median(start) + 10, (start, end)

@@ -53,6 +53,7 @@ _TOP_KEYS = {
     "workers",
     "ray",
     "preset",
+    "report",  # read by `offrl report` from RESULTS/grid.toml: [report] groups and rest
 }
 _VARIANTS = ("continuous", "discrete")
 _BUDGET_KEYS = ("epochs", "steps")
@@ -382,6 +383,12 @@ def parse_grid(doc: dict[str, Any], path: str | os.PathLike[str] | None = None) 
     train = dict(doc.get("train", {}))
     if any(isinstance(v, dict) for v in train.values()):
         raise ConfigError(f"{where} [train]: nested tables are not trainer settings")
+    report = doc.get("report", {})
+    if not isinstance(report, dict) or set(report) - {"groups", "rest"}:
+        raise ConfigError(f"{where} [report]: only 'groups' (name = [dataset labels]) and 'rest' (a name)")
+    groups = report.get("groups", {})
+    if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
+        raise ConfigError(f"{where} [report] groups: a table of NAME = [dataset labels]")
     ray = dict(doc.get("ray", {}))
     if set(ray) - {"address"}:
         raise ConfigError(f"{where} [ray]: only 'address' is known")

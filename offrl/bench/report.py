@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from offrl import config as cfgmod
 from offrl.bench.diagnose import diagnose_table
 from offrl.bench.grid import Cell, slug
 from offrl.bench.stats import Interval, mean_std, stratified_bootstrap_ci
@@ -167,13 +168,18 @@ class Aggregate:
     mean: Interval
 
 
-def aggregates(data: ReportData, *, n_boot: int = 2000, seed: int = 0) -> list[Aggregate]:
-    """Per algorithm: IQM and mean of the final normalised scores over its tasks, with stratified
-    bootstrap 95% intervals (tasks without normalised scores are left out)."""
+def aggregates(
+    data: ReportData, *, n_boot: int = 2000, seed: int = 0, tasks_in: Iterable[str] | None = None
+) -> list[Aggregate]:
+    """Per algorithm: IQM and mean of the final normalised scores over its tasks (those of ``tasks_in``,
+    default all), with stratified bootstrap 95% intervals (tasks without normalised scores are left out)."""
+    keep = None if tasks_in is None else set(tasks_in)
     out = []
     for algo in data.algos:
         tasks, scores = [], []
         for task, groups in data.offline.items():
+            if keep is not None and task not in keep:
+                continue
             vals = groups[algo].values("final", "normalized_score") if algo in groups else []
             if vals:
                 tasks.append(task)
@@ -212,6 +218,70 @@ def _aggregate_table(aggs: list[Aggregate], all_tasks: list[str], n_boot: int, s
             "",
             f"Not comparable across all tasks: {', '.join(partial)} lack(s) finished runs on some tasks.",
         ]
+    lines.append("")
+    return lines
+
+
+LEVELS = ("random", "medium-replay", "medium-expert", "medium", "expert")  # suffix order: longest first
+
+
+def task_level(task: str) -> str | None:
+    """The data level a suite dataset's label ends with (classic/…-medium-replay → medium-replay)."""
+    return next((lv for lv in LEVELS if task.endswith(f"-{lv}") or task == lv), None)
+
+
+def report_groups(data: ReportData) -> dict[str, list[str]]:
+    """Named groups of tasks to aggregate apart: by data level where the labels name one, and the
+    grid's ``[report] groups`` (dataset labels; ``rest = NAME`` collects the others), e.g. the datasets a
+    preset was chosen on and the held-out rest."""
+    tasks = list(data.offline)
+    groups: dict[str, list[str]] = {}
+    for level in ("random", "medium-replay", "medium", "medium-expert", "expert"):
+        members = [t for t in tasks if task_level(t) == level]
+        if members and len(members) < len(tasks):
+            groups[f"level: {level}"] = members
+    try:
+        doc = cfgmod.read_toml(data.results_dir / "grid.toml").get("report", {})
+    except (OSError, OfflineRLError):
+        doc = {}
+    named = doc.get("groups", {}) if isinstance(doc, dict) else {}
+    taken: set[str] = set()
+    for name, labels in named.items():
+        members = [t for t in tasks if t in {slug(str(x).split("/")[-1]) for x in labels}]
+        if members:
+            groups[str(name)] = members
+            taken.update(members)
+    rest = doc.get("rest") if isinstance(doc, dict) else None
+    if rest and named:
+        others = [t for t in tasks if t not in taken]
+        if others:
+            groups[str(rest)] = others
+    return groups
+
+
+def _grouped_table(data: ReportData, n_boot: int, seed: int) -> list[str]:
+    groups = report_groups(data)
+    if not groups:
+        return []
+    lines = [
+        "## Aggregates by group",
+        "",
+        "IQM of final normalised scores [95% stratified bootstrap CI] over each group's tasks; the number "
+        "of tasks with finished runs in parentheses.",
+        "",
+        "| algorithm | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    per_group = {
+        g: {a.algo: a for a in aggregates(data, n_boot=n_boot, seed=seed, tasks_in=t)}
+        for g, t in groups.items()
+    }
+    for algo in data.algos:
+        cells = []
+        for g in groups:
+            a = per_group[g].get(algo)
+            cells.append(f"{a.iqm.format()} ({len(a.tasks)})" if a else "")
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     lines.append("")
     return lines
 
@@ -622,6 +692,7 @@ def write_report(
                 plots.append(p)
                 lines += [f"![diagnostics on {task}]({p.name})", ""]
         lines += _aggregate_table(aggs, tasks, n_boot, seed)
+        lines += _grouped_table(data, n_boot, seed)
         lines += diagnose_table(
             {
                 (task, algo): [r.get("evaluations", []) for r in g.ok]
