@@ -440,3 +440,18 @@ def test_iql_fine_tuning_improves_on_a_continuous_task(tmp_path: Path) -> None:
     start, end = _iql_fine_tuning(tmp_path, "classic/pendulum-random", passes=10, steps=5000)
     print(f"IQL step 0 {start}, after 5k steps {end}")
     assert median(end) >= median(start) + 10, (start, end)
+
+
+@pytest.mark.slow
+def test_iql_fine_tuning_improves_on_a_discrete_task(tmp_path: Path) -> None:
+    """Discrete IQL pretrained 1 pass on classic/cartpole-medium-replay (an under-trained start),
+    fine-tuned 5,000 steps, 3 seeds: the median final score is at least 20 points above the median
+    step-0 score. Measured: [59, 106, 47] -> [97, 101, 102] (median +42, 22 points of margin). What this
+    shows is that the online form keeps learning from mixed data: continuing on the offline rows alone
+    (offline ratio 1.0) also reaches 97 on seed 0, and from converged starts discrete IQL stayed level
+    (lunarlander-medium: 38 -> 38 over 30k steps, experiments/results/finetune-classic)."""
+    from statistics import median
+
+    start, end = _iql_fine_tuning(tmp_path, "classic/cartpole-medium-replay", passes=1, steps=5000)
+    print(f"discrete IQL step 0 {start}, after 5k steps {end}")
+    assert median(end) >= median(start) + 20, (start, end)
