@@ -32,7 +32,7 @@ def names() -> list[str]:
 @cache
 def _load(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.toml"
-    if not path.is_file():
+    if not name.replace("-", "").replace("_", "").isalnum() or not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(names()) or 'none'}")
     return cfgmod.read_toml(path)
 
