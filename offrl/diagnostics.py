@@ -13,7 +13,9 @@ returns the data actually got, and how far does its policy stray from the data's
   (Discrete): the policy's distance from the data's actions.
 
 They read a fixed sample of rows (the same every pass) and touch no random stream of the run, so a
-run's numbers are the same with or without them.
+run's numbers are the same with or without them. Where no row qualifies for the return comparison (a
+task that never terminates and truncates sooner than the tail allows, e.g. Pendulum's 200 steps at
+γ = 0.99), the rows are a sample of all rows and the two return metrics are left out.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class DiagnosticRows:
     raw_obs: Tensor  # (M, *obs_shape) as recorded: the policy normalises them itself
     obs: Tensor  # (M, obs_dim) in learning units, for the critics
     actions: Tensor  # (M, A) in [-1, 1] | (M,) int64
-    returns: Tensor  # (M,) discounted return-to-go, in the algorithm's reward units
+    returns: Tensor | None  # (M,) discounted return-to-go, in the algorithm's reward units; None: no
+    # row's return-to-go is free of the untracked tail (e.g. Pendulum: 200-step episodes, never terminal)
 
 
 def diagnostic_rows(
@@ -50,10 +53,15 @@ def diagnostic_rows(
     size: int = SAMPLE_ROWS,
     seed: int = 0,
 ) -> DiagnosticRows | None:
-    """Up to ``size`` rows (seeded, sorted) whose return-to-go is nearly free of the untracked tail;
-    None if the dataset has none. ``train_data`` is ``dataset`` in learning units."""
+    """Up to ``size`` rows (seeded, sorted) whose return-to-go is nearly free of the untracked tail, with
+    their returns; where the dataset has no such row, a sample of all rows without returns (the metrics
+    that need no return are still logged); None for an empty dataset. ``train_data`` is ``dataset`` in
+    learning units."""
     returns, tail = losses.return_to_go(dataset.rewards, dataset.terminals, dataset.episode_ends, gamma)
     eligible = (tail < TAIL_MAX).nonzero().squeeze(1).cpu()
+    with_returns = eligible.numel() > 0
+    if not with_returns:
+        eligible = torch.arange(len(dataset))
     if eligible.numel() == 0:
         return None
     order = torch.randperm(eligible.numel(), generator=torch.Generator().manual_seed(seed))
@@ -62,7 +70,7 @@ def diagnostic_rows(
         raw_obs=dataset.observations.index_select(0, rows),
         obs=train_data.observations.index_select(0, rows),
         actions=train_data.actions.index_select(0, rows),
-        returns=returns.index_select(0, rows) * reward_scale,
+        returns=returns.index_select(0, rows) * reward_scale if with_returns else None,
     )
 
 
@@ -75,12 +83,10 @@ def diagnose(algo: Any, rows: DiagnosticRows) -> dict[str, float]:
         return {}
     g = rows.returns
     pi = algo.policy().act_tensor(rows.raw_obs, deterministic=True)
-    out = {
-        "q_data_mean": q.mean(),
-        "return_mean": g.mean(),
-        "q_return_gap": ((q - g).abs() / (g.abs() + 1.0)).mean(),
-        "q_policy_minus_data": (algo.q_values(rows.obs, pi) - q).mean(),
-    }
+    out = {"q_data_mean": q.mean(), "q_policy_minus_data": (algo.q_values(rows.obs, pi) - q).mean()}
+    if g is not None:
+        out["return_mean"] = g.mean()
+        out["q_return_gap"] = ((q - g).abs() / (g.abs() + 1.0)).mean()
     if algo.discrete:
         out["action_disagreement"] = (pi != rows.actions).float().mean()
     else:

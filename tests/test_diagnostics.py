@@ -101,3 +101,26 @@ def test_every_algorithm_gives_finite_diagnostics_or_none(cls: Any) -> None:
 
 def raw_obs_tensor(n: int) -> torch.Tensor:
     return torch.from_numpy(raw_obs(n))
+
+
+def test_without_qualifying_rows_the_return_metrics_are_left_out(tmp_path: Path) -> None:
+    """Episodes that never terminate and are truncated within the tail's horizon (Pendulum's shape):
+    no row qualifies for the return comparison, the other metrics are still computed."""
+    from offrl.algos.registry import algorithm_class
+    from offrl.data.dataset import TransitionDataset
+    from offrl.diagnostics import diagnostic_rows
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.h5"
+    box = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    with DatasetWriter(path, gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), box) as w:
+        for _ in range(4):
+            o = rng.normal(size=(21, 3)).astype(np.float32)
+            w.add_episode(o[:-1], rng.uniform(-1, 1, (20, 1)), rng.normal(size=20), o[1:], False)
+    data = TransitionDataset.load(path)
+    rows = diagnostic_rows(data, data, gamma=0.99, size=16)
+    assert rows is not None and rows.returns is None and rows.obs.shape == (16, 3)
+    cls = algorithm_class("td3bc", box)
+    algo = cls(cls.Config(actor_hidden=(8,), critic_hidden=(8,)), data.observation_space, box)
+    out = diagnose(algo, rows)
+    assert set(out) == {"q_data_mean", "q_policy_minus_data", "action_mse"}
