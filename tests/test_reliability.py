@@ -54,7 +54,7 @@ def _train(capsys: pytest.CaptureFixture[str], data: Path, out: Path, *extra: st
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OFFRL_NO_PROGRESS": "1"}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OFFRL_NO_PROGRESS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +347,15 @@ def test_a_signal_records_interrupted(tmp_path: Path, sig: signal.Signals, rc: i
     while not (run / "checkpoints" / "latest.json").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        # still running: abort it so faulthandler (PYTHONFAULTHANDLER) prints where every thread is
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(
+            f"{signal.Signals(sig).name} did not stop the run within 60 s; its threads:\n{err[-6000:]}"
+        )
     assert proc.returncode == rc, err
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted" and info["signal"] == sig.name
@@ -401,3 +409,17 @@ def test_a_temporary_file_being_written_is_not_swept(tmp_path: Path) -> None:
         writer.kill()
         writer.wait()
     assert len(sweep_temporaries(dest)) == 1
+
+
+def test_an_interrupt_waits_for_the_tensorboard_writer_to_be_consistent() -> None:
+    """SIGINT inside the logger's critical section is raised after it, not inside it (a lock taken by the
+    writer and not released would hang the close on the way out)."""
+    from offrl.logger import signals_deferred
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached_end = True
+    assert reached_end
