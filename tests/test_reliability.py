@@ -417,9 +417,8 @@ def test_an_interrupt_waits_for_the_tensorboard_writer_to_be_consistent() -> Non
     from offrl.logger import signals_deferred
 
     reached_end = False
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            reached_end = True
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        reached_end = True
     assert reached_end
