@@ -5,13 +5,10 @@ Keys are namespaced (``train/…``, ``eval/…``, ``time/…``) and logged again
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -38,34 +35,6 @@ class JsonlLogger:
         self._f.close()
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive inside the block are handled when it ends. The tensorboard writer
-    takes locks in Python code; an interrupt raised between taking one and the ``with`` that releases it
-    leaves it held, and closing the writer on the way out then waits forever. (Masking the signals would
-    not do: the writer's thread would receive them, and Python raises in the main thread all the same.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-
-    def hold(signum: int, frame: object) -> None:
-        caught.append(signum)
-
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if callable(handler):  # a Python-level handler we can put back (not SIG_DFL/SIG_IGN/foreign)
-            previous[signum] = signal.signal(signum, hold)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for held in dict.fromkeys(caught):
-            signal.raise_signal(held)  # now to the handler the block deferred
-
-
 class TensorboardLogger:
     def __init__(self, logdir: str | os.PathLike[str]) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -73,13 +42,11 @@ class TensorboardLogger:
         self._w = SummaryWriter(str(logdir))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        with signals_deferred():
-            for k, v in metrics.items():
-                self._w.add_scalar(k, v, step)
+        for k, v in metrics.items():
+            self._w.add_scalar(k, v, step)
 
     def close(self) -> None:
-        with signals_deferred():
-            self._w.close()
+        self._w.close()
 
 
 class MultiLogger:
