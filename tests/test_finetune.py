@@ -347,31 +347,16 @@ def test_calql_fine_tuning_improves_and_beats_sac_from_scratch(tmp_path: Path) -
     from offrl.data.format import read_raw
     from offrl.datasets_registry import resolve_dataset
     from offrl.online.loop import train_online
-    from offrl.train import fit
 
-    data = resolve_dataset("classic/pendulum-medium", progress=False)
-    raw = read_raw(data)
+    raw = read_raw(resolve_dataset("classic/pendulum-medium", progress=False))
     lo, hi = raw.ref_min_return, raw.ref_max_return
     assert lo is not None and hi is not None
     evals = {"train.eval_every": 5000, "train.eval_episodes": 10}
-    start, end, sac = [], [], []
+    start, end = _fine_tuning_scores(
+        tmp_path, "calql", "classic/pendulum-medium", 10, 5000, actor_hidden=(64, 64), critic_hidden=(64, 64)
+    )
+    sac = []
     for seed in (0, 1, 2):
-        pre = tmp_path / f"calql-{seed}"
-        fit(
-            "calql",
-            data,
-            pre,
-            epochs=10,
-            seed=seed,
-            show_progress=False,
-            actor_hidden=(64, 64),
-            critic_hidden=(64, 64),
-            **{"runtime.threads": 1, "train.eval_every": 0},
-        )
-        finetune(pre, tmp_path / f"ft-{seed}", steps=5000, seed=seed, show_progress=False, **evals)
-        measures = json.loads((tmp_path / f"ft-{seed}" / "run.json").read_text())["finetune"]
-        start.append(measures["score_start"])
-        end.append(measures["score_end"])
         online = train_online(
             "sac",
             "Pendulum-v1",
@@ -391,26 +376,26 @@ def test_calql_fine_tuning_improves_and_beats_sac_from_scratch(tmp_path: Path) -
     assert median(end) >= median(sac), (end, sac)
 
 
-def _iql_fine_tuning(
-    tmp_path: Path, dataset: str, passes: int, steps: int
+def _fine_tuning_scores(
+    tmp_path: Path, algo: str, dataset: str, passes: int, steps: int, **networks: Any
 ) -> tuple[list[float], list[float]]:
-    """Step-0 and final normalised scores of IQL (64×64) pretrained ``passes`` on ``dataset`` and
-    fine-tuned ``steps`` environment steps, seeds 0–2."""
+    """Step-0 and final normalised scores of ``algo`` pretrained ``passes`` on ``dataset`` and fine-tuned
+    ``steps`` environment steps, seeds 0–2."""
     from offrl.datasets_registry import resolve_dataset
     from offrl.train import fit
 
     data = resolve_dataset(dataset, progress=False)
     start, end = [], []
     for seed in (0, 1, 2):
-        pre = tmp_path / f"iql-{seed}"
+        pre = tmp_path / f"{algo}-{seed}"
         fit(
-            "iql",
+            algo,
             data,
             pre,
             epochs=passes,
             seed=seed,
             show_progress=False,
-            hidden=(64, 64),
+            **networks,
             **{"runtime.threads": 1, "train.eval_every": 0},
         )
         out = tmp_path / f"ft-{seed}"
@@ -437,7 +422,7 @@ def test_iql_fine_tuning_improves_on_a_continuous_task(tmp_path: Path) -> None:
     70 to 35 over 15k steps (experiments/results/finetune-classic)."""
     from statistics import median
 
-    start, end = _iql_fine_tuning(tmp_path, "classic/pendulum-random", passes=10, steps=5000)
+    start, end = _fine_tuning_scores(tmp_path, "iql", "classic/pendulum-random", 10, 5000, hidden=(64, 64))
     print(f"IQL step 0 {start}, after 5k steps {end}")
     assert median(end) >= median(start) + 10, (start, end)
 
@@ -452,6 +437,8 @@ def test_iql_fine_tuning_improves_on_a_discrete_task(tmp_path: Path) -> None:
     (lunarlander-medium: 38 -> 38 over 30k steps, experiments/results/finetune-classic)."""
     from statistics import median
 
-    start, end = _iql_fine_tuning(tmp_path, "classic/cartpole-medium-replay", passes=1, steps=5000)
+    start, end = _fine_tuning_scores(
+        tmp_path, "iql", "classic/cartpole-medium-replay", 1, 5000, hidden=(64, 64)
+    )
     print(f"discrete IQL step 0 {start}, after 5k steps {end}")
     assert median(end) >= median(start) + 20, (start, end)
