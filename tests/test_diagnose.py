@@ -3,7 +3,7 @@ describes and stays quiet on its near misses."""
 
 from __future__ import annotations
 
-from offrl.bench.diagnose import DROP, GAP, diagnose, diagnose_table
+from offrl.bench.diagnose import DRIFT, DROP, GAP, diagnose, diagnose_table
 
 
 def run(q: list[float], g: float, scores: list[float]) -> list[dict[str, float]]:
@@ -41,6 +41,52 @@ def test_collapse_is_a_drop_while_q_rises_unless_q_is_still_climbing() -> None:
     # Q far below the returns and climbing: under-training, not optimism
     assert kinds(run([1, 5, 9, 13], 49.0, [90, 95, 60, 60])) == ["under-training"]
     assert DROP == 20.0 and GAP == 0.25  # the documented thresholds (docs/training.md)
+
+
+def pendulum(scores: list[float], gap: list[float], mse: list[float]) -> list[dict[str, float]]:
+    """A history without return comparison (Pendulum: no row qualifies), as continuous CQL logs it."""
+    q = [-42.4, -70.8, -87.6, -92.2, -82.1, -78.3]
+    return [
+        {
+            "step": 3910 * (i + 1),
+            "q_data_mean": qi,
+            "q_policy_minus_data": gi,
+            "action_mse": mi,
+            "normalized_score": s,
+        }
+        for i, (qi, gi, mi, s) in enumerate(zip(q, gap, mse, scores, strict=True))
+    ]
+
+
+def test_off_data_drift_is_a_drop_while_the_policy_leaves_the_data() -> None:
+    # classic/pendulum-medium-expert, continuous CQL, 64×64, seed 0: cql_alpha = 10 peaks at 95.8 and
+    # ends at 6.2 while its actions leave the data's (+68%) and the critic rates them ever higher
+    gap = [0.43, 0.64, 1.18, 1.94, 2.90, 3.13]
+    mse = [0.145, 0.158, 0.188, 0.221, 0.257, 0.265]
+    findings = diagnose(pendulum([95.4, 95.8, 44.4, 21.3, 7.2, 6.2], gap, mse))
+    assert [f.kind for f in findings] == ["off-data drift"]  # Q of the data fell: no "collapse"
+    assert round(findings[0].evidence["distance_growth"], 2) == 0.68
+    # cql_alpha = 100 on the same data stays near it and keeps its score: nothing to flag
+    assert (
+        diagnose(
+            pendulum(
+                [94.0, 96.8, 97.9, 97.8, 98.9, 100.2],
+                [0.41, 0.5, 0.56, 0.56, 0.6, 0.59],
+                [0.129, 0.125, 0.128, 0.128, 0.129, 0.129],
+            )
+        )
+        == []
+    )
+    # near misses: the same drop with the distance grown by less than DRIFT, or with the gap shrinking
+    assert (
+        kinds(
+            pendulum(
+                [95.4, 95.8, 44.4, 21.3, 7.2, 6.2], gap, [0.145, 0.158, 0.16, 0.17, 0.18, 0.158 * (1 + DRIFT)]
+            )
+        )
+        == []
+    )
+    assert kinds(pendulum([95.4, 95.8, 44.4, 21.3, 7.2, 6.2], gap[::-1], mse)) == []
 
 
 def test_runs_without_diagnostics_give_no_section() -> None:

@@ -12,11 +12,19 @@ explain a poor or unstable score. Each run's evaluations are read in order; thre
   while Q of the data's actions kept rising after that best evaluation, and Q is not still far below
   the returns (that rise is under-training's climb): the policy got worse as the critic got more
   optimistic.
+- **off-data drift**: the final evaluation lies ``DROP`` points or more below the run's best, and after
+  that best the policy moved away from the data's actions (their distance, ``action_mse`` or
+  ``action_disagreement``, grew by more than ``DRIFT`` of itself) while the critic rated the policy's
+  actions ever higher than the data's (``q_policy_minus_data`` grew): the policy found actions the data
+  does not hold and the critic over-values. It needs no return comparison, so it also reads tasks where
+  no row qualifies for one (Pendulum).
 
 The bias uses the means over the diagnostic rows: (mean Q − mean G) / (|mean G| + 1). The thresholds
 were read off the classic-small CQL runs (cartpole: under-trained runs end at bias −0.6 to −0.75 while
-still rising 0.07–0.09 per third; the settled random-data runs at −0.1) and are provisional until the
-full classic table's histories are in.
+still rising 0.07–0.09 per third; the settled random-data runs at −0.1); ``DRIFT`` off continuous CQL on
+classic/pendulum-medium-expert (cql_alpha 10: the distance grew 68% as the score fell from 96 to 6;
+cql_alpha 100: within 3%, score kept). They are provisional until the full classic table's histories
+are in.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ GAP = 0.25  # |bias| at the end beyond which Q is off the returns
 GROWTH = 0.10  # growth of the bias from its best (smallest |bias|) to the end, for over-estimation
 RISE = 0.05  # rise of Q over the last third of the run, per (|G| + 1), that counts as still rising
 DROP = 20.0  # normalised points below the run's best evaluation that count as a collapse
+DRIFT = 0.25  # relative growth of the policy's distance from the data's actions after the best evaluation
 
-KINDS = ("over-estimation", "under-training", "collapse")
+KINDS = ("over-estimation", "under-training", "collapse", "off-data drift")
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,23 @@ def diagnose(evaluations: Sequence[dict[str, Any]]) -> list[Finding]:
             findings.append(
                 Finding("collapse", {"drop": drop, "q_rise": (float(q_end) - float(q_best)) / scale})
             )
+        drift = _drift(best, final)
+        if drop >= DROP and drift is not None:
+            findings.append(Finding("off-data drift", {"drop": drop, **drift}))
     return findings
+
+
+def _drift(best: dict[str, Any], final: dict[str, Any]) -> dict[str, float] | None:
+    """How far the policy left the data between two evaluations, if it did (see ``DRIFT``)."""
+    key = "action_mse" if best.get("action_mse") is not None else "action_disagreement"
+    d_best, d_end = best.get(key), final.get(key)
+    g_best, g_end = best.get("q_policy_minus_data"), final.get("q_policy_minus_data")
+    if d_best is None or d_end is None or g_best is None or g_end is None:
+        return None
+    growth = float(d_end) / max(float(d_best), 1e-8) - 1.0
+    if growth <= DRIFT or float(g_end) <= float(g_best):
+        return None
+    return {"distance_growth": growth, "gap_rise": float(g_end) - float(g_best)}
 
 
 def _median(values: list[float]) -> float:
@@ -115,7 +140,9 @@ def diagnose_table(groups: dict[tuple[str, str], list[list[dict[str, Any]]]]) ->
         f"bias: (Q − G) / (|G| + 1) at the end, Q of the data's actions against their return-to-go; "
         f"over-estimation: bias > {GAP} and grown by > {GROWTH}; under-training: bias < −{GAP} and Q "
         f"still rising by > {RISE} over the last third; collapse: final ≥ {DROP:.0f} points below the "
-        "best evaluation while Q rose after it. Medians over the flagged seeds.",
+        "best evaluation while Q rose after it; off-data drift: final ≥ "
+        f"{DROP:.0f} points below the best while the policy's distance from the data's actions grew by "
+        f"> {DRIFT:.0%} and Q(s, π(s)) − Q(s, a_data) rose. Medians over the flagged seeds.",
         "",
         "| dataset | algorithm | finding | seeds | evidence |",
         "|---|---|---|---|---|",
