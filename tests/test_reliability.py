@@ -368,6 +368,51 @@ def test_a_signal_records_interrupted(tmp_path: Path, sig: signal.Signals, rc: i
     assert "Traceback" not in err
 
 
+def test_sigterm_stops_a_grid_and_its_workers(tmp_path: Path) -> None:
+    """SIGTERM to `offrl bench` reaches the cell a pool worker is running: it records itself
+    interrupted and its worker ends, rather than training on with nobody to collect its record."""
+    data = _synthetic(tmp_path / "d.h5")
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        f'seeds = 1\ndatasets = ["{data}"]\n[budget]\nepochs = 100000\n'
+        "[train]\neval_every = 0\nthreads = 1\n[algos.bc]\nhidden = [8]\nbatch_size = 64\n"
+    )
+    results = tmp_path / "results"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offrl.cli", "bench", str(grid), "--out", str(results), "--workers", "1"],
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(results.glob("runs/*/checkpoints/latest.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (run,) = [p.parents[1] for p in results.glob("runs/*/checkpoints/latest.json")]
+    worker = int((run / "run.lock").read_text().split()[0])
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"SIGTERM did not stop the grid within 90 s; its threads:\n{err[-6000:]}")
+    assert proc.returncode == 143, err
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["signal"] == "SIGTERM"
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the pool worker trained on after the grid stopped"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_record_onto_an_existing_file_needs_force(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     dest = tmp_path / "d.h5"
     dest.write_bytes(b"mine")

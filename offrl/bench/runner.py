@@ -25,8 +25,10 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -41,7 +43,7 @@ from tqdm import tqdm
 from offrl.bench.grid import Cell, GridConfig, expand, load_grid
 from offrl.errors import ConfigError, OfflineRLError
 from offrl.logger import progress_enabled
-from offrl.run import run_status, runtime_setting
+from offrl.run import Interrupted, run_status, runtime_setting
 from offrl.utils import atomic_write_json, atomic_write_text
 
 RECORD_SCHEMA = 1
@@ -494,17 +496,20 @@ class LocalBackend:
         self.results_dir = results_dir
         self.target = target
         self._ctx = multiprocessing.get_context("spawn")
+        self._stop = self._ctx.Event()  # set when the grid stops: workers start no further cell
         self._pool: cf.ProcessPoolExecutor | None = None
         self._pool_of: dict[cf.Future[dict[str, Any]], cf.ProcessPoolExecutor] = {}
 
     def _executor(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.slots, mp_context=self._ctx)
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.slots, mp_context=self._ctx, initializer=_init_worker, initargs=(self._stop,)
+            )
         return self._pool
 
     def submit(self, cell: Job, attempt: int) -> Any:
         pool = self._executor()
-        fut = pool.submit(self.target, cell.to_dict(), self.results_dir, attempt)
+        fut = pool.submit(_unless_stopped, self.target, cell.to_dict(), self.results_dir, attempt)
         self._pool_of[fut] = pool
         return fut
 
@@ -524,9 +529,61 @@ class LocalBackend:
         return out
 
     def close(self, cancel: bool) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
-            self._pool = None
+        if self._pool is None:
+            return
+        if cancel:
+            # a stop reaches the cells running now: SIGTERM makes each record itself interrupted (it
+            # resumes from its last checkpoint) and end; cells already handed to a worker's queue do not
+            # start (the stop event), and a worker that does not end in time is killed
+            self._stop.set()
+            processes = list(getattr(self._pool, "_processes", {}).values())
+            for proc in processes:
+                if proc.is_alive():
+                    proc.terminate()
+            deadline = time.monotonic() + STOP_GRACE_S
+            for proc in processes:
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.kill()
+        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        self._pool = None
+
+
+_WORKER_STOP: Any = None  # in a pool worker: the backend's stop event
+
+
+def _init_worker(stop: Any) -> None:
+    global _WORKER_STOP
+    _WORKER_STOP = stop
+
+
+def _unless_stopped(
+    target: CellTarget, cell: dict[str, Any], results_dir: str, attempt: int
+) -> dict[str, Any]:
+    if _WORKER_STOP is not None and _WORKER_STOP.is_set():
+        raise Interrupted(signal.SIGTERM)
+    return target(cell, results_dir, attempt)
+
+
+STOP_GRACE_S = 30.0  # seconds a stopped grid gives its running cells to record themselves interrupted
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Any:
+    """Within the block SIGTERM raises :class:`offrl.run.Interrupted` in the main thread, as SIGINT
+    raises KeyboardInterrupt, so that a stopped grid stops its workers too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RayBackend:
@@ -682,7 +739,8 @@ def run_grid(
         pack = DEFAULT_PACK["cuda" if any(c.device.startswith("cuda") for c in todo) else "cpu"]
     jobs = plan_jobs(todo, memory_bounded_pack(pack))
     try:
-        _loop(exec_backend, jobs, results, retries, summary, show_progress, grid.name)
+        with _sigterm_stops():
+            _loop(exec_backend, jobs, results, retries, summary, show_progress, grid.name)
     except BaseException:
         if owned:
             with contextlib.suppress(Exception):
