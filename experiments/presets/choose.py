@@ -85,22 +85,15 @@ def preset_toml(preset: dict[str, dict[str, Any]], table: list[str]) -> str:
         "",
         *table,
     ]
-    body = cfgmod.dumps_toml({k: _nest(v) for k, v in preset.items()})
-    return "\n".join(f"# {line}".rstrip() for line in head) + "\n\n" + body
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        if isinstance(value, dict):
-            out[key] = _nest(value)
-            continue
-        *path, last = key.split(".")
-        node = out
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out
+    # one TOML table per algorithm and per sub-table of it: [cql], [cql.continuous], [cql.train], ...
+    sections: dict[str, dict[str, Any]] = {}
+    for algo, entry in preset.items():
+        sections[algo] = {k: v for k, v in entry.items() if not isinstance(v, dict)}
+        for sub, values in entry.items():
+            if isinstance(values, dict):
+                sections[f"{algo}.{sub}"] = values
+    body = cfgmod.dumps_toml({name: values for name, values in sections.items() if values})
+    return "\n".join(f"# {line}".rstrip() for line in head) + "\n" + body
 
 
 def main() -> None:
