@@ -3,12 +3,16 @@ describes and stays quiet on its near misses."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from offrl.bench.diagnose import DRIFT, DROP, GAP, diagnose, diagnose_table
+from offrl.bench.runner import read_evaluations
 
 
 def run(q: list[float], g: float, scores: list[float]) -> list[dict[str, float]]:
     return [
-        {"step": 1000 * (i + 1), "q_data_mean": qi, "return_mean": g, "normalized_score": s}
+        {"step": 1000 * (i + 1), "q_data_mean": qi, "data_return_mean": g, "normalized_score": s}
         for i, (qi, s) in enumerate(zip(q, scores, strict=True))
     ]
 
@@ -87,6 +91,30 @@ def test_off_data_drift_is_a_drop_while_the_policy_leaves_the_data() -> None:
         == []
     )
     assert kinds(pendulum([95.4, 95.8, 44.4, 21.3, 7.2, 6.2], gap[::-1], mse)) == []
+
+
+def test_the_data_return_is_never_the_evaluation_return() -> None:
+    over = run([9, 10, 12, 14], 9.0, [50] * 4)
+    assert kinds(over) == ["over-estimation"]
+    # records written before `data_return_mean` carry the data's return as `return_mean`, with q_return_gap
+    old = [
+        {**{k: v for k, v in e.items() if k != "data_return_mean"}, "return_mean": 9.0, "q_return_gap": 0.5}
+        for e in over
+    ]
+    assert kinds(old) == ["over-estimation"]
+    # without q_return_gap (Pendulum: no row qualifies), `return_mean` is the evaluation's: no bias at all
+    evaluation_only = [{**e, "return_mean": 9.0, "q_return_gap": None} for e in old]
+    assert kinds(evaluation_only) == []
+
+
+def test_read_evaluations_keeps_the_evaluation_return_apart(tmp_path: Path) -> None:
+    rows = [
+        {"step": 10, "diag/q_data_mean": -5.0, "diag/return_mean": -7.0, "diag/q_return_gap": 0.3},
+        {"step": 10, "eval/return_mean": -150.0, "eval/normalized_score": 90.0, "eval/pass": 1.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (ev,) = read_evaluations(tmp_path)
+    assert ev["return_mean"] == -150.0 and ev["data_return_mean"] == -7.0 and ev["q_data_mean"] == -5.0
 
 
 def test_runs_without_diagnostics_give_no_section() -> None:

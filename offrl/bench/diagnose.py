@@ -49,22 +49,33 @@ class Finding:
     evidence: dict[str, float]  # the numbers behind it, for the report's table
 
 
+def data_return(ev: dict[str, Any]) -> float | None:
+    """The mean return-to-go of the diagnostic rows at an evaluation, where the run logged it. Records
+    written before it had its own key carry it as ``return_mean`` (over the evaluation's return), and
+    only where ``q_return_gap`` was logged too; elsewhere ``return_mean`` is the evaluation's."""
+    if ev.get("data_return_mean") is not None:
+        return float(ev["data_return_mean"])
+    if ev.get("q_return_gap") is not None and ev.get("return_mean") is not None:
+        return float(ev["return_mean"])
+    return None
+
+
 def _bias(ev: dict[str, Any]) -> float | None:
-    q, g = ev.get("q_data_mean"), ev.get("return_mean")
+    q, g = ev.get("q_data_mean"), data_return(ev)
     if q is None or g is None:
         return None
-    return (float(q) - float(g)) / (abs(float(g)) + 1.0)
+    return (float(q) - g) / (abs(g) + 1.0)
 
 
 def diagnose(evaluations: Sequence[dict[str, Any]]) -> list[Finding]:
     """The findings of one run from its evaluations (step order; rows with ``q_data_mean``,
-    ``return_mean`` and ``normalized_score`` as in a bench record)."""
+    ``data_return_mean`` and ``normalized_score`` as in a bench record)."""
     rows = [e for e in evaluations if _bias(e) is not None]
     findings: list[Finding] = []
     if len(rows) >= 3:
         biases = [b for b in (_bias(e) for e in rows) if b is not None]
         end = biases[-1]
-        scale = abs(float(rows[-1]["return_mean"])) + 1.0
+        scale = abs(data_return(rows[-1]) or 0.0) + 1.0
         third = rows[max(0, len(rows) - 1 - max(1, len(rows) // 3))]
         rise = (float(rows[-1]["q_data_mean"]) - float(third["q_data_mean"])) / scale
         growth = end - min(biases, key=abs)
@@ -87,7 +98,7 @@ def diagnose(evaluations: Sequence[dict[str, Any]]) -> list[Finding]:
             and float(q_end) > float(q_best)
             and not climbing
         ):
-            scale = abs(float(final.get("return_mean", 0.0))) + 1.0
+            scale = abs(data_return(final) or 0.0) + 1.0
             findings.append(
                 Finding("collapse", {"drop": drop, "q_rise": (float(q_end) - float(q_best)) / scale})
             )

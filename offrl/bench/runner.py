@@ -317,9 +317,14 @@ def _float(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+# diag/ metrics whose name, without the prefix, is an evaluation's own key
+DIAG_RENAMED = {"return_mean": "data_return_mean"}
+
+
 def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
     """Evaluations logged in ``metrics.jsonl``, one per step (a resumed run's repeat of a step wins),
-    each with the ``diag/`` metrics logged at its step (without the prefix), where there are any."""
+    each with the ``diag/`` metrics logged at its step (without the prefix; ``diag/return_mean``, the
+    data's return-to-go, as ``data_return_mean``), where there are any."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -333,7 +338,9 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut by a crash
         if any(k.startswith("diag/") for k in row):
-            diag[int(row["step"])] = {k[5:]: _float(v) for k, v in row.items() if k.startswith("diag/")}
+            diag[int(row["step"])] = {
+                DIAG_RENAMED.get(k[5:], k[5:]): _float(v) for k, v in row.items() if k.startswith("diag/")
+            }
         if "eval/return_mean" not in row:
             continue
         step = int(row["step"])
