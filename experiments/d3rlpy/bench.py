@@ -7,6 +7,7 @@ and vectorisation, normalised with the dataset's references) and the cell's reco
 RESULTS/records/d3rlpy-ALGO__DATASET__sSEED.json.
 
     python experiments/d3rlpy/bench.py experiments/d3rlpy/classic.toml --out runs/bench/classic
+    # on two cores, two processes: --shard 0/2 and --shard 1/2
 """
 
 from __future__ import annotations
@@ -181,17 +182,32 @@ def main() -> int:
     parser.add_argument(
         "--python", type=Path, default=ROOT / os.environ.get("D3RLPY_VENV", ".venv-d3rlpy") / "bin" / "python"
     )
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="K/N: run only every N-th cell from the K-th (0-based), so N processes share the plan",
+    )
     args = parser.parse_args()
+    try:
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        assert 0 <= shard < shards
+    except (ValueError, AssertionError):
+        print(f"--shard: expected K/N with 0 <= K < N, got {args.shard!r}", file=sys.stderr)
+        return 2
     if not args.python.exists():
         print(f"{args.python}: no d3rlpy environment; run experiments/d3rlpy/setup.sh first", file=sys.stderr)
         return 1
     plan = cfgmod.read_toml(args.plan)
     version = d3rlpy_version(args.python)
     torch.set_num_threads(1)
+    index = -1
     for source in plan["datasets"]:
         discrete = dataset_facts(str(resolve_dataset(source)), None).discrete
         for algo in plan["discrete" if discrete else "continuous"]:
             for seed in plan["seeds"]:
+                index += 1
+                if index % shards != shard:
+                    continue
                 t0 = time.perf_counter()
                 path = run_cell(args.python, version, algo, source, seed, plan, args.out)
                 if path is not None:
