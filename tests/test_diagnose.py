@@ -23,7 +23,9 @@ def kinds(evs: list[dict[str, float]]) -> list[str]:
 
 def test_over_estimation_needs_a_large_and_growing_gap() -> None:
     g = 9.0  # |G| + 1 = 10
-    assert kinds(run([9, 10, 12, 14], g, [50] * 4)) == ["over-estimation"]  # bias +0.5, grown from 0
+    assert kinds(run([9, 10, 12, 14], g, [80, 90, 70, 60])) == ["over-estimation", "collapse"]  # bias +0.5
+    # the same Q with a score that holds: a policy better than the data's, whose Q lies above the data's G
+    assert kinds(run([9, 10, 12, 14], g, [50] * 4)) == []
     assert kinds(run([13, 13, 13, 13], g, [50] * 4)) == []  # +0.4 but constant: no drift
     assert kinds(run([9, 9.5, 10, 10.5], g, [50] * 4)) == []  # grown, but only to +0.15
 
@@ -94,17 +96,17 @@ def test_off_data_drift_is_a_drop_while_the_policy_leaves_the_data() -> None:
 
 
 def test_the_data_return_is_never_the_evaluation_return() -> None:
-    over = run([9, 10, 12, 14], 9.0, [50] * 4)
-    assert kinds(over) == ["over-estimation"]
+    over = run([9, 10, 12, 14], 9.0, [80, 90, 70, 60])
+    assert kinds(over) == ["over-estimation", "collapse"]
     # records written before `data_return_mean` carry the data's return as `return_mean`, with q_return_gap
     old = [
         {**{k: v for k, v in e.items() if k != "data_return_mean"}, "return_mean": 9.0, "q_return_gap": 0.5}
         for e in over
     ]
-    assert kinds(old) == ["over-estimation"]
+    assert kinds(old) == ["over-estimation", "collapse"]
     # without q_return_gap (Pendulum: no row qualifies), `return_mean` is the evaluation's: no bias at all
     evaluation_only = [{**e, "return_mean": 9.0, "q_return_gap": None} for e in old]
-    assert kinds(evaluation_only) == []
+    assert kinds(evaluation_only) == ["collapse"]  # the score fell while Q rose; no bias to read
 
 
 def test_read_evaluations_keeps_the_evaluation_return_apart(tmp_path: Path) -> None:
