@@ -1,0 +1,68 @@
+"""experiments/d3rlpy/compare.py on hand-made records: offrl's run is read at d3rlpy's last step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location(
+    "d3rlpy_compare", ROOT / "experiments" / "d3rlpy" / "compare.py"
+)
+assert spec is not None and spec.loader is not None
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def _write(folder: Path, name: str, rec: dict[str, object]) -> None:
+    (folder / "records").mkdir(parents=True, exist_ok=True)
+    (folder / "records" / f"{name}.json").write_text(json.dumps({"status": "finished", **rec}))
+
+
+def test_offrl_is_read_at_d3rlpys_last_step(tmp_path: Path) -> None:
+    for seed, (at_30, at_52, theirs) in enumerate([(40.0, 80.0, 30.0), (50.0, 90.0, 20.0)]):
+        evs = [{"step": 11730, "normalized_score": at_30}, {"step": 20332, "normalized_score": at_52}]
+        _write(
+            tmp_path,
+            f"cql__p__s{seed}",
+            {"cell": {"algo": "cql"}, "task": "p", "seed": seed, "evaluations": evs},
+        )
+        final = {"step": 11730, "normalized_score": theirs}
+        _write(
+            tmp_path,
+            f"d3rlpy-cql__p__s{seed}",
+            {
+                "external": "d3rlpy",
+                "cell_id": f"d3rlpy-cql__p__s{seed}",
+                "task": "p",
+                "seed": seed,
+                "final": final,
+            },
+        )
+    # an offrl run without an evaluation at that step is left out, not compared at another step
+    _write(
+        tmp_path,
+        "bc__p__s0",
+        {
+            "cell": {"algo": "bc"},
+            "task": "p",
+            "seed": 0,
+            "evaluations": [{"step": 20332, "normalized_score": 9.0}],
+        },
+    )
+    _write(
+        tmp_path,
+        "d3rlpy-bc__p__s0",
+        {
+            "external": "d3rlpy",
+            "cell_id": "d3rlpy-bc__p__s0",
+            "task": "p",
+            "seed": 0,
+            "final": {"step": 11730, "normalized_score": 1.0},
+        },
+    )
+    assert compare.pairs(tmp_path) == {("cql", "p"): {0: (40.0, 30.0, 11730), 1: (50.0, 20.0, 11730)}}
+    lines = compare.section(tmp_path, "2.8.1")
+    assert "| p | cql | 11730 | 2 | 45.0 | 25.0 |" in lines
+    assert lines[0] == "## offrl beside d3rlpy 2.8.1 at equal gradient steps"
