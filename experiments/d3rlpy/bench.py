@@ -4,7 +4,7 @@ Each cell trains in d3rlpy's virtual environment (train_d3rlpy.py, one torch thr
 policy as TorchScript at every evaluation point; here, in offrl's environment, each saved policy is
 evaluated with offrl's protocol (offrl.evaluation.evaluate: the trainer's evaluation seed, episodes
 and vectorisation, normalised with the dataset's references) and the cell's record is written to
-RESULTS/records/d3rlpy-ALGO__DATASET__sSEED.json.
+RESULTS/records/d3rlpy-ALGO__DATASET__sSEED.json, labelled "d3rlpy-ALGO (VERSION, N passes)".
 
     python experiments/d3rlpy/bench.py experiments/d3rlpy/classic.toml --out runs/bench/classic
     # on two cores, two processes: --shard 0/2 and --shard 1/2
@@ -60,6 +60,11 @@ def d3rlpy_version(python: Path) -> str:
         check=True,
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+def label_of(algo: str, version: str, passes: int) -> str:
+    """The report's row label: d3rlpy's version and budget, which may stop short of the table's."""
+    return f"d3rlpy-{algo} ({version}, {passes} passes)"
 
 
 def run_cell(
@@ -138,7 +143,7 @@ def run_cell(
         "external": "d3rlpy",  # not a cell of an offrl grid: `offrl report` keeps it beside the grid's
         "kind": "offline",
         "status": "finished",
-        "algo": f"d3rlpy-{algo} ({version})",
+        "algo": label_of(algo, version, passes),
         "task": slug(label),
         "seed": seed,
         "steps": passes * per_pass,
@@ -151,7 +156,7 @@ def run_cell(
         "evaluations": evaluations,
         "cell": {
             "cell_id": cell_id,
-            "algo": f"d3rlpy-{algo} ({version})",
+            "algo": label_of(algo, version, passes),
             "algo_name": f"d3rlpy:{config['class']}",
             "task": slug(label),
             "seed": seed,
