@@ -30,3 +30,9 @@ def test_demo_trains_each_algorithm_and_prints_the_table(
         assert "threads = 1" in config and 'precision = "fp32"' in config
     assert set(demo.TABLE) == set(demo.ALGOS)  # the table's number beside each algorithm at demo.PASSES
     assert "after 1 pass (" in out and "table" in out
+
+
+def test_demo_refuses_a_budget_below_one_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--passes", "0"])
+    assert exit_info.value.code == 2 and "--passes must be at least 1, got 0" in capsys.readouterr().err
