@@ -49,8 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", default="runs/demo", help="folder for the runs (each algorithm's run is replaced)"
     )
-    parser.add_argument("--passes", type=int, default=PASSES, help="full passes over the data per algorithm")
+    parser.add_argument(
+        "--passes", type=int, default=PASSES, help="full passes over the data per algorithm (≥ 1)"
+    )
     args = parser.parse_args(argv)
+    if args.passes < 1:
+        parser.error(f"--passes must be at least 1, got {args.passes}")
     out = Path(args.out)
     t0 = time.perf_counter()
     path = resolve_dataset(DATASET)
