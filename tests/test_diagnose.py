@@ -39,6 +39,17 @@ def test_under_training_needs_q_below_and_still_rising() -> None:
     assert kinds(run([40, 44, 46, 48], g, [50] * 4)) == []  # rising, but close to G
 
 
+def test_under_training_from_above_where_rewards_are_negative() -> None:
+    # classic/acrobot-medium-replay, discrete CQL from the classic preset, seed 0: −1 per step, so Q falls
+    # from 0 towards the data's return-to-go (−88.9) and is still falling at 20k steps; never swings up
+    q = [-14.02, -26.1, -36.11, -45.14, -52.28, -53.42]
+    (finding,) = diagnose(run(q, -88.93, [0.0] * 6))
+    assert finding.kind == "under-training"
+    assert round(finding.evidence["bias"], 2) == 0.39 and round(finding.evidence["rise"], 2) == -0.09
+    # settled above the returns (a policy better than the data's): not flagged
+    assert kinds(run([-53.0] * 6, -88.93, [90.0] * 6)) == []
+
+
 def test_collapse_is_a_drop_while_q_rises_unless_q_is_still_climbing() -> None:
     g = 9.0
     assert kinds(run([9, 9.5, 9.8, 10], g, [90, 95, 60, 60])) == ["collapse"]
