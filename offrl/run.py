@@ -64,19 +64,30 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Interrupted` in the main thread, as SIGINT raises
+    KeyboardInterrupt (elsewhere signals cannot be handled, and the block runs unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def interrupts_recorded(rd: RunDirectory, **fields: Any) -> Iterator[None]:
     """Within the block SIGTERM raises :class:`Interrupted` (as SIGINT raises KeyboardInterrupt); a run
     stopped by either is recorded as "interrupted" in ``run.json`` before the exception goes on."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = None
-    if in_main:
-
-        def on_term(signum: int, frame: object) -> None:
-            raise Interrupted(signum)
-
-        previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        yield
+        with sigterm_raises():
+            yield
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         if rd.info:  # begun: run.json says running
@@ -84,9 +95,6 @@ def interrupts_recorded(rd: RunDirectory, **fields: Any) -> Iterator[None]:
         if not isinstance(exc, Interrupted):
             raise Interrupted(signum) from None
         raise
-    finally:
-        if in_main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 class TrainingDiverged(OfflineRLError):

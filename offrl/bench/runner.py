@@ -28,7 +28,6 @@ import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from collections import deque
@@ -43,7 +42,7 @@ from tqdm import tqdm
 from offrl.bench.grid import Cell, GridConfig, expand, load_grid
 from offrl.errors import ConfigError, OfflineRLError
 from offrl.logger import progress_enabled
-from offrl.run import Interrupted, run_status, runtime_setting
+from offrl.run import Interrupted, run_status, runtime_setting, sigterm_raises
 from offrl.utils import atomic_write_json, atomic_write_text
 
 RECORD_SCHEMA = 1
@@ -575,24 +574,6 @@ def _unless_stopped(
 STOP_GRACE_S = 30.0  # seconds a stopped grid gives its running cells to record themselves interrupted
 
 
-@contextlib.contextmanager
-def _sigterm_stops() -> Any:
-    """Within the block SIGTERM raises :class:`offrl.run.Interrupted` in the main thread, as SIGINT
-    raises KeyboardInterrupt, so that a stopped grid stops its workers too."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class RayBackend:
     """Ray tasks (``pip install 'offrl[ray]'``): the same cells and records, on one machine or a cluster.
     On several machines RESULTS_DIR and the dataset files must be on storage every node sees."""
@@ -746,7 +727,7 @@ def run_grid(
         pack = DEFAULT_PACK["cuda" if any(c.device.startswith("cuda") for c in todo) else "cpu"]
     jobs = plan_jobs(todo, memory_bounded_pack(pack))
     try:
-        with _sigterm_stops():
+        with sigterm_raises():  # a stopped grid stops its workers too (close(cancel=True))
             _loop(exec_backend, jobs, results, retries, summary, show_progress, grid.name)
     except BaseException:
         if owned:
