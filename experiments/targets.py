@@ -1,0 +1,173 @@
+"""The classic table's targets, checked on its results folder, with the diagnostics of every miss.
+
+Targets (means over seeds per dataset; IQM with stratified bootstrap 95% CIs for aggregates):
+1. CQL and IQL ≥ BC on every ``medium-replay`` and ``random`` dataset;
+2. CQL and IQL ≥ BC on the IQM over the ``medium-expert`` datasets;
+3. each offrl algorithm ≥ d3rlpy's implementation of it, on the IQM over the cells both ran, at equal
+   gradient steps (experiments/d3rlpy/compare.py pairs the runs).
+
+Where CQL or IQL trails BC on a dataset, the row lists what the report's *Diagnose* section finds on the
+trailing algorithm's seeds and on BC's, and each side's best evaluation during training (a run that
+peaked above the other side and fell is a different problem from one that never got there).
+
+    python experiments/targets.py runs/bench/classic --out experiments/results/classic/targets.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from offrl.bench.diagnose import diagnose
+from offrl.bench.report import ReportData, task_level
+from offrl.bench.stats import stratified_bootstrap_ci
+from offrl.utils import atomic_write_text
+
+CHALLENGERS = ("cql", "iql")
+PER_DATASET_LEVELS = ("medium-replay", "random")
+AGGREGATE_LEVEL = "medium-expert"
+
+
+def _compare_module() -> Any:
+    path = Path(__file__).resolve().parent / "d3rlpy" / "compare.py"
+    spec = importlib.util.spec_from_file_location("d3rlpy_compare", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finals(data: ReportData, task: str, algo: str) -> list[float]:
+    group = data.offline.get(task, {}).get(algo)
+    return group.values("final", "normalized_score") if group else []
+
+
+def _bests(data: ReportData, task: str, algo: str) -> list[float]:
+    group = data.offline.get(task, {}).get(algo)
+    return group.values("best_during_training", "normalized_score") if group else []
+
+
+def _findings(data: ReportData, task: str, algo: str) -> str:
+    group = data.offline.get(task, {}).get(algo)
+    if group is None:
+        return ""
+    counts = Counter(f.kind for r in group.ok for f in diagnose(r.get("evaluations", [])))
+    return ", ".join(f"{kind} {n}/{len(group.ok)}" for kind, n in counts.items()) or "none"
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f}" if values else "–"
+
+
+def per_dataset(data: ReportData) -> tuple[list[str], int, int]:
+    """Target 1: markdown lines, and how many (dataset, algorithm) comparisons held / were made."""
+    lines = [
+        "### CQL and IQL against BC on every medium-replay and random dataset",
+        "",
+        "Final normalised score, mean over seeds (best during training in brackets). A miss lists the "
+        "diagnose findings on the trailing algorithm's seeds and on BC's.",
+        "",
+        "| dataset | bc | cql | iql | held | diagnostics of a miss |",
+        "|---|---|---|---|---|---|",
+    ]
+    held = made = 0
+    for task in sorted(data.offline):
+        if task_level(task) not in PER_DATASET_LEVELS:
+            continue
+        bc = _finals(data, task, "bc")
+        if not bc:
+            continue
+        cells, verdicts, notes = [], [], []
+        for algo in ("bc", *CHALLENGERS):
+            finals = _finals(data, task, algo)
+            bests = _bests(data, task, algo)
+            cells.append(f"{_mean(finals)} ({_mean(bests)})" if finals else "–")
+            if algo == "bc" or not finals:
+                continue
+            made += 1
+            ok = statistics.mean(finals) >= statistics.mean(bc)
+            held += ok
+            verdicts.append(f"{algo} {'✓' if ok else '✗'}")
+            if not ok:
+                notes.append(f"{algo}: {_findings(data, task, algo)}; bc: {_findings(data, task, 'bc')}")
+        lines.append(f"| {task} | {' | '.join(cells)} | {', '.join(verdicts)} | {'; '.join(notes)} |")
+    return [*lines, "", f"Held: {held} of {made}.", ""], held, made
+
+
+def aggregate_level(data: ReportData, level: str = AGGREGATE_LEVEL) -> list[str]:
+    """Target 2: IQM over a level's datasets for BC and each challenger."""
+    tasks = [t for t in sorted(data.offline) if task_level(t) == level]
+    lines = [
+        f"### CQL and IQL against BC on the IQM over {level}",
+        "",
+        "| algorithm | datasets | IQM [95% CI] | held |",
+        "|---|---|---|---|",
+    ]
+    iqms: dict[str, float] = {}
+    for algo in ("bc", *CHALLENGERS):
+        per_task = [v for v in (_finals(data, t, algo) for t in tasks) if v]
+        if not per_task:
+            continue
+        ci = stratified_bootstrap_ci(per_task, "iqm")
+        iqms[algo] = ci.point
+        verdict = "" if algo == "bc" or "bc" not in iqms else ("✓" if ci.point >= iqms["bc"] else "✗")
+        lines.append(f"| {algo} | {len(per_task)} | {ci.format()} | {verdict} |")
+    return [*lines, ""] if iqms else []
+
+
+def against_d3rlpy(results: Path) -> list[str]:
+    """Target 3: per algorithm, the IQM of the paired runs on each side."""
+    got = _compare_module().pairs(results)
+    if not got:
+        return []
+    by_algo: dict[str, list[tuple[list[float], list[float]]]] = {}
+    for (algo, _task), seeds in sorted(got.items()):
+        by_algo.setdefault(algo, []).append(([v[0] for v in seeds.values()], [v[1] for v in seeds.values()]))
+    lines = [
+        "### offrl against d3rlpy at equal gradient steps",
+        "",
+        "IQM over the (dataset, seed) runs both sides finished; the per-dataset pairs are in d3rlpy.md.",
+        "",
+        "| algorithm | datasets | offrl IQM [95% CI] | d3rlpy IQM [95% CI] | held |",
+        "|---|---|---|---|---|",
+    ]
+    for algo, tasks in by_algo.items():
+        ours = stratified_bootstrap_ci([t[0] for t in tasks], "iqm")
+        theirs = stratified_bootstrap_ci([t[1] for t in tasks], "iqm")
+        verdict = "✓" if ours.point >= theirs.point else "✗"
+        lines.append(f"| {algo} | {len(tasks)} | {ours.format()} | {theirs.format()} | {verdict} |")
+    return [*lines, ""]
+
+
+def section(results: Path) -> list[str]:
+    data = ReportData.load(results)
+    first, _, _ = per_dataset(data)
+    return ["## Targets", "", *first, *aggregate_level(data), *against_d3rlpy(results)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("results", type=Path, help="the classic table's results folder")
+    parser.add_argument("--out", type=Path, help="write the section to this markdown file")
+    args = parser.parse_args()
+    if not (args.results / "records").is_dir():
+        print(f"{args.results}: no records folder (run `offrl bench experiments/classic.toml` first)")
+        return 1
+    text = "\n".join(section(args.results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

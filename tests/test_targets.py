@@ -1,0 +1,66 @@
+"""experiments/targets.py on hand-made records: verdicts per dataset and per level, and the diagnostics
+listed for a miss."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("classic_targets", ROOT / "experiments" / "targets.py")
+assert spec is not None and spec.loader is not None
+targets = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(targets)
+
+
+def _record(
+    folder: Path, algo: str, task: str, seed: int, scores: list[float], q: list[float] | None = None
+) -> None:
+    evaluations: list[dict[str, float]] = [
+        {"step": 100 * (i + 1), "normalized_score": s} for i, s in enumerate(scores)
+    ]
+    for ev, value in zip(evaluations, q or [], strict=False):
+        ev["q_data_mean"] = value
+    rec = {
+        "status": "finished",
+        "kind": "offline",
+        "cell_id": f"{algo}__{task}__s{seed}",
+        "cell": {"algo": algo},
+        "algo": algo,
+        "task": task,
+        "seed": seed,
+        "evaluations": evaluations,
+        "final": evaluations[-1],
+        "best_during_training": max(evaluations, key=lambda e: e["normalized_score"]),
+    }
+    (folder / "records").mkdir(parents=True, exist_ok=True)
+    (folder / "records" / f"{rec['cell_id']}.json").write_text(json.dumps(rec))
+
+
+def test_a_miss_is_named_with_its_diagnostics(tmp_path: Path) -> None:
+    for seed in range(2):
+        _record(tmp_path, "bc", "env-medium-replay", seed, [30.0, 40.0])
+        _record(tmp_path, "iql", "env-medium-replay", seed, [50.0, 60.0])
+        # CQL peaks and falls while Q of the data's actions climbs above their returns: a collapse
+        _record(tmp_path, "cql", "env-medium-replay", seed, [80.0, 10.0], q=[1.0, 5.0 + seed])
+        _record(tmp_path, "bc", "env-expert", seed, [90.0])  # a level no target reads per dataset
+    data = targets.ReportData.load(tmp_path)
+    lines, held, made = targets.per_dataset(data)
+    text = "\n".join(lines)
+    assert (held, made) == (1, 2)
+    assert "| env-medium-replay | 40.0 (40.0) | 10.0 (80.0) | 60.0 (60.0) | cql ✗, iql ✓ |" in text
+    assert "cql: collapse 2/2; bc: none" in text
+    assert "env-expert" not in text
+
+
+def test_medium_expert_iqm_verdicts(tmp_path: Path) -> None:
+    for task, bc, cql in (("a-medium-expert", 50.0, 40.0), ("b-medium-expert", 60.0, 45.0)):
+        for seed in range(3):
+            _record(tmp_path, "bc", task, seed, [bc + seed])
+            _record(tmp_path, "cql", task, seed, [cql + seed])
+    text = "\n".join(targets.aggregate_level(targets.ReportData.load(tmp_path)))
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["bc"].endswith("|  |")
+    assert rows["cql"].endswith("| ✗ |")
+    assert "iql" not in rows
