@@ -357,6 +357,39 @@ def test_report_numbers_from_records(tmp_path: Path) -> None:
     assert "| c |" not in text and "`c__t1__s0`" in text  # listed as left out, not reported
 
 
+def test_report_lists_unrun_cells_by_task(tmp_path: Path) -> None:
+    """A partial grid's missing cells read per dataset and algorithm, with their seeds."""
+    from offrl.bench.grid import Cell
+
+    cells = [
+        Cell(f"{a}__{t}__s{s}", "offline", a, a, t, s, "cpu", {}).to_dict()
+        for t in ("t1", "t2")
+        for a in ("bc", "cql")
+        for s in (0, 1)
+    ]
+    (tmp_path / "cells.json").write_text(json.dumps({"name": "x", "cells": cells}))
+    done = Cell("bc__t1__s0", "offline", "bc", "bc", "t1", 0, "cpu", {})
+    ev = {"step": 1, "normalized_score": 1.0, "return_mean": 1.0}
+    rec = {
+        "cell_id": done.cell_id,
+        "config_hash": done.config_hash(),
+        "cell": done.to_dict(),
+        "kind": "offline",
+        "algo": "bc",
+        "task": "t1",
+        "seed": 0,
+        "status": "finished",
+        "evaluations": [ev],
+        "final": ev,
+    }
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "bc__t1__s0.json").write_text(json.dumps(rec))
+    text = write_report(tmp_path, tmp_path / "rep", n_boot=50).read_text()
+    assert "- not run (yet): 7 of 8 cells" in text
+    assert "  - t1: bc (seed 1), cql (seeds 0, 1)" in text
+    assert "  - t2: bc (seeds 0, 1), cql (seeds 0, 1)" in text
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml")))
 def test_shipped_grids_parse(path: Path) -> None:
     grid = load_grid(path)

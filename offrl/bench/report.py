@@ -450,7 +450,8 @@ def _failures(data: ReportData) -> list[str]:
             f"- `{r.get('cell_id')}`: failed after {r.get('attempts')} attempt(s): {err[0] if err else '?'}"
         )
     if missing:
-        lines.append(f"- not run (yet): {', '.join(f'`{m}`' for m in missing)}")
+        lines.append(f"- not run (yet): {len(missing)} of {len(data.expected)} cells")
+        lines += [f"  - {task}: {algos}" for task, algos in _missing_by_task(data, missing)]
     if data.stale:
         lines.append(
             f"- left out, recorded for a cell no longer in the grid or since edited: "
@@ -458,6 +459,25 @@ def _failures(data: ReportData) -> list[str]:
         )
     lines.append("")
     return lines
+
+
+def _missing_by_task(data: ReportData, missing: list[Any]) -> list[tuple[str, str]]:
+    """The grid's unrun cells per task, as "bc (seeds 0, 1, 2), cql (seed 1)": a partial grid of
+    hundreds of cells reads by dataset, not as a list of ids."""
+    seeds: dict[str, dict[str, list[int]]] = {}
+    wanted = set(missing)
+    for c in data.expected:
+        if c.get("cell_id") in wanted:
+            per_algo = seeds.setdefault(str(c.get("task")), {})
+            per_algo.setdefault(str(c.get("algo")), []).append(int(c.get("seed", 0)))
+    out = []
+    for task, per_algo in seeds.items():
+        parts = [
+            f"{algo} (seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, sorted(ss)))})"
+            for algo, ss in per_algo.items()
+        ]
+        out.append((task, ", ".join(parts)))
+    return out
 
 
 def _timing(data: ReportData) -> list[str]:
