@@ -390,6 +390,35 @@ def test_report_lists_unrun_cells_by_task(tmp_path: Path) -> None:
     assert "  - t2: bc (seeds 0, 1), cql (seeds 0, 1)" in text
 
 
+def test_report_states_the_cost_of_each_column(tmp_path: Path) -> None:
+    """The speed section sums each algorithm's wall times into worker-hours, resumed runs counted."""
+    (tmp_path / "records").mkdir()
+    ev = {"step": 1, "normalized_score": 1.0, "return_mean": 1.0}
+    for algo, seed, wall, resumed in (
+        ("bc", 0, 1800.0, False),
+        ("bc", 1, 900.0, True),
+        ("cql", 0, 7200.0, False),
+    ):
+        rec = {
+            "cell_id": f"{algo}__t__s{seed}",
+            "kind": "offline",
+            "algo": algo,
+            "task": "t",
+            "seed": seed,
+            "status": "finished",
+            "evaluations": [ev],
+            "final": ev,
+            "wall_time_s": wall,
+            "steps_per_second": 100.0,
+            "resumed": resumed,
+        }
+        (tmp_path / "records" / f"{rec['cell_id']}.json").write_text(json.dumps(rec))
+    text = write_report(tmp_path, tmp_path / "rep", n_boot=50).read_text()
+    assert "| bc | 2 | 0.75 | 1 |" in text
+    assert "| cql | 1 | 2.00 | 0 |" in text
+    assert "| all | 3 | 2.75 | 1 |" in text
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml")))
 def test_shipped_grids_parse(path: Path) -> None:
     grid = load_grid(path)

@@ -505,7 +505,34 @@ def _timing(data: ReportData) -> list[str]:
         "| task | algorithm | steps/s (mean) | wall time per run | threads |",
         "|---|---|---|---|---|",
     ]
-    return [*head, *rows, ""]
+    return [*head, *rows, "", *_cost(data)]
+
+
+def _cost(data: ReportData) -> list[str]:
+    """What each algorithm's column cost: the sum of its runs' wall times (evaluation included)."""
+    total: dict[str, list[float]] = {}
+    resumed: dict[str, int] = {}
+    for table in (data.offline, data.online):
+        for groups in table.values():
+            for algo, g in groups.items():
+                for r in g.ok:
+                    if r.get("wall_time_s"):
+                        total.setdefault(algo, []).append(float(r["wall_time_s"]))
+                        resumed[algo] = resumed.get(algo, 0) + bool(r.get("resumed"))
+    if not total:
+        return []
+    lines = [
+        "Cost per algorithm: the sum of its finished runs' wall times (worker-hours; a resumed run counts "
+        "only the part after its resume).",
+        "",
+        "| algorithm | runs | worker-hours | resumed runs |",
+        "|---|---|---|---|",
+    ]
+    for algo, walls in total.items():
+        lines.append(f"| {algo} | {len(walls)} | {sum(walls) / 3600:.2f} | {resumed[algo]} |")
+    everything = [w for walls in total.values() for w in walls]
+    lines.append(f"| all | {len(everything)} | {sum(everything) / 3600:.2f} | {sum(resumed.values())} |")
+    return [*lines, ""]
 
 
 # -- plots ---------------------------------------------------------------------------------------------
