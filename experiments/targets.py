@@ -30,6 +30,7 @@ from offrl.utils import atomic_write_text
 CHALLENGERS = ("cql", "iql")
 PER_DATASET_LEVELS = ("medium-replay", "random")
 AGGREGATE_LEVEL = "medium-expert"
+TAIL, MOVING = 0.4, 10.0  # a mean curve that moves > 10 points over the run's last 40% has not flattened
 
 
 def _compare_module() -> Any:
@@ -143,10 +144,54 @@ def against_d3rlpy(results: Path) -> list[str]:
     return [*lines, ""]
 
 
+def mean_curve(data: ReportData, task: str, algo: str) -> list[tuple[int, float]]:
+    """(step, mean score over seeds) at the evaluation steps every finished seed has."""
+    group = data.offline.get(task, {}).get(algo)
+    runs = [
+        {
+            int(e["step"]): float(e["normalized_score"])
+            for e in r.get("evaluations", [])
+            if e.get("normalized_score") is not None
+        }
+        for r in (group.ok if group else [])
+    ]
+    if not runs:
+        return []
+    steps = sorted(set.intersection(*(set(run) for run in runs)))
+    return [(s, statistics.mean(run[s] for run in runs)) for s in steps]
+
+
+def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -> list[str]:
+    """Is the budget enough? The (dataset, algorithm) pairs whose mean curve moved by more than ``points``
+    over the last ``tail`` of the run (from the last evaluation at or before (1 − tail) of the final step)."""
+    rows = []
+    for task in sorted(data.offline):
+        for algo in data.offline[task]:
+            curve = mean_curve(data, task, algo)
+            if len(curve) < 2:
+                continue
+            end_step, end = curve[-1]
+            start = [v for s, v in curve if s <= (1.0 - tail) * end_step]
+            if start and abs(end - start[-1]) > points:
+                rows.append(f"| {task} | {algo} | {start[-1]:.1f} | {end:.1f} | {end - start[-1]:+.1f} |")
+    return [
+        "### Have the curves flattened?",
+        "",
+        f"Mean curves (over seeds) that moved by more than {points:.0f} points over the last {tail:.0%} of "
+        f"the run, of {sum(len(a) for a in data.offline.values())} (dataset, algorithm) pairs; the "
+        "curves are in report.md.",
+        "",
+        "| dataset | algorithm | at 60% | final | change |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def section(results: Path) -> list[str]:
     data = ReportData.load(results)
     first, _, _ = per_dataset(data)
-    return ["## Targets", "", *first, *aggregate_level(data), *against_d3rlpy(results)]
+    return ["## Targets", "", *first, *aggregate_level(data), *against_d3rlpy(results), *still_moving(data)]
 
 
 def main() -> int:

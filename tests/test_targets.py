@@ -64,3 +64,13 @@ def test_medium_expert_iqm_verdicts(tmp_path: Path) -> None:
     assert rows["bc"].endswith("|  |")
     assert rows["cql"].endswith("| ✗ |")
     assert "iql" not in rows
+
+
+def test_still_moving_lists_curves_that_have_not_flattened(tmp_path: Path) -> None:
+    for seed in range(2):
+        # evaluations at steps 100..500: 60% of the run is step 300
+        _record(tmp_path, "iql", "env-random", seed, [0.0, 10.0, 20.0, 40.0, 60.0 + seed])
+        _record(tmp_path, "bc", "env-random", seed, [0.0, 30.0, 50.0, 55.0, 58.0])
+    text = "\n".join(targets.still_moving(targets.ReportData.load(tmp_path)))
+    assert "| env-random | iql | 20.0 | 60.5 | +40.5 |" in text
+    assert "| env-random | bc |" not in text  # 50 → 58: within 10 points
