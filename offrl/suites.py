@@ -332,10 +332,27 @@ def behaviour_stats(
 
 
 def build_platform() -> str:
-    """What besides package versions can change a build's bytes: the machine and torch's CPU kernels."""
+    """What besides package versions can change a build's bytes: the machine, torch's CPU kernels and
+    the CPU model (the same instruction set on another vendor's CPU takes other kernel paths, whose
+    float results differ in the last bits; a policy's action, and so the rest of its episode, with them)."""
     import platform
 
-    return f"{platform.system()}-{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+    base = f"{platform.system()}-{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+    model = cpu_model()
+    return f"{base} ({model})" if model else base
+
+
+def cpu_model() -> str:
+    """The CPU's model name ('' where the system does not say)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor().strip()
 
 
 def normalized(spec: DatasetSpec, value: float) -> float:
@@ -399,6 +416,10 @@ def mismatch(spec: DatasetSpec, built: dict[str, Any]) -> str | None:
         f"{k} {then.get(k)} → {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)
     ]
     why = f"differences: {', '.join(changed)}" if changed else "same versions and platform: a bug"
+    score, theirs = built.get("normalized_score"), spec.built.get("normalized_score")
+    if changed and score is not None and theirs is not None:
+        # the bytes cannot match across such differences; what matters is that the data are as good
+        why += f"; normalised score of the data {score:.1f} here, {theirs:.1f} in the manifest"
     return f"arrays' SHA-256 {built['sha256'][:12]}… differs from the manifest's {want[:12]}… ({why})"
 
 

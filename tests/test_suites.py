@@ -124,6 +124,15 @@ def test_manifest_record_and_mismatch(tiny_suite: Path, tmp_path: Path) -> None:
     other = {**rec, "sha256": "0" * 64, "package_versions": {**rec["package_versions"], "numpy": "0.0"}}
     message = suites.mismatch(spec, other)
     assert message is not None and "numpy" in message and "0.0" in message
+    assert f"normalised score of the data {rec['normalized_score']:.1f} here" in message
+    same = {**rec, "sha256": "0" * 64}
+    assert "a bug" in (suites.mismatch(spec, same) or "")
+
+
+def test_build_platform_names_the_cpu() -> None:
+    """Two CPUs with the same instruction set can build different bytes, so the record names the model."""
+    model = suites.cpu_model()
+    assert model == "" or suites.build_platform().endswith(f"({model})")
 
 
 def test_behaviour_stats_leave_out_quota_cut_episodes(tiny_suite: Path, tmp_path: Path) -> None:
