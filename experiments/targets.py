@@ -10,7 +10,8 @@ Where CQL or IQL trails BC on a dataset, the row lists what the report's *Diagno
 trailing algorithm's seeds and on BC's, and each side's best evaluation during training (a run that
 peaked above the other side and fell is a different problem from one that never got there).
 
-    python experiments/targets.py runs/bench/classic --out experiments/results/classic/targets.md
+    python experiments/targets.py runs/bench/classic --out experiments/results/classic/targets.md \
+        --same-settings runs/bench/classic-d3rlpy-settings
 """
 
 from __future__ import annotations
@@ -120,27 +121,43 @@ def aggregate_level(data: ReportData, level: str = AGGREGATE_LEVEL) -> list[str]
     return [*lines, ""] if iqms else []
 
 
-def against_d3rlpy(results: Path) -> list[str]:
-    """Target 3: per algorithm, the IQM of the paired runs on each side."""
-    got = _compare_module().pairs(results)
+def against_d3rlpy(results: Path, same: Path | None = None) -> list[str]:
+    """Target 3: per algorithm, the IQM of the paired runs on each side, and where ``same`` holds offrl's
+    runs at d3rlpy's settings, theirs too (an implementation gap against a settings gap)."""
+    compare = _compare_module()
+    got = compare.pairs(results)
     if not got:
         return []
-    by_algo: dict[str, list[tuple[list[float], list[float]]]] = {}
-    for (algo, _task), seeds in sorted(got.items()):
-        by_algo.setdefault(algo, []).append(([v[0] for v in seeds.values()], [v[1] for v in seeds.values()]))
+    alike = compare.same_settings(got, same) if same is not None else {}
+    by_algo: dict[str, list[tuple[str, list[float], list[float]]]] = {}
+    for (algo, task), seeds in sorted(got.items()):
+        by_algo.setdefault(algo, []).append(
+            (task, [v[0] for v in seeds.values()], [v[1] for v in seeds.values()])
+        )
     lines = [
         "### offrl against d3rlpy at equal gradient steps",
         "",
-        "IQM over the (dataset, seed) runs both sides finished; the per-dataset pairs are in d3rlpy.md.",
+        "IQM over the (dataset, seed) runs both sides finished; the per-dataset pairs are in d3rlpy.md. "
+        "offrl runs its `classic` preset, d3rlpy its defaults"
+        + ("; the last column is offrl at d3rlpy's settings, where run." if alike else "."),
         "",
-        "| algorithm | datasets | offrl IQM [95% CI] | d3rlpy IQM [95% CI] | held |",
-        "|---|---|---|---|---|",
+        "| algorithm | datasets | offrl IQM [95% CI] | d3rlpy IQM [95% CI] | held |"
+        + (" offrl at d3rlpy's settings | held |" if alike else ""),
+        "|---|---|---|---|---|" + ("---|---|" if alike else ""),
     ]
     for algo, tasks in by_algo.items():
-        ours = stratified_bootstrap_ci([t[0] for t in tasks], "iqm")
-        theirs = stratified_bootstrap_ci([t[1] for t in tasks], "iqm")
+        ours = stratified_bootstrap_ci([t[1] for t in tasks], "iqm")
+        theirs = stratified_bootstrap_ci([t[2] for t in tasks], "iqm")
         verdict = "✓" if ours.point >= theirs.point else "✗"
-        lines.append(f"| {algo} | {len(tasks)} | {ours.format()} | {theirs.format()} | {verdict} |")
+        row = f"| {algo} | {len(tasks)} | {ours.format()} | {theirs.format()} | {verdict} |"
+        if alike:
+            mine = [list(alike.get((algo, t[0]), {}).values()) for t in tasks]
+            if all(mine):
+                same_ci = stratified_bootstrap_ci(mine, "iqm")
+                row += f" {same_ci.format()} | {'✓' if same_ci.point >= theirs.point else '✗'} |"
+            else:
+                row += "  |  |"
+        lines.append(row)
     return [*lines, ""]
 
 
@@ -188,10 +205,17 @@ def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -
     ]
 
 
-def section(results: Path) -> list[str]:
+def section(results: Path, same: Path | None = None) -> list[str]:
     data = ReportData.load(results)
     first, _, _ = per_dataset(data)
-    return ["## Targets", "", *first, *aggregate_level(data), *against_d3rlpy(results), *still_moving(data)]
+    return [
+        "## Targets",
+        "",
+        *first,
+        *aggregate_level(data),
+        *against_d3rlpy(results, same),
+        *still_moving(data),
+    ]
 
 
 def main() -> int:
@@ -200,11 +224,17 @@ def main() -> int:
     )
     parser.add_argument("results", type=Path, help="the classic table's results folder")
     parser.add_argument("--out", type=Path, help="write the section to this markdown file")
+    parser.add_argument(
+        "--same-settings",
+        type=Path,
+        metavar="DIR",
+        help="results of offrl at d3rlpy's settings (experiments/d3rlpy/offrl-at-d3rlpy-settings.toml)",
+    )
     args = parser.parse_args()
     if not (args.results / "records").is_dir():
         print(f"{args.results}: no records folder (run `offrl bench experiments/classic.toml` first)")
         return 1
-    text = "\n".join(section(args.results))
+    text = "\n".join(section(args.results, args.same_settings))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, text)

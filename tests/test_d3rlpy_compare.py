@@ -66,3 +66,61 @@ def test_offrl_is_read_at_d3rlpys_last_step(tmp_path: Path) -> None:
     lines = compare.section(tmp_path, "2.8.1")
     assert "| p | cql | 11730 | 2 | 45.0 | 25.0 |" in lines
     assert lines[0] == "## offrl beside d3rlpy 2.8.1 at equal gradient steps"
+
+
+def test_same_settings_column_reads_the_other_folder_at_the_same_step(tmp_path: Path) -> None:
+    table, alike = tmp_path / "table", tmp_path / "alike"
+    for seed, (ours, theirs, same) in enumerate([(40.0, 80.0, 70.0), (50.0, 90.0, 96.0)]):
+        evs = [{"step": 11730, "normalized_score": ours}]
+        _write(
+            table,
+            f"cql__p__s{seed}",
+            {"cell": {"algo": "cql"}, "task": "p", "seed": seed, "evaluations": evs},
+        )
+        _write(
+            table,
+            f"d3rlpy-cql__p__s{seed}",
+            {
+                "external": "d3rlpy",
+                "cell_id": f"d3rlpy-cql__p__s{seed}",
+                "task": "p",
+                "seed": seed,
+                "final": {"step": 11730, "normalized_score": theirs},
+            },
+        )
+        evs = [{"step": 3910, "normalized_score": 0.0}, {"step": 11730, "normalized_score": same}]
+        _write(
+            alike,
+            f"cql__p__s{seed}",
+            {"cell": {"algo": "cql"}, "task": "p", "seed": seed, "evaluations": evs},
+        )
+    lines = compare.section(table, "2.8.1", alike)
+    assert "| p | cql | 11730 | 2 | 45.0 | 85.0 | 83.0 |" in lines
+    assert lines[4].endswith("| offrl at d3rlpy's settings |")
+    iqm_row = next(line for line in lines if line.startswith("| cql | 1 |"))
+    assert iqm_row.count("[") == 3  # a CI in each of the three columns
+    # without the folder, the table has its two columns
+    assert "| p | cql | 11730 | 2 | 45.0 | 85.0 |" in compare.section(table, "2.8.1")
+
+
+def test_discrete_and_continuous_forms_are_apart(tmp_path: Path) -> None:
+    for task, discrete in (("c", False), ("d", True)):
+        evs = [{"step": 100, "normalized_score": 10.0}]
+        _write(
+            tmp_path,
+            f"cql__{task}__s0",
+            {"cell": {"algo": "cql"}, "task": task, "seed": 0, "evaluations": evs},
+        )
+        _write(
+            tmp_path,
+            f"d3rlpy-cql__{task}__s0",
+            {
+                "external": "d3rlpy",
+                "cell_id": f"d3rlpy-cql__{task}__s0",
+                "cell": {"info": {"discrete": discrete}},
+                "task": task,
+                "seed": 0,
+                "final": {"step": 100, "normalized_score": 5.0},
+            },
+        )
+    assert set(compare.pairs(tmp_path)) == {("cql (continuous)", "c"), ("cql (discrete)", "d")}

@@ -7,7 +7,8 @@ the table (to fit the CPU budget) is compared with the table's own runs at that 
 Prints, or writes with --out, a markdown section: the mean over seeds per dataset, and per algorithm the
 IQM over (dataset, seed) with its stratified bootstrap 95% CI, over the datasets both sides finished.
 
-    python experiments/d3rlpy/compare.py runs/bench/classic --out experiments/results/classic/d3rlpy.md
+    python experiments/d3rlpy/compare.py runs/bench/classic --out experiments/results/classic/d3rlpy.md \
+        --same-settings runs/bench/classic-d3rlpy-settings
 """
 
 from __future__ import annotations
@@ -41,56 +42,107 @@ def _score_at(rec: dict[str, Any], step: int) -> float | None:
     return None
 
 
+def _offrl_runs(results: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    return {
+        (r["cell"]["algo"], r["task"], int(r["seed"])): r for r in _records(results) if not r.get("external")
+    }
+
+
+def _label(rec: dict[str, Any]) -> str:
+    """The algorithm with its action type ("cql (discrete)"): discrete and continuous CQL or BC are
+    different implementations on both sides, aggregated apart."""
+    name = rec["cell_id"].split("__")[0].removeprefix("d3rlpy-")
+    discrete = rec.get("cell", {}).get("info", {}).get("discrete")
+    return name if discrete is None else f"{name} ({'discrete' if discrete else 'continuous'})"
+
+
+def _offrl_name(label: str) -> str:
+    name = label.split(" (")[0]
+    return OFFRL_NAME.get(name, name)
+
+
 def pairs(results: Path) -> dict[tuple[str, str], dict[int, tuple[float, float, int]]]:
     """(algorithm, dataset) -> seed -> (offrl's score, d3rlpy's score, step) at d3rlpy's last step."""
-    recs = _records(results)
-    offrl = {(r["cell"]["algo"], r["task"], int(r["seed"])): r for r in recs if not r.get("external")}
+    offrl = _offrl_runs(results)
     out: dict[tuple[str, str], dict[int, tuple[float, float, int]]] = defaultdict(dict)
-    for rec in recs:
+    for rec in _records(results):
         if rec.get("external") != "d3rlpy":
             continue
-        name = rec["cell_id"].split("__")[0].removeprefix("d3rlpy-")
-        mine = offrl.get((OFFRL_NAME.get(name, name), rec["task"], int(rec["seed"])))
+        label = _label(rec)
+        mine = offrl.get((_offrl_name(label), rec["task"], int(rec["seed"])))
         step = int(rec["final"]["step"])
         ours = _score_at(mine, step) if mine is not None else None
         if ours is not None and rec["final"].get("normalized_score") is not None:
-            out[(name, rec["task"])][int(rec["seed"])] = (ours, float(rec["final"]["normalized_score"]), step)
+            out[(label, rec["task"])][int(rec["seed"])] = (
+                ours,
+                float(rec["final"]["normalized_score"]),
+                step,
+            )
     return out
 
 
-def section(results: Path, version: str = "") -> list[str]:
+def same_settings(
+    got: dict[tuple[str, str], dict[int, tuple[float, float, int]]], folder: Path
+) -> dict[tuple[str, str], dict[int, float]]:
+    """offrl's runs at d3rlpy's settings (experiments/d3rlpy/offrl-at-d3rlpy-settings.toml), read at the
+    step of each pair in ``got``: (algorithm, dataset) -> seed -> score."""
+    runs = _offrl_runs(folder)
+    out: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for (algo, task), seeds in got.items():
+        for seed, (_, _, step) in seeds.items():
+            rec = runs.get((_offrl_name(algo), task, seed))
+            score = _score_at(rec, step) if rec is not None else None
+            if score is not None:
+                out[(algo, task)][seed] = score
+    return out
+
+
+def section(results: Path, version: str = "", same: Path | None = None) -> list[str]:
     got = pairs(results)
     if not got:
         return []
+    alike = same_settings(got, same) if same is not None else {}
     label = f"d3rlpy {version}".strip()
+    extra = " offrl at d3rlpy's settings |" if alike else ""
     lines = [
         f"## offrl beside {label} at equal gradient steps",
         "",
         "Normalised score at d3rlpy's last evaluation step, mean over seeds; offrl's runs are the table's, read "
-        "at the same step (experiments/d3rlpy/compare.py).",
+        "at the same step (experiments/d3rlpy/compare.py)."
+        + (
+            " The last column, where present: offrl's run of the same algorithm with d3rlpy's default "
+            "settings (experiments/d3rlpy/offrl-at-d3rlpy-settings.toml), read at the same step."
+            if alike
+            else ""
+        ),
         "",
-        "| dataset | algorithm | step | seeds | offrl | d3rlpy |",
-        "|---|---|---|---|---|---|",
+        f"| dataset | algorithm | step | seeds | offrl | d3rlpy |{extra}",
+        "|---|---|---|---|---|---|" + ("---|" if alike else ""),
     ]
-    by_algo: dict[str, list[tuple[list[float], list[float]]]] = defaultdict(list)
+    by_algo: dict[str, list[tuple[list[float], list[float], list[float]]]] = defaultdict(list)
     for (algo, task), seeds in sorted(got.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         ours = [v[0] for v in seeds.values()]
         theirs = [v[1] for v in seeds.values()]
+        mine_alike = list(alike.get((algo, task), {}).values())
         step = next(iter(seeds.values()))[2]
+        cell = f" {statistics.mean(mine_alike):.1f} |" if mine_alike else (" |" if alike else "")
         lines.append(
             f"| {task} | {algo} | {step} | {len(seeds)} | {statistics.mean(ours):.1f} | "
-            f"{statistics.mean(theirs):.1f} |"
+            f"{statistics.mean(theirs):.1f} |{cell}"
         )
-        by_algo[algo].append((ours, theirs))
+        by_algo[algo].append((ours, theirs, mine_alike))
     lines += [
         "",
-        "| algorithm | datasets | offrl IQM [95% CI] | d3rlpy IQM [95% CI] |",
-        "|---|---|---|---|",
+        f"| algorithm | datasets | offrl IQM [95% CI] | d3rlpy IQM [95% CI] |{extra}",
+        "|---|---|---|---|" + ("---|" if alike else ""),
     ]
     for algo, tasks in by_algo.items():
         ours_ci = stratified_bootstrap_ci([t[0] for t in tasks], "iqm")
         theirs_ci = stratified_bootstrap_ci([t[1] for t in tasks], "iqm")
-        lines.append(f"| {algo} | {len(tasks)} | {ours_ci.format()} | {theirs_ci.format()} |")
+        cell = " |" if alike else ""
+        if alike and all(t[2] for t in tasks):  # only over the same datasets as the other two columns
+            cell = f" {stratified_bootstrap_ci([t[2] for t in tasks], 'iqm').format()} |"
+        lines.append(f"| {algo} | {len(tasks)} | {ours_ci.format()} | {theirs_ci.format()} |{cell}")
     return [*lines, ""]
 
 
@@ -100,13 +152,20 @@ def main() -> int:
     )
     parser.add_argument("results", type=Path, help="the results folder holding both sides' records")
     parser.add_argument("--out", type=Path, help="write the section to this markdown file")
+    parser.add_argument(
+        "--same-settings",
+        type=Path,
+        metavar="DIR",
+        help="results of offrl at d3rlpy's settings (offrl-at-d3rlpy-settings.toml): a column beside",
+    )
     args = parser.parse_args()
     versions = {
         r.get("package_versions", {}).get("d3rlpy", "")
         for r in _records(args.results)
         if r.get("external") == "d3rlpy"
     }
-    text = "\n".join(section(args.results, ", ".join(sorted(v for v in versions if v))))
+    version = ", ".join(sorted(v for v in versions if v))
+    text = "\n".join(section(args.results, version, args.same_settings))
     if not text:
         print(f"{args.results}: no d3rlpy record with a matching offrl run")
         return 1
