@@ -97,12 +97,26 @@ def per_dataset(data: ReportData) -> tuple[list[str], int, int]:
             if not ok:
                 notes.append(f"{algo}: {_findings(data, task, algo)}; bc: {_findings(data, task, 'bc')}")
         lines.append(f"| {task} | {' | '.join(cells)} | {', '.join(verdicts)} | {'; '.join(notes)} |")
-    return [*lines, "", f"Held: {held} of {made}.", ""], held, made
+    expected = sorted(
+        {str(c.get("task")) for c in data.expected if task_level(str(c.get("task"))) in PER_DATASET_LEVELS}
+    )
+    unrun = [t for t in expected if not all(_complete(data, t, a) for a in ("bc", *CHALLENGERS))]
+    tail = f" Not yet complete: {', '.join(unrun)}." if unrun else ""
+    return [*lines, "", f"Held: {held} of {made}.{tail}", ""], held, made
+
+
+def _complete(data: ReportData, task: str, algo: str) -> bool:
+    """Every cell the grid expects of (task, algo) has finished."""
+    want = [c for c in data.expected if c.get("task") == task and c.get("algo") == algo]
+    return len(_finals(data, task, algo)) >= len(want)
 
 
 def aggregate_level(data: ReportData, level: str = AGGREGATE_LEVEL) -> list[str]:
     """Target 2: IQM over a level's datasets for BC and each challenger."""
-    tasks = [t for t in sorted(data.offline) if task_level(t) == level]
+    # the datasets where BC and both challengers have runs, so the IQMs are over the same datasets
+    at_level = [t for t in sorted(data.offline) if task_level(t) == level]
+    present = [a for a in ("bc", *CHALLENGERS) if any(_finals(data, t, a) for t in at_level)]
+    tasks = [t for t in at_level if all(_finals(data, t, a) for a in present)]
     lines = [
         f"### CQL and IQL against BC on the IQM over {level}",
         "",
@@ -152,7 +166,7 @@ def against_d3rlpy(results: Path, same: Path | None = None) -> list[str]:
         row = f"| {algo} | {len(tasks)} | {ours.format()} | {theirs.format()} | {verdict} |"
         if alike:
             mine = [list(alike.get((algo, t[0]), {}).values()) for t in tasks]
-            if all(mine):
+            if all(len(m) == len(t[1]) for m, t in zip(mine, tasks, strict=True)):  # same datasets and seeds
                 same_ci = stratified_bootstrap_ci(mine, "iqm")
                 row += f" {same_ci.format()} | {'✓' if same_ci.point >= theirs.point else '✗'} |"
             else:
@@ -182,8 +196,12 @@ def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -
     """Is the budget enough? The (dataset, algorithm) pairs whose mean curve moved by more than ``points``
     over the last ``tail`` of the run (from the last evaluation at or before (1 − tail) of the final step)."""
     rows = []
+    pairs = 0
     for task in sorted(data.offline):
-        for algo in data.offline[task]:
+        for algo, group in data.offline[task].items():
+            if any(r.get("external") for r in group.records):  # another library's runs, on their own budget
+                continue
+            pairs += 1
             curve = mean_curve(data, task, algo)
             if len(curve) < 2:
                 continue
@@ -195,8 +213,7 @@ def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -
         "### Have the curves flattened?",
         "",
         f"Mean curves (over seeds) that moved by more than {points:.0f} points over the last {tail:.0%} of "
-        f"the run, of {sum(len(a) for a in data.offline.values())} (dataset, algorithm) pairs; the "
-        "curves are in report.md.",
+        f"the run, of {pairs} (dataset, algorithm) pairs of the table; the curves are in report.md.",
         "",
         "| dataset | algorithm | at 60% | final | change |",
         "|---|---|---|---|---|",

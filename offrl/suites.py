@@ -343,16 +343,15 @@ def build_platform() -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name ('' where the system does not say)."""
-    import platform
-
+    """The CPU's model name ('' where the system does not say: only Linux's /proc/cpuinfo is read, since
+    elsewhere the standard library reports the architecture, not the model)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor().strip()
+    return ""
 
 
 def normalized(spec: DatasetSpec, value: float) -> float:
@@ -412,6 +411,8 @@ def mismatch(spec: DatasetSpec, built: dict[str, Any]) -> str | None:
         return None
     then, now = dict(spec.built.get("package_versions", {})), dict(built["package_versions"])
     then["platform"], now["platform"] = spec.built.get("platform"), built["platform"]
+    if then["platform"] and " (" not in str(then["platform"]):  # recorded before platforms named the CPU
+        now["platform"] = str(now["platform"]).split(" (")[0]
     changed = [
         f"{k} {then.get(k)} → {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)
     ]

@@ -419,7 +419,14 @@ def test_report_states_the_cost_of_each_column(tmp_path: Path) -> None:
     assert "| all | 3 | 2.75 | 1 |" in text
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml")))
+_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted(_EXPERIMENTS.glob("*.toml")), _EXPERIMENTS / "d3rlpy" / "offrl-at-d3rlpy-settings.toml"],
+    ids=lambda p: p.name,
+)
 def test_shipped_grids_parse(path: Path) -> None:
     grid = load_grid(path)
     assert grid.seeds and (grid.datasets or grid.online)

@@ -96,6 +96,20 @@ def test_same_settings_column_reads_the_other_folder_at_the_same_step(tmp_path: 
         )
     lines = compare.section(table, "2.8.1", alike)
     assert "| p | cql | 11730 | 2 | 45.0 | 85.0 | 83.0 |" in lines
+    # one seed missing on the third side: no mean of fewer seeds than the row says
+    (alike / "records" / "cql__p__s1.json").unlink()
+    assert "| p | cql | 11730 | 2 | 45.0 | 85.0 | |" in compare.section(table, "2.8.1", alike)
+    (alike / "records" / "cql__p__s1.json").write_text(
+        json.dumps(
+            {
+                "status": "finished",
+                "cell": {"algo": "cql"},
+                "task": "p",
+                "seed": 1,
+                "evaluations": [{"step": 11730, "normalized_score": 96.0}],
+            }
+        )
+    )
     assert lines[4].endswith("| offrl at d3rlpy's settings |")
     iqm_row = next(line for line in lines if line.startswith("| cql | 1 |"))
     assert iqm_row.count("[") == 3  # a CI in each of the three columns

@@ -121,18 +121,33 @@ def test_manifest_record_and_mismatch(tiny_suite: Path, tmp_path: Path) -> None:
     suites.update_manifest("tiny/acrobot-random", rec)
     spec = suites.get_spec("tiny/acrobot-random")
     assert spec.built["sha256"] == rec["sha256"] and suites.mismatch(spec, rec) is None
-    other = {**rec, "sha256": "0" * 64, "package_versions": {**rec["package_versions"], "numpy": "0.0"}}
+    versions = {**rec["package_versions"], "numpy": "0.0"}
+    other = {**rec, "sha256": "0" * 64, "package_versions": versions, "normalized_score": -12.5}
     message = suites.mismatch(spec, other)
     assert message is not None and "numpy" in message and "0.0" in message
-    assert f"normalised score of the data {rec['normalized_score']:.1f} here" in message
+    assert (
+        f"normalised score of the data -12.5 here, {rec['normalized_score']:.1f} in the manifest" in message
+    )
     same = {**rec, "sha256": "0" * 64}
     assert "a bug" in (suites.mismatch(spec, same) or "")
 
 
-def test_build_platform_names_the_cpu() -> None:
-    """Two CPUs with the same instruction set can build different bytes, so the record names the model."""
-    model = suites.cpu_model()
-    assert model == "" or suites.build_platform().endswith(f"({model})")
+def test_build_platform_names_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, tiny_suite: Path, tmp_path: Path
+) -> None:
+    """Two CPUs with the same instruction set can build different bytes, so the record names the model;
+    a manifest recorded before platforms named it is compared on the rest."""
+    monkeypatch.setattr(suites, "cpu_model", lambda: "Example CPU 9000")
+    assert suites.build_platform().endswith(" (Example CPU 9000)")
+    _, rec = suites.build("tiny/acrobot-random", tmp_path / "a.h5", progress=False)
+    suites.update_manifest("tiny/acrobot-random", {**rec, "platform": rec["platform"].split(" (")[0]})
+    spec = suites.get_spec("tiny/acrobot-random")
+    assert "a bug" in (suites.mismatch(spec, {**rec, "sha256": "0" * 64}) or "")
+    monkeypatch.setattr(suites, "cpu_model", lambda: "Other CPU")
+    suites.update_manifest("tiny/acrobot-random", rec)
+    spec = suites.get_spec("tiny/acrobot-random")
+    moved = {**rec, "sha256": "0" * 64, "platform": suites.build_platform()}
+    assert "Example CPU 9000) → " in (suites.mismatch(spec, moved) or "")
 
 
 def test_behaviour_stats_leave_out_quota_cut_episodes(tiny_suite: Path, tmp_path: Path) -> None:

@@ -74,3 +74,25 @@ def test_still_moving_lists_curves_that_have_not_flattened(tmp_path: Path) -> No
     text = "\n".join(targets.still_moving(targets.ReportData.load(tmp_path)))
     assert "| env-random | iql | 20.0 | 60.5 | +40.5 |" in text
     assert "| env-random | bc |" not in text  # 50 → 58: within 10 points
+
+
+def test_unfinished_datasets_are_named(tmp_path: Path) -> None:
+    """A partial grid does not read as complete: expected datasets without all their runs are listed."""
+    from offrl.bench.grid import Cell
+
+    cells = [
+        Cell(f"{a}__{t}__s0", "offline", a, a, t, 0, "cpu", {})
+        for t in ("env-random", "env-medium-replay")
+        for a in ("bc", "cql", "iql")
+    ]
+    (tmp_path / "cells.json").write_text(json.dumps({"name": "x", "cells": [c.to_dict() for c in cells]}))
+    for algo in ("bc", "cql", "iql"):
+        _record(tmp_path, algo, "env-medium-replay", 0, [10.0])
+    _record(tmp_path, "bc", "env-random", 0, [10.0])
+    for cell in cells:  # the records of a grid carry their cell's config hash
+        path = tmp_path / "records" / f"{cell.cell_id}.json"
+        if path.exists():
+            path.write_text(json.dumps({**json.loads(path.read_text()), "config_hash": cell.config_hash()}))
+    lines, held, made = targets.per_dataset(targets.ReportData.load(tmp_path))
+    assert (held, made) == (2, 2)
+    assert lines[-2].endswith("Not yet complete: env-random.")

@@ -52,7 +52,7 @@ def _label(rec: dict[str, Any]) -> str:
     """The algorithm with its action type ("cql (discrete)"): discrete and continuous CQL or BC are
     different implementations on both sides, aggregated apart."""
     name = rec["cell_id"].split("__")[0].removeprefix("d3rlpy-")
-    discrete = rec.get("cell", {}).get("info", {}).get("discrete")
+    discrete = ((rec.get("cell") or {}).get("info") or {}).get("discrete")
     return name if discrete is None else f"{name} ({'discrete' if discrete else 'continuous'})"
 
 
@@ -86,6 +86,8 @@ def same_settings(
 ) -> dict[tuple[str, str], dict[int, float]]:
     """offrl's runs at d3rlpy's settings (experiments/d3rlpy/offrl-at-d3rlpy-settings.toml), read at the
     step of each pair in ``got``: (algorithm, dataset) -> seed -> score."""
+    if not (folder / "records").is_dir():
+        raise SystemExit(f"{folder}: no records folder (run offrl-at-d3rlpy-settings.toml into it first)")
     runs = _offrl_runs(folder)
     out: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for (algo, task), seeds in got.items():
@@ -111,7 +113,8 @@ def section(results: Path, version: str = "", same: Path | None = None) -> list[
         "at the same step (experiments/d3rlpy/compare.py)."
         + (
             " The last column, where present: offrl's run of the same algorithm with d3rlpy's default "
-            "settings (experiments/d3rlpy/offrl-at-d3rlpy-settings.toml), read at the same step."
+            "settings (experiments/d3rlpy/offrl-at-d3rlpy-settings.toml), read at the same step, once "
+            "the same seeds have finished."
             if alike
             else ""
         ),
@@ -123,7 +126,9 @@ def section(results: Path, version: str = "", same: Path | None = None) -> list[
     for (algo, task), seeds in sorted(got.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         ours = [v[0] for v in seeds.values()]
         theirs = [v[1] for v in seeds.values()]
-        mine_alike = list(alike.get((algo, task), {}).values())
+        got_alike = alike.get((algo, task), {})
+        # only where the same seeds finished on the third side too, so the columns compare like with like
+        mine_alike = [got_alike[k] for k in seeds] if set(got_alike) >= set(seeds) else []
         step = next(iter(seeds.values()))[2]
         cell = f" {statistics.mean(mine_alike):.1f} |" if mine_alike else (" |" if alike else "")
         lines.append(
@@ -140,7 +145,7 @@ def section(results: Path, version: str = "", same: Path | None = None) -> list[
         ours_ci = stratified_bootstrap_ci([t[0] for t in tasks], "iqm")
         theirs_ci = stratified_bootstrap_ci([t[1] for t in tasks], "iqm")
         cell = " |" if alike else ""
-        if alike and all(t[2] for t in tasks):  # only over the same datasets as the other two columns
+        if alike and all(t[2] for t in tasks):  # only over the same datasets and seeds as the other two
             cell = f" {stratified_bootstrap_ci([t[2] for t in tasks], 'iqm').format()} |"
         lines.append(f"| {algo} | {len(tasks)} | {ours_ci.format()} | {theirs_ci.format()} |{cell}")
     return [*lines, ""]

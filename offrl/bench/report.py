@@ -469,7 +469,7 @@ def _missing_by_task(data: ReportData, missing: list[Any]) -> list[tuple[str, st
     for c in data.expected:
         if c.get("cell_id") in wanted:
             per_algo = seeds.setdefault(str(c.get("task")), {})
-            per_algo.setdefault(str(c.get("algo")), []).append(int(c.get("seed", 0)))
+            per_algo.setdefault(str(c.get("algo")), []).append(int(c.get("seed") or 0))
     out = []
     for task, per_algo in seeds.items():
         parts = [
@@ -523,7 +523,7 @@ def _cost(data: ReportData) -> list[str]:
         return []
     lines = [
         "Cost per algorithm: the sum of its finished runs' wall times (worker-hours; a resumed run counts "
-        "only the part after its resume).",
+        "only the part after its resume). *all* sums every row, other libraries' runs included.",
         "",
         "| algorithm | runs | worker-hours | resumed runs |",
         "|---|---|---|---|",
