@@ -39,6 +39,7 @@ from offrl.data.dataset import TransitionDataset
 from offrl.data.recorder import record
 from offrl.data.writer import write_raw
 from offrl.policies import RandomPolicy
+from offrl.suites import cpu_model
 from offrl.utils import atomic_write_json
 
 OBS_DIM, ACT_DIM, EPISODE_LEN, BATCH_SIZE = 11, 3, 1000, 256
@@ -51,13 +52,7 @@ GOAL_RECORD_FRACTION = 0.5  # recorder steps/s / bare-loop steps/s, at least
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model() or platform.processor() or platform.machine()
 
 
 def _version(name: str) -> str | None:
