@@ -215,7 +215,7 @@ def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -
         f"Mean curves (over seeds) that moved by more than {points:.0f} points over the last {tail:.0%} of "
         f"the run, of {pairs} (dataset, algorithm) pairs of the table; the curves are in report.md.",
         "",
-        "| dataset | algorithm | at 60% | final | change |",
+        f"| dataset | algorithm | at {1.0 - tail:.0%} | final | change |",
         "|---|---|---|---|---|",
         *rows,
         "",

@@ -161,7 +161,7 @@ def main() -> int:
         "--same-settings",
         type=Path,
         metavar="DIR",
-        help="results of offrl at d3rlpy's settings (offrl-at-d3rlpy-settings.toml): a column beside",
+        help="results folder of offrl-at-d3rlpy-settings.toml: adds a column of offrl at d3rlpy's settings",
     )
     args = parser.parse_args()
     versions = {
