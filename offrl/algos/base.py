@@ -4,6 +4,7 @@ state (de)serialisation and export of its acting policy. Algorithms only update;
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
@@ -299,6 +300,43 @@ class ActorCritic(Algorithm):
             nets.QEnsemble(n_critics, self.obs_dim, self.act_dim, hidden, layer_norm=layer_norm)
         )
         nets.hard_update(self.nets["critic_target"], self.nets["critic"])
+
+
+class DiscreteQ(Algorithm):
+    """What the offline Q-learners on discrete actions share (CQL, BCQ): a Q-network over all actions
+    ``nets["q"]`` and its frozen copy ``nets["q_target"]``, copied every ``target_update_interval``
+    steps (``config.target_update == "hard"``) or Polyak-averaged with ``tau`` in the step ("soft")."""
+
+    @property
+    def q(self) -> nets.DiscreteHead:
+        return cast(nets.DiscreteHead, self.nets["q"])
+
+    @property
+    def q_target(self) -> nets.DiscreteHead:
+        return cast(nets.DiscreteHead, self.nets["q_target"])
+
+    def build_q(self, hidden: Sequence[int]) -> None:
+        """``nets["q"]`` and ``nets["q_target"]``, a frozen copy of it (no second initialisation draw)."""
+        q = nets.DiscreteHead(self.obs_dim, self.act_dim, hidden)
+        self.nets["q"] = q
+        self.nets["q_target"] = nets.freeze(copy.deepcopy(q))
+
+    def target_networks(self) -> list[nn.Module]:
+        return [self.q_target]
+
+    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
+        return self.q(obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
+
+    def soft_update_target(self) -> None:
+        """The per-step Polyak update, in ``_step`` (device-only work: it may be compiled or graphed)."""
+        if self.config.target_update == "soft":
+            nets.soft_update(self.q_target, self.q, self.config.tau)
+
+    def after_update(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.config  # a host-side counter: the interval check needs no device sync
+        if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
+            nets.hard_update(self.q_target, self.q)
+        return metrics
 
 
 class GaussianActorCritic(ActorCritic):

@@ -10,16 +10,15 @@ one optimiser (their losses touch disjoint parameters, so one backward pass serv
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from offrl import nets
-from offrl.algos.base import Algorithm, step
+from offrl.algos.base import DiscreteQ, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.losses import double_q_target, td_loss
@@ -102,7 +101,7 @@ class DiscreteBCQConfig:
 
 # -- algorithm -----------------------------------------------------------------------------------
 @register
-class DiscreteBCQ(Algorithm):
+class DiscreteBCQ(DiscreteQ):
     """Q-learning restricted to plausible actions. Acts with policy kind ``bcq_discrete``."""
 
     name = "bcq"
@@ -110,29 +109,13 @@ class DiscreteBCQ(Algorithm):
     Config = DiscreteBCQConfig
 
     def build(self) -> None:
-        q = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.hidden)
-        self.nets["q"] = q
-        self.nets["q_target"] = nets.freeze(copy.deepcopy(q))
+        self.build_q(self.config.hidden)
         self.nets["imitator"] = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.bc_hidden)
         self.optimize("q", self.q, self.imitator, lr=self.config.lr)
 
     @property
-    def q(self) -> nets.DiscreteHead:
-        return self.nets["q"]  # type: ignore[return-value]
-
-    @property
-    def q_target(self) -> nets.DiscreteHead:
-        return self.nets["q_target"]  # type: ignore[return-value]
-
-    @property
     def imitator(self) -> nets.DiscreteHead:
         return self.nets["imitator"]  # type: ignore[return-value]
-
-    def target_networks(self) -> tuple[nn.Module, ...]:
-        return (self.q_target,)
-
-    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
-        return self.q(obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
 
     def policy(self) -> TorchPolicy:
         net = DiscreteBCQPolicyNet(self.q, self.imitator, self.config.threshold)
@@ -161,12 +144,6 @@ class DiscreteBCQ(Algorithm):
         td, bc, _, _ = self._losses(batch)
         return {"td_loss": td, "imitation_loss": bc}
 
-    def after_update(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-        cfg = self.config  # a host-side counter: the interval check needs no device sync
-        if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
-            nets.hard_update(self.q_target, self.q)
-        return metrics
-
     def _step(self, batch: Batch) -> dict[str, Tensor]:
         """One update on the device (host-side counters stay in :meth:`update`: it may be a CUDA graph)."""
         cfg = self.config
@@ -174,8 +151,7 @@ class DiscreteBCQ(Algorithm):
         loss = td + bc
         params = [*self.q.parameters(), *self.imitator.parameters()] if cfg.max_grad_norm else None
         step(self.optimizers["q"], loss, params, cfg.max_grad_norm)
-        if cfg.target_update == "soft":
-            nets.soft_update(self.q_target, self.q, cfg.tau)
+        self.soft_update_target()
         return {
             "loss": loss.detach(),
             "td_loss": td.detach(),

@@ -8,15 +8,13 @@ double-Q targets after van Hasselt et al. 2016.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from offrl import nets
-from offrl.algos.base import Algorithm, step
+from offrl.algos.base import DiscreteQ, step
 from offrl.algos.registry import register
 from offrl.config import option, validate
 from offrl.losses import double_q_target, td_loss
@@ -79,7 +77,7 @@ EPSILON = 0.05  # ε-greedy rate of online fine-tuning (DQN's final rate in SB3'
 
 
 @register
-class DiscreteCQL(Algorithm):
+class DiscreteCQL(DiscreteQ):
     """Double DQN + the CQL(H) penalty. Acts greedily on Q (policy kind ``q_greedy``)."""
 
     name = "cql"
@@ -90,24 +88,8 @@ class DiscreteCQL(Algorithm):
     compile_safe = True
 
     def build(self) -> None:
-        q = nets.DiscreteHead(self.obs_dim, self.act_dim, self.config.hidden)
-        self.nets["q"] = q
-        self.nets["q_target"] = nets.freeze(copy.deepcopy(q))
+        self.build_q(self.config.hidden)
         self.optimize("q", self.q, lr=self.config.lr)
-
-    @property
-    def q(self) -> nets.DiscreteHead:
-        return self.nets["q"]  # type: ignore[return-value]
-
-    @property
-    def q_target(self) -> nets.DiscreteHead:
-        return self.nets["q_target"]  # type: ignore[return-value]
-
-    def target_networks(self) -> tuple[nn.Module, ...]:
-        return (self.q_target,)
-
-    def q_values(self, obs: Tensor, actions: Tensor) -> Tensor:
-        return self.q(obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
 
     def policy(self) -> TorchPolicy:
         return self._policy("q_greedy", self.q, self.config.hidden)
@@ -143,20 +125,13 @@ class DiscreteCQL(Algorithm):
         td, penalty, _, _ = self._losses(batch)
         return {"td_loss": td, "cql_penalty": penalty}
 
-    def after_update(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-        cfg = self.config  # a host-side counter: the interval check needs no device sync
-        if cfg.target_update == "hard" and self.num_updates % cfg.target_update_interval == 0:
-            nets.hard_update(self.q_target, self.q)
-        return metrics
-
     def _step(self, batch: Batch) -> dict[str, Tensor]:
-        """Losses, the gradient step and a soft target update (host-side counters stay outside: it may be compiled)."""
+        """Losses, the gradient step and a soft target update (the hard copy is in ``after_update``)."""
         cfg = self.config
         td, penalty, q_all, q_data = self._losses(batch)
         loss = td + cfg.cql_alpha * penalty if cfg.cql_alpha != 0 else td
         step(self.optimizers["q"], loss, self.q.parameters(), cfg.max_grad_norm)
-        if cfg.target_update == "soft":
-            nets.soft_update(self.q_target, self.q, cfg.tau)
+        self.soft_update_target()
         return {
             "loss": loss.detach(),
             "td_loss": td.detach(),
