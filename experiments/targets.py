@@ -175,8 +175,8 @@ def against_d3rlpy(results: Path, same: Path | None = None) -> list[str]:
     return [*lines, ""]
 
 
-def mean_curve(data: ReportData, task: str, algo: str) -> list[tuple[int, float]]:
-    """(step, mean score over seeds) at the evaluation steps every finished seed has."""
+def seed_curves(data: ReportData, task: str, algo: str) -> list[dict[int, float]]:
+    """Each finished seed's {step: normalised score}, restricted to the steps every seed has."""
     group = data.offline.get(task, {}).get(algo)
     runs = [
         {
@@ -188,35 +188,70 @@ def mean_curve(data: ReportData, task: str, algo: str) -> list[tuple[int, float]
     ]
     if not runs:
         return []
-    steps = sorted(set.intersection(*(set(run) for run in runs)))
-    return [(s, statistics.mean(run[s] for run in runs)) for s in steps]
+    steps = set.intersection(*(set(run) for run in runs))
+    return [{s: run[s] for s in sorted(steps)} for run in runs]
+
+
+def mean_curve(data: ReportData, task: str, algo: str) -> list[tuple[int, float]]:
+    """(step, mean score over seeds) at the evaluation steps every finished seed has."""
+    runs = seed_curves(data, task, algo)
+    if not runs:
+        return []
+    return [(s, statistics.mean(run[s] for run in runs)) for s in runs[0]]
+
+
+def _direction(changes: list[float]) -> str:
+    """Rising or falling when every seed moved the same way; otherwise the seeds disagree (noise)."""
+    up, down = sum(c > 0 for c in changes), sum(c < 0 for c in changes)
+    if up == len(changes):
+        return f"rising on all {len(changes)} seeds"
+    if down == len(changes):
+        return f"falling on all {len(changes)} seeds"
+    flat = len(changes) - up - down
+    return f"mixed: {up} up, {down} down" + (f", {flat} unchanged" if flat else "")
 
 
 def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -> list[str]:
     """Is the budget enough? The (dataset, algorithm) pairs whose mean curve moved by more than ``points``
-    over the last ``tail`` of the run (from the last evaluation at or before (1 − tail) of the final step)."""
+    over the last ``tail`` of the run (from the last evaluation at or before (1 − tail) of the final step),
+    each with whether its seeds moved the same way: a curve rising on every seed wants a longer run, one
+    whose seeds disagree is moving by evaluation noise or an unstable policy, not by training time."""
     rows = []
     pairs = 0
+    kinds: dict[str, int] = {"rising": 0, "falling": 0, "mixed": 0}
     for task in sorted(data.offline):
         for algo, group in data.offline[task].items():
             if any(r.get("external") for r in group.records):  # another library's runs, on their own budget
                 continue
             pairs += 1
-            curve = mean_curve(data, task, algo)
-            if len(curve) < 2:
+            runs = seed_curves(data, task, algo)
+            if not runs or len(runs[0]) < 2:
                 continue
-            end_step, end = curve[-1]
-            start = [v for s, v in curve if s <= (1.0 - tail) * end_step]
-            if start and abs(end - start[-1]) > points:
-                rows.append(f"| {task} | {algo} | {start[-1]:.1f} | {end:.1f} | {end - start[-1]:+.1f} |")
+            steps = list(runs[0])
+            end_step = steps[-1]
+            start_steps = [s for s in steps if s <= (1.0 - tail) * end_step]
+            if not start_steps:
+                continue
+            start_step = start_steps[-1]
+            start = statistics.mean(run[start_step] for run in runs)
+            end = statistics.mean(run[end_step] for run in runs)
+            if abs(end - start) > points:
+                direction = _direction([run[end_step] - run[start_step] for run in runs])
+                kinds[direction.split()[0].rstrip(":")] += 1
+                rows.append(
+                    f"| {task} | {algo} | {start:.1f} | {end:.1f} | {end - start:+.1f} | {direction} |"
+                )
     return [
         "### Have the curves flattened?",
         "",
         f"Mean curves (over seeds) that moved by more than {points:.0f} points over the last {tail:.0%} of "
-        f"the run, of {pairs} (dataset, algorithm) pairs of the table; the curves are in report.md.",
+        f"the run, of {pairs} (dataset, algorithm) pairs of the table; the curves are in report.md. "
+        f"{kinds['rising']} rose on every seed (the budget is short for them), {kinds['falling']} fell on "
+        f"every seed, and {kinds['mixed']} moved with seeds disagreeing (evaluation noise or an unstable "
+        "policy, which a longer run would not settle).",
         "",
-        f"| dataset | algorithm | at {1.0 - tail:.0%} | final | change |",
-        "|---|---|---|---|---|",
+        f"| dataset | algorithm | at {1.0 - tail:.0%} | final | change | seeds |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
     ]

@@ -71,9 +71,18 @@ def test_still_moving_lists_curves_that_have_not_flattened(tmp_path: Path) -> No
         # evaluations at steps 100..500: 60% of the run is step 300
         _record(tmp_path, "iql", "env-random", seed, [0.0, 10.0, 20.0, 40.0, 60.0 + seed])
         _record(tmp_path, "bc", "env-random", seed, [0.0, 30.0, 50.0, 55.0, 58.0])
+        # one seed up 40, the other down 20: the mean moves +10.5 but the seeds disagree
+        _record(tmp_path, "cql", "env-random", seed, [0.0, 10.0, 50.0, 40.0, [90.0, 31.0][seed]])
     text = "\n".join(targets.still_moving(targets.ReportData.load(tmp_path)))
-    assert "| env-random | iql | 20.0 | 60.5 | +40.5 |" in text
+    assert "| env-random | iql | 20.0 | 60.5 | +40.5 | rising on all 2 seeds |" in text
+    assert "| env-random | cql | 50.0 | 60.5 | +10.5 | mixed: 1 up, 1 down |" in text
     assert "| env-random | bc |" not in text  # 50 → 58: within 10 points
+    assert "1 rose on every seed" in text and "0 fell on every seed" in text and "1 moved with seeds" in text
+
+
+def test_a_curve_falling_on_every_seed_reads_as_falling() -> None:
+    assert targets._direction([-12.0, -3.0, -40.0]) == "falling on all 3 seeds"
+    assert targets._direction([5.0, 0.0, 9.0]) == "mixed: 2 up, 0 down, 1 unchanged"
 
 
 def test_unfinished_datasets_are_named(tmp_path: Path) -> None:
