@@ -135,11 +135,12 @@ def aggregate_level(data: ReportData, level: str = AGGREGATE_LEVEL) -> list[str]
     return [*lines, ""] if iqms else []
 
 
-def against_d3rlpy(results: Path, same: Path | None = None) -> list[str]:
+def against_d3rlpy(results: Path, same: Path | None = None, more: tuple[Path, ...] = ()) -> list[str]:
     """Target 3: per algorithm, the IQM of the paired runs on each side, and where ``same`` holds offrl's
-    runs at d3rlpy's settings, theirs too (an implementation gap against a settings gap)."""
+    runs at d3rlpy's settings, theirs too (an implementation gap against a settings gap). ``more``:
+    folders of d3rlpy runs at another budget, as rows of their own."""
     compare = _compare_module()
-    got = compare.pairs(results)
+    got = compare.pairs(results, more)
     if not got:
         return []
     alike = compare.same_settings(got, same) if same is not None else {}
@@ -257,7 +258,7 @@ def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -
     ]
 
 
-def section(results: Path, same: Path | None = None) -> list[str]:
+def section(results: Path, same: Path | None = None, more: tuple[Path, ...] = ()) -> list[str]:
     data = ReportData.load(results)
     first, _, _ = per_dataset(data)
     return [
@@ -265,7 +266,7 @@ def section(results: Path, same: Path | None = None) -> list[str]:
         "",
         *first,
         *aggregate_level(data),
-        *against_d3rlpy(results, same),
+        *against_d3rlpy(results, same, more),
         *still_moving(data),
     ]
 
@@ -282,11 +283,20 @@ def main() -> int:
         metavar="DIR",
         help="results of offrl at d3rlpy's settings (experiments/d3rlpy/offrl-at-d3rlpy-settings.toml)",
     )
+    parser.add_argument(
+        "--more-d3rlpy",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="d3rlpy runs at another budget (experiments/d3rlpy/classic-cql-discrete-full.toml), as rows of "
+        "their own (repeatable)",
+    )
     args = parser.parse_args()
     if not (args.results / "records").is_dir():
         print(f"{args.results}: no records folder (run `offrl bench experiments/classic.toml` first)")
         return 1
-    text = "\n".join(section(args.results, args.same_settings))
+    text = "\n".join(section(args.results, args.same_settings, tuple(args.more_d3rlpy)))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, text)

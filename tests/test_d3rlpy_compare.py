@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location(
     "d3rlpy_compare", ROOT / "experiments" / "d3rlpy" / "compare.py"
@@ -138,3 +140,30 @@ def test_discrete_and_continuous_forms_are_apart(tmp_path: Path) -> None:
             },
         )
     assert set(compare.pairs(tmp_path)) == {("cql (continuous)", "c"), ("cql (discrete)", "d")}
+
+
+def test_more_d3rlpy_folders_add_rows_at_their_own_step(tmp_path: Path) -> None:
+    """d3rlpy runs at another budget pair with the same offrl runs, read at that budget's last step."""
+    table, full = tmp_path / "table", tmp_path / "full"
+    evs = [{"step": 11730, "normalized_score": 40.0}, {"step": 20332, "normalized_score": 80.0}]
+    _write(table, "cql__d__s0", {"cell": {"algo": "cql"}, "task": "d", "seed": 0, "evaluations": evs})
+    for folder, step, theirs in ((table, 11730, 30.0), (full, 20332, 90.0)):
+        _write(
+            folder,
+            "d3rlpy-cql__d__s0",
+            {
+                "external": "d3rlpy",
+                "cell_id": "d3rlpy-cql__d__s0",
+                "cell": {"info": {"discrete": True}},
+                "task": "d",
+                "seed": 0,
+                "final": {"step": step, "normalized_score": theirs},
+            },
+        )
+    assert compare.pairs(table, (full,)) == {
+        ("cql (discrete)", "d"): {0: (40.0, 30.0, 11730)},
+        ("cql (discrete) at 20,332 steps", "d"): {0: (80.0, 90.0, 20332)},
+    }
+    assert compare.pairs(table) == {("cql (discrete)", "d"): {0: (40.0, 30.0, 11730)}}
+    with pytest.raises(SystemExit, match="missing: no records folder"):
+        compare.pairs(table, (tmp_path / "missing",))

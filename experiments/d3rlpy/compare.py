@@ -57,27 +57,36 @@ def _label(rec: dict[str, Any]) -> str:
 
 
 def _offrl_name(label: str) -> str:
-    name = label.split(" (")[0]
+    name = label.split(" (")[0].split(" at ")[0]
     return OFFRL_NAME.get(name, name)
 
 
-def pairs(results: Path) -> dict[tuple[str, str], dict[int, tuple[float, float, int]]]:
-    """(algorithm, dataset) -> seed -> (offrl's score, d3rlpy's score, step) at d3rlpy's last step."""
+def pairs(
+    results: Path, more: tuple[Path, ...] = ()
+) -> dict[tuple[str, str], dict[int, tuple[float, float, int]]]:
+    """(algorithm, dataset) -> seed -> (offrl's score, d3rlpy's score, step) at d3rlpy's last step.
+    ``more``: other folders of d3rlpy records (another budget, e.g. classic-cql-discrete-full.toml),
+    paired with the same offrl runs; their rows are labelled with their step count."""
     offrl = _offrl_runs(results)
     out: dict[tuple[str, str], dict[int, tuple[float, float, int]]] = defaultdict(dict)
-    for rec in _records(results):
-        if rec.get("external") != "d3rlpy":
-            continue
-        label = _label(rec)
-        mine = offrl.get((_offrl_name(label), rec["task"], int(rec["seed"])))
-        step = int(rec["final"]["step"])
-        ours = _score_at(mine, step) if mine is not None else None
-        if ours is not None and rec["final"].get("normalized_score") is not None:
-            out[(label, rec["task"])][int(rec["seed"])] = (
-                ours,
-                float(rec["final"]["normalized_score"]),
-                step,
-            )
+    for folder in (results, *more):
+        if folder != results and not (folder / "records").is_dir():
+            raise SystemExit(f"{folder}: no records folder (run experiments/d3rlpy/bench.py into it first)")
+        for rec in _records(folder):
+            if rec.get("external") != "d3rlpy":
+                continue
+            label = _label(rec)
+            mine = offrl.get((_offrl_name(label), rec["task"], int(rec["seed"])))
+            step = int(rec["final"]["step"])
+            if folder != results:
+                label = f"{label} at {step:,} steps"
+            ours = _score_at(mine, step) if mine is not None else None
+            if ours is not None and rec["final"].get("normalized_score") is not None:
+                out[(label, rec["task"])][int(rec["seed"])] = (
+                    ours,
+                    float(rec["final"]["normalized_score"]),
+                    step,
+                )
     return out
 
 
@@ -99,8 +108,10 @@ def same_settings(
     return out
 
 
-def section(results: Path, version: str = "", same: Path | None = None) -> list[str]:
-    got = pairs(results)
+def section(
+    results: Path, version: str = "", same: Path | None = None, more: tuple[Path, ...] = ()
+) -> list[str]:
+    got = pairs(results, more)
     if not got:
         return []
     alike = same_settings(got, same) if same is not None else {}
@@ -163,14 +174,25 @@ def main() -> int:
         metavar="DIR",
         help="results folder of offrl-at-d3rlpy-settings.toml: adds a column of offrl at d3rlpy's settings",
     )
+    parser.add_argument(
+        "--more-d3rlpy",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder of d3rlpy records at another budget (classic-cql-discrete-full.toml): adds "
+        "its rows, labelled with their step count (repeatable)",
+    )
     args = parser.parse_args()
     versions = {
         r.get("package_versions", {}).get("d3rlpy", "")
-        for r in _records(args.results)
+        for folder in (args.results, *args.more_d3rlpy)
+        if (folder / "records").is_dir()
+        for r in _records(folder)
         if r.get("external") == "d3rlpy"
     }
     version = ", ".join(sorted(v for v in versions if v))
-    text = "\n".join(section(args.results, version, args.same_settings))
+    text = "\n".join(section(args.results, version, args.same_settings, tuple(args.more_d3rlpy)))
     if not text:
         print(f"{args.results}: no d3rlpy record with a matching offrl run")
         return 1
