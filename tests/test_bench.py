@@ -536,3 +536,32 @@ def test_report_groups_by_level_and_by_the_grids_report_table(tmp_path: Path) ->
                 "report": {"x": 1},
             }
         )
+
+
+def test_another_librarys_runs_share_their_algorithms_colour_dashed() -> None:
+    """In the curves, d3rlpy's CQL is drawn in offrl's CQL colour, dashed, so the pair reads together."""
+    from offrl.bench.report import _Group, line_styles
+
+    def group(external: str | None = None) -> _Group:
+        return _Group([{"status": "finished", **({"external": external} if external else {})}])
+
+    styles = line_styles(
+        {
+            "bc": group(),
+            "cql": group(),
+            "d3rlpy-cql (2.8.1, 30 passes)": group("d3rlpy"),
+            "d3rlpy-bcq (2.8.1, 30 passes)": group("d3rlpy"),
+        }
+    )
+    assert styles["bc"]["color"] != styles["cql"]["color"]
+    assert styles["d3rlpy-cql (2.8.1, 30 passes)"] == {
+        "color": styles["cql"]["color"],
+        "linestyle": "--",
+        "marker": "s",
+    }
+    assert styles["cql"]["linestyle"] == "-"
+    # an algorithm only the other library ran gets a colour of its own
+    assert styles["d3rlpy-bcq (2.8.1, 30 passes)"]["color"] not in {
+        styles["bc"]["color"],
+        styles["cql"]["color"],
+    }

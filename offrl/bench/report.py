@@ -565,10 +565,40 @@ def _figure(width: float = 6.4, height: float = 4.0) -> Any:
     return fig
 
 
+def line_styles(groups: dict[str, _Group]) -> dict[str, dict[str, Any]]:
+    """Matplotlib line settings per algorithm label: a colour each, and another library's runs of an
+    algorithm (records with ``external``, labelled ``LIB-ALGO (…)``) in that algorithm's colour, dashed
+    with square markers, so the two implementations read as a pair."""
+    colour: dict[str, str] = {}
+    styles: dict[str, dict[str, Any]] = {}
+    for algo, g in groups.items():
+        if not _external(g):
+            colour.setdefault(algo, f"C{len(colour) % 10}")
+            styles[algo] = {"color": colour[algo], "linestyle": "-", "marker": "o"}
+    for algo, g in groups.items():
+        library = _external(g)
+        if library:
+            base = algo.removeprefix(f"{library}-").split(" (")[0]
+            colour.setdefault(base, f"C{len(colour) % 10}")
+            styles[algo] = {"color": colour[base], "linestyle": "--", "marker": "s"}
+    return styles
+
+
+def _external(group: _Group) -> str:
+    """The other library that produced a group's runs ('' for offrl's own)."""
+    return next((str(r["external"]) for r in group.records if r.get("external")), "")
+
+
+def _legend_outside(ax: Any) -> None:
+    """The legend to the right of the axes, where it hides no curve."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+
+
 def plot_learning_curves(task: str, groups: dict[str, _Group], out: Path) -> Path | None:
     normalised = any(g.values("final", "normalized_score") for g in groups.values())
     key = "normalized_score" if normalised else "return_mean"
-    fig = _figure()
+    styles = line_styles(groups)
+    fig = _figure(9.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     drawn = False
     for algo, g in groups.items():
@@ -576,15 +606,17 @@ def plot_learning_curves(task: str, groups: dict[str, _Group], out: Path) -> Pat
         if steps.size == 0:
             continue
         n = len(g.ok)
-        (line,) = ax.plot(steps, means, marker="o", markersize=3, label=f"{algo} (n={n})")
-        ax.fill_between(steps, means - stds, means + stds, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.plot(steps, means, markersize=3, label=f"{algo} (n={n})", **styles[algo])
+        ax.fill_between(
+            steps, means - stds, means + stds, color=styles[algo]["color"], alpha=0.15, linewidth=0
+        )
         drawn = True
     if not drawn:
         return None
     ax.set_xlabel("gradient steps")
     ax.set_ylabel("normalised score" if normalised else "return")
-    ax.set_title(f"{task}: evaluation during training (mean ± std over seeds)")
-    ax.legend(loc="best", fontsize="small")
+    ax.set_title(f"{task}\nevaluation during training, mean ± std over seeds", fontsize="medium")
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / f"curves-{slug(task)}.png"
@@ -601,25 +633,47 @@ DIAGNOSTICS = (
 def plot_diagnostics(task: str, groups: dict[str, _Group], out: Path) -> Path | None:
     """The ``diag/`` curves of each algorithm on ``task`` (docs/training.md), beside its learning curves;
     None where no run logged any."""
-    fig = _figure(11.0, 4.0)
-    drawn = False
+    styles = line_styles(groups)
+    fig = _figure(12.0, 4.2)
+    handles: dict[str, Any] = {}  # one legend for both panels: the colours are shared
+    axes = []
     for i, (key, ylabel, title) in enumerate(DIAGNOSTICS):
         ax = fig.add_subplot(1, len(DIAGNOSTICS), i + 1)
         for algo, g in groups.items():
             steps, means, stds = _curve(g.ok, key)
             if steps.size == 0:
                 continue
-            (line,) = ax.plot(steps, means, marker="o", markersize=3, label=f"{algo} (n={len(g.ok)})")
-            ax.fill_between(steps, means - stds, means + stds, color=line.get_color(), alpha=0.2, linewidth=0)
-            drawn = True
+            label = f"{algo} (n={len(g.ok)})"
+            (line,) = ax.plot(steps, means, markersize=3, label=label, **styles[algo])
+            ax.fill_between(
+                steps, means - stds, means + stds, color=styles[algo]["color"], alpha=0.15, linewidth=0
+            )
+            handles.setdefault(label, line)
+        if not ax.lines:
+            ax.text(
+                0.5,
+                0.5,
+                "no run logged it\n(docs/training.md, Diagnostics)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                alpha=0.6,
+            )
         ax.set_xlabel("gradient steps")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize="medium")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(loc="best", fontsize="small")
-    if not drawn:
+        axes.append(ax)
+    if not handles:
         return None
+    axes[-1].legend(
+        list(handles.values()),
+        list(handles),
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize="small",
+        frameon=False,
+    )
     fig.suptitle(f"{task}: diagnostics at pass ends (mean ± std over seeds)")
     fig.tight_layout()
     path = out / f"diag-{slug(task)}.png"
