@@ -693,7 +693,10 @@ def plot_aggregates(aggs: list[Aggregate], out: Path) -> Path | None:
             ax.plot([iv.low, iv.high], [yy, yy], linewidth=6, alpha=0.5, solid_capstyle="butt")
             ax.plot([iv.point], [yy], marker="|", color="black", markersize=14)
         ax.set_yticks(y)
-        ax.set_yticklabels([a.algo for a in aggs] if i == 0 else [])
+        # aggregates over different task sets are not comparable: say how many each covers where they differ
+        counts = {len(a.tasks) for a in aggs}
+        names = [a.algo if len(counts) == 1 else f"{a.algo}, {len(a.tasks)} tasks" for a in aggs]
+        ax.set_yticklabels(names if i == 0 else [])
         ax.set_xlabel(f"{name} normalised score")
         ax.grid(axis="x", alpha=0.3)
         ax.set_ylim(-0.7, len(aggs) - 0.3)
