@@ -11,7 +11,7 @@ trailing algorithm's seeds and on BC's, and each side's best evaluation during t
 peaked above the other side and fell is a different problem from one that never got there).
 
     python experiments/targets.py runs/bench/classic --out experiments/results/classic/targets.md \
-        --same-settings runs/bench/classic-d3rlpy-settings
+        --same-settings runs/bench/classic-d3rlpy-settings --more-d3rlpy runs/bench/classic-d3rlpy-full
 """
 
 from __future__ import annotations
@@ -193,23 +193,19 @@ def seed_curves(data: ReportData, task: str, algo: str) -> list[dict[int, float]
     return [{s: run[s] for s in sorted(steps)} for run in runs]
 
 
-def mean_curve(data: ReportData, task: str, algo: str) -> list[tuple[int, float]]:
-    """(step, mean score over seeds) at the evaluation steps every finished seed has."""
-    runs = seed_curves(data, task, algo)
-    if not runs:
-        return []
-    return [(s, statistics.mean(run[s] for run in runs)) for s in runs[0]]
-
-
-def _direction(changes: list[float]) -> str:
-    """Rising or falling when every seed moved the same way; otherwise the seeds disagree (noise)."""
+def _direction(changes: list[float]) -> tuple[str, str]:
+    """(kind, text): "rising" when no seed fell and some rose (a seed pinned at the score's ceiling
+    stays unchanged), "falling" the reverse, "mixed" when seeds went both ways, "one seed" alone."""
     up, down = sum(c > 0 for c in changes), sum(c < 0 for c in changes)
-    if up == len(changes):
-        return f"rising on all {len(changes)} seeds"
-    if down == len(changes):
-        return f"falling on all {len(changes)} seeds"
     flat = len(changes) - up - down
-    return f"mixed: {up} up, {down} down" + (f", {flat} unchanged" if flat else "")
+    if len(changes) < 2:
+        return "one seed", "one seed: no agreement to read"
+    unchanged = f", {flat} unchanged" if flat else ""
+    if down == 0:
+        return "rising", f"rising: {up} of {len(changes)} seeds up{unchanged}"
+    if up == 0:
+        return "falling", f"falling: {down} of {len(changes)} seeds down{unchanged}"
+    return "mixed", f"mixed: {up} up, {down} down{unchanged}"
 
 
 def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -> list[str]:
@@ -219,7 +215,7 @@ def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -
     whose seeds disagree is moving by evaluation noise or an unstable policy, not by training time."""
     rows = []
     pairs = 0
-    kinds: dict[str, int] = {"rising": 0, "falling": 0, "mixed": 0}
+    kinds: Counter[str] = Counter()
     for task in sorted(data.offline):
         for algo, group in data.offline[task].items():
             if any(r.get("external") for r in group.records):  # another library's runs, on their own budget
@@ -237,8 +233,8 @@ def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -
             start = statistics.mean(run[start_step] for run in runs)
             end = statistics.mean(run[end_step] for run in runs)
             if abs(end - start) > points:
-                direction = _direction([run[end_step] - run[start_step] for run in runs])
-                kinds[direction.split()[0].rstrip(":")] += 1
+                kind, direction = _direction([run[end_step] - run[start_step] for run in runs])
+                kinds[kind] += 1
                 rows.append(
                     f"| {task} | {algo} | {start:.1f} | {end:.1f} | {end - start:+.1f} | {direction} |"
                 )
@@ -247,9 +243,11 @@ def still_moving(data: ReportData, tail: float = TAIL, points: float = MOVING) -
         "",
         f"Mean curves (over seeds) that moved by more than {points:.0f} points over the last {tail:.0%} of "
         f"the run, of {pairs} (dataset, algorithm) pairs of the table; the curves are in report.md. "
-        f"{kinds['rising']} rose on every seed (the budget is short for them), {kinds['falling']} fell on "
-        f"every seed, and {kinds['mixed']} moved with seeds disagreeing (evaluation noise or an unstable "
-        "policy, which a longer run would not settle).",
+        f"{kinds['rising']} rose with no seed falling (the budget is short for them), {kinds['falling']} "
+        f"fell with no seed rising, {kinds['mixed']} moved with seeds going both ways (evaluation noise or "
+        "an unstable policy, which a longer run would not settle)"
+        + (f", {kinds['one seed']} from one seed only" if kinds["one seed"] else "")
+        + ".",
         "",
         f"| dataset | algorithm | at {1.0 - tail:.0%} | final | change | seeds |",
         "|---|---|---|---|---|---|",

@@ -565,3 +565,13 @@ def test_another_librarys_runs_share_their_algorithms_colour_dashed() -> None:
         styles["bc"]["color"],
         styles["cql"]["color"],
     }
+
+
+def test_an_algorithm_keeps_its_colour_on_tasks_that_lack_another() -> None:
+    from offrl.bench.report import _Group, line_styles
+
+    finished = _Group([{"status": "finished"}])
+    order = ["bc", "cql", "iql"]
+    everything = line_styles({"bc": finished, "cql": finished, "iql": finished}, order)
+    without_cql = line_styles({"bc": finished, "iql": finished}, order)
+    assert without_cql["iql"]["color"] == everything["iql"]["color"]

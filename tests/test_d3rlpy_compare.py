@@ -165,5 +165,13 @@ def test_more_d3rlpy_folders_add_rows_at_their_own_step(tmp_path: Path) -> None:
         ("cql (discrete) at 20,332 steps", "d"): {0: (80.0, 90.0, 20332)},
     }
     assert compare.pairs(table) == {("cql (discrete)", "d"): {0: (40.0, 30.0, 11730)}}
+    # the third column reads offrl's run at d3rlpy's settings at each row's own step
+    alike = tmp_path / "alike"
+    evs = [{"step": 11730, "normalized_score": 70.0}, {"step": 20332, "normalized_score": 95.0}]
+    _write(alike, "cql__d__s0", {"cell": {"algo": "cql"}, "task": "d", "seed": 0, "evaluations": evs})
+    assert compare.same_settings(compare.pairs(table, (full,)), alike) == {
+        ("cql (discrete)", "d"): {0: 70.0},
+        ("cql (discrete) at 20,332 steps", "d"): {0: 95.0},
+    }
     with pytest.raises(SystemExit, match="missing: no records folder"):
         compare.pairs(table, (tmp_path / "missing",))

@@ -1,4 +1,5 @@
-"""offrl beside d3rlpy at equal gradient steps, from the records of one results folder.
+"""offrl beside d3rlpy at equal gradient steps, from the records of a results folder (and, with
+--more-d3rlpy, d3rlpy's runs at another budget from folders of their own).
 
 For every d3rlpy record (written by experiments/d3rlpy/bench.py), offrl's run of the same algorithm on
 the same dataset and seed is read at its evaluation at d3rlpy's last step: both evaluate at whole passes
@@ -8,7 +9,7 @@ Prints, or writes with --out, a markdown section: the mean over seeds per datase
 IQM over (dataset, seed) with its stratified bootstrap 95% CI, over the datasets both sides finished.
 
     python experiments/d3rlpy/compare.py runs/bench/classic --out experiments/results/classic/d3rlpy.md \
-        --same-settings runs/bench/classic-d3rlpy-settings
+        --same-settings runs/bench/classic-d3rlpy-settings --more-d3rlpy runs/bench/classic-d3rlpy-full
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def pairs(
 ) -> dict[tuple[str, str], dict[int, tuple[float, float, int]]]:
     """(algorithm, dataset) -> seed -> (offrl's score, d3rlpy's score, step) at d3rlpy's last step.
     ``more``: other folders of d3rlpy records (another budget, e.g. classic-cql-discrete-full.toml),
-    paired with the same offrl runs; their rows are labelled with their step count."""
+    paired with the same offrl runs; their rows are labelled with each record's last step (one row per
+    algorithm where all its datasets have the same steps per pass, as the classic suite's do)."""
     offrl = _offrl_runs(results)
     out: dict[tuple[str, str], dict[int, tuple[float, float, int]]] = defaultdict(dict)
     for folder in (results, *more):

@@ -305,7 +305,8 @@ class ActorCritic(Algorithm):
 class DiscreteQ(Algorithm):
     """What the offline Q-learners on discrete actions share (CQL, BCQ): a Q-network over all actions
     ``nets["q"]`` and its frozen copy ``nets["q_target"]``, copied every ``target_update_interval``
-    steps (``config.target_update == "hard"``) or Polyak-averaged with ``tau`` in the step ("soft")."""
+    steps (``config.target_update == "hard"``) or Polyak-averaged with ``tau`` in the step ("soft"); their
+    configs carry ``target_update``, ``target_update_interval`` and ``tau``."""
 
     @property
     def q(self) -> nets.DiscreteHead:

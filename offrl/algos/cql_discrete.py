@@ -126,7 +126,8 @@ class DiscreteCQL(DiscreteQ):
         return {"td_loss": td, "cql_penalty": penalty}
 
     def _step(self, batch: Batch) -> dict[str, Tensor]:
-        """Losses, the gradient step and a soft target update (the hard copy is in ``after_update``)."""
+        """Losses, the gradient step and a soft target update; device-only (it may be compiled), the hard copy
+        is in ``after_update``."""
         cfg = self.config
         td, penalty, q_all, q_data = self._losses(batch)
         loss = td + cfg.cql_alpha * penalty if cfg.cql_alpha != 0 else td

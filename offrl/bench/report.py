@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -565,11 +565,12 @@ def _figure(width: float = 6.4, height: float = 4.0) -> Any:
     return fig
 
 
-def line_styles(groups: dict[str, _Group]) -> dict[str, dict[str, Any]]:
+def line_styles(groups: dict[str, _Group], order: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Matplotlib line settings per algorithm label: a colour each, and another library's runs of an
     algorithm (records with ``external``, labelled ``LIB-ALGO (…)``) in that algorithm's colour, dashed
-    with square markers, so the two implementations read as a pair."""
-    colour: dict[str, str] = {}
+    with square markers, so the two implementations read as a pair. ``order``: the grid's algorithm
+    labels, which take the first colours in that order, so an algorithm keeps its colour on every task."""
+    colour: dict[str, str] = {algo: f"C{i % 10}" for i, algo in enumerate(order)}
     styles: dict[str, dict[str, Any]] = {}
     for algo, g in groups.items():
         if not _external(g):
@@ -594,10 +595,12 @@ def _legend_outside(ax: Any) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
-def plot_learning_curves(task: str, groups: dict[str, _Group], out: Path) -> Path | None:
+def plot_learning_curves(
+    task: str, groups: dict[str, _Group], out: Path, order: Sequence[str] = ()
+) -> Path | None:
     normalised = any(g.values("final", "normalized_score") for g in groups.values())
     key = "normalized_score" if normalised else "return_mean"
-    styles = line_styles(groups)
+    styles = line_styles(groups, order)
     fig = _figure(9.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     drawn = False
@@ -630,10 +633,12 @@ DIAGNOSTICS = (
 )
 
 
-def plot_diagnostics(task: str, groups: dict[str, _Group], out: Path) -> Path | None:
+def plot_diagnostics(
+    task: str, groups: dict[str, _Group], out: Path, order: Sequence[str] = ()
+) -> Path | None:
     """The ``diag/`` curves of each algorithm on ``task`` (docs/training.md), beside its learning curves;
-    None where no run logged any."""
-    styles = line_styles(groups)
+    None where no run logged any. ``order``: as for :func:`line_styles`."""
+    styles = line_styles(groups, order)
     fig = _figure(12.0, 4.2)
     handles: dict[str, Any] = {}  # one legend for both panels: the colours are shared
     axes = []
@@ -686,6 +691,12 @@ def plot_aggregates(aggs: list[Aggregate], out: Path) -> Path | None:
         return None
     fig = _figure(8.0, 1.2 + 0.45 * len(aggs))
     y = np.arange(len(aggs))[::-1]
+    # aggregates over different task sets are not comparable: where the sets differ, each names its count
+    same_tasks = len({frozenset(a.tasks) for a in aggs}) == 1
+    names = [
+        a.algo if same_tasks else f"{a.algo}, {len(a.tasks)} task{'s' if len(a.tasks) != 1 else ''}"
+        for a in aggs
+    ]
     for i, (name, pick) in enumerate((("IQM", "iqm"), ("mean", "mean"))):
         ax = fig.add_subplot(1, 2, i + 1)
         for yy, a in zip(y, aggs):
@@ -693,9 +704,6 @@ def plot_aggregates(aggs: list[Aggregate], out: Path) -> Path | None:
             ax.plot([iv.low, iv.high], [yy, yy], linewidth=6, alpha=0.5, solid_capstyle="butt")
             ax.plot([iv.point], [yy], marker="|", color="black", markersize=14)
         ax.set_yticks(y)
-        # aggregates over different task sets are not comparable: say how many each covers where they differ
-        counts = {len(a.tasks) for a in aggs}
-        names = [a.algo if len(counts) == 1 else f"{a.algo}, {len(a.tasks)} tasks" for a in aggs]
         ax.set_yticklabels(names if i == 0 else [])
         ax.set_xlabel(f"{name} normalised score")
         ax.grid(axis="x", alpha=0.3)
@@ -787,11 +795,11 @@ def write_report(
         lines += ["## Per-dataset results", ""]
         for task in tasks:
             lines += _dataset_table(task, data.offline[task], data.task_info.get(task, {}))
-            p = plot_learning_curves(task, data.offline[task], out_dir)
+            p = plot_learning_curves(task, data.offline[task], out_dir, data.algos)
             if p is not None:
                 plots.append(p)
                 lines += [f"![learning curves on {task}]({p.name})", ""]
-            p = plot_diagnostics(task, data.offline[task], out_dir)
+            p = plot_diagnostics(task, data.offline[task], out_dir, data.algos)
             if p is not None:
                 plots.append(p)
                 lines += [f"![diagnostics on {task}]({p.name})", ""]

@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from offrl import nets
 from offrl.algos.cql_discrete import DiscreteCQL
 from offrl.fast import hand, relu
 from offrl.fast.compile import compiled
@@ -114,8 +113,7 @@ def discrete_cql_step(algo: DiscreteCQL, dtype: torch.dtype) -> StepFn | None:
             in_place=mode is None,
         )
         apply_gradients(algo.optimizers["q"], cfg.max_grad_norm)
-        if cfg.target_update == "soft":
-            nets.soft_update(algo.q_target, algo.q, cfg.tau)
+        algo.soft_update_target()
         return metrics
 
     return fast_step
