@@ -14,6 +14,7 @@ import torch
 from offrl.algos.awac import AWAC, AWACConfig
 from offrl.errors import ConfigError
 from offrl.types import Batch
+from tests.batches import random_batch
 from tests.learning import median, scores
 
 OBS_SPACE = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
@@ -23,17 +24,6 @@ SMALL: dict[str, Any] = {"actor_hidden": (32, 32), "critic_hidden": (32, 32), "b
 def make(act_dim: int = 1, seed: int = 0, **overrides: Any) -> AWAC:
     act_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
     return AWAC(AWACConfig(**{**SMALL, **overrides}), OBS_SPACE, act_space, seed=seed)
-
-
-def random_batch(n: int = 64, act_dim: int = 1, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(
-        obs=torch.randn(n, 2, generator=g),
-        actions=torch.rand(n, act_dim, generator=g) * 2 - 1,
-        rewards=torch.randn(n, generator=g),
-        next_obs=torch.randn(n, 2, generator=g),
-        terminals=(torch.rand(n, generator=g) < 0.2).float(),
-    )
 
 
 # -- pieces of the algorithm -----------------------------------------------------------------------

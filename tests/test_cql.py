@@ -18,6 +18,7 @@ from offrl.algos.cql import (
 )
 from offrl.errors import ConfigError
 from offrl.types import Batch
+from tests.batches import random_batch
 
 OBS_SPACE = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
 SMALL = {"actor_hidden": (32, 32), "critic_hidden": (32, 32), "batch_size": 64, "n_actions": 4}
@@ -26,17 +27,6 @@ SMALL = {"actor_hidden": (32, 32), "critic_hidden": (32, 32), "batch_size": 64, 
 def make(act_dim: int = 1, seed: int = 0, **overrides: object) -> CQL:
     act_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
     return CQL(CQLConfig(**{**SMALL, **overrides}), OBS_SPACE, act_space, seed=seed)  # type: ignore[arg-type]
-
-
-def random_batch(n: int = 64, act_dim: int = 1, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(
-        obs=torch.randn(n, 2, generator=g),
-        actions=torch.rand(n, act_dim, generator=g) * 2 - 1,
-        rewards=torch.randn(n, generator=g),
-        next_obs=torch.randn(n, 2, generator=g),
-        terminals=(torch.rand(n, generator=g) < 0.2).float(),
-    )
 
 
 # -- pure losses ---------------------------------------------------------------------------------
