@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build keeps set-up small; override TORCH_SPEC for CUDA machines (e.g. TORCH_SPEC=torch).
+# torch first, so the package's `torch>=` range is already met; TORCH_SPEC picks another version, and
+# TORCH_INDEX an index (https://download.pytorch.org/whl/cpu: the small CPU build where pip would pull CUDA).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP := $(VENV)/.offrl-installed
 LINT_PATHS := offrl tests $(wildcard benchmarks experiments datasets)
 
@@ -12,7 +14,7 @@ LINT_PATHS := offrl tests $(wildcard benchmarks experiments datasets)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q "torch>=2.2"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)" || $(PY) -m pip install -q "torch>=2.2"
 	$(PY) -m pip install -q -e ".[dev,classic]"
 	touch $(STAMP)
 

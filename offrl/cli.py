@@ -103,7 +103,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise OfflineRLError(
             f"convert: --out FILE is required with --{'from' if args.from_ else 'to'} {args.from_ or args.to}"
         )
-    check_destination(args.out, force=True)
+    check_destination(args.out, force=args.force)
     if args.from_ == "table":
         from offrl.data.table import import_table
 
@@ -380,7 +380,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_settings(cls: type, skip: frozenset[str] = frozenset()) -> None:
+def _print_settings(cls: type, skip: frozenset[str] = frozenset(), defaults: object | None = None) -> None:
+    """One line per setting of a config dataclass; ``defaults``: an instance whose values are the defaults
+    where a command's differ from the dataclass's (online runs' one thread)."""
     import dataclasses
 
     from offrl.config import field_help
@@ -388,13 +390,16 @@ def _print_settings(cls: type, skip: frozenset[str] = frozenset()) -> None:
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name not in skip:
-            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            if defaults is not None:
+                default = getattr(defaults, f.name)
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else "(required)"
             print(f"  {f.name:<24} {default!s:<18} {helps[f.name]}")
 
 
 def _cmd_algos(args: argparse.Namespace) -> int:
     from offrl.algos import registry
-    from offrl.online.loop import OnlineTrainConfig
+    from offrl.online.loop import ONLINE_RUNTIME, OnlineTrainConfig
     from offrl.runtime import RUNTIME_KEYS, Runtime
     from offrl.train import TrainConfig
 
@@ -413,11 +418,12 @@ def _cmd_algos(args: argparse.Namespace) -> int:
         print(f"{args.name} ({variant}) hyperparameters: {cls.Config.__name__}")
         _print_settings(cls.Config, skip=RUNTIME_KEYS)
         print()
+    online = shown[0][1].online
     print("runtime settings (runtime.KEY: how the run computes, recorded in config.toml [runtime]):")
-    _print_settings(Runtime)
+    _print_settings(Runtime, defaults=ONLINE_RUNTIME if online else None)
     print()
     print("trainer settings (train.KEY):")
-    _print_settings(OnlineTrainConfig if shown[0][1].online else TrainConfig)
+    _print_settings(OnlineTrainConfig if online else TrainConfig)
     return 0
 
 
@@ -700,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--env", help="gymnasium env id to record in the imported file (spaces are then taken from it)"
     )
     p.add_argument("--compression", choices=["lzf", "gzip"])
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     g = p.add_argument_group("--from table (CSV or Parquet, one row per step; needs offrl[table])")
     g.add_argument("--episode", metavar="COL", help="episode id column")
     g.add_argument("--step", metavar="COL", help="step column that orders rows inside an episode")

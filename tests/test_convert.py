@@ -260,8 +260,16 @@ def test_cli_import_then_export(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "D4RL layout" in capsys.readouterr().out
     assert back.exists()
 
-    assert main(["convert", str(tmp_path / "missing.hdf5"), "--from", "d4rl", "--out", str(out)]) == 1
+    assert (
+        main(["convert", str(tmp_path / "missing.hdf5"), "--from", "d4rl", "--out", str(tmp_path / "x.h5")])
+        == 1
+    )
     assert "no such file" in capsys.readouterr().err
+    # an existing destination is replaced only with --force
+    assert main(["convert", str(src), "--from", "d4rl", "--out", str(back)]) == 1
+    assert "--force" in capsys.readouterr().err and back.exists()
+    assert main(["convert", str(src), "--from", "d4rl", "--out", str(back), "--force"]) == 0
+    assert validate(back) == []
 
 
 def assert_same_dataset(a: Any, b: Any) -> None:

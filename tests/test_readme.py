@@ -24,6 +24,7 @@ SMALLER = {
     "--episodes 50": "--episodes 6",  # record
     "--epochs 40": "--epochs 1",  # train
     "--epochs 80": "--epochs 2",  # train --resume: one more pass
+    "--epochs 20": "--epochs 1",  # iterate: passes per round
     "--episodes 20": "--episodes 2",  # evaluate
     "--steps 20000": "--steps 300",  # online
     "--steps 2000": "--steps 50",  # finetune
@@ -41,7 +42,6 @@ EXTRA = {
         "--set",
         "train.eval_episodes=1",
     ],
-    "iterate": ["--epochs", "1"],
     "finetune": ["--set", "train.eval_episodes=1", "--set", "train.eval_every=0"],
 }
 

@@ -194,3 +194,12 @@ def test_algos_lists_hyperparameters_and_runtime_apart(capsys: pytest.CaptureFix
     for key in ("threads", "flush_denormal", "precision", "compile", "cuda_graphs", "fast_paths"):
         assert re.search(rf"^  {key} ", runtime, re.M), key
     assert "eval_every" in trainer and "threads" not in trainer
+
+
+def test_algos_shows_the_online_runtime_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """Online runs default to one thread (small networks run fastest there), and `offrl algos` says so."""
+    threads = re.compile(r"^  threads +(\d+) ", re.M)
+    assert cli.main(["algos", "sac"]) == 0
+    assert threads.findall(capsys.readouterr().out) == ["1"]
+    assert cli.main(["algos", "cql"]) == 0
+    assert threads.findall(capsys.readouterr().out) == ["2"]
