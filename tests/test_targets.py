@@ -86,3 +86,13 @@ def test_seed_agreement_labels() -> None:
     assert targets._direction([5.0, 0.0, 9.0]) == ("rising", "rising: 2 of 3 seeds up, 1 unchanged")
     assert targets._direction([5.0, -1.0, 9.0]) == ("mixed", "mixed: 2 up, 1 down")
     assert targets._direction([30.0])[0] == "one seed"
+
+
+def test_means_equal_at_the_tables_precision_are_a_tie_that_holds(tmp_path: Path) -> None:
+    """Two policies that both do nothing differ by a few thousandths of a point: that is not a miss."""
+    _record(tmp_path, "bc", "env-random", 0, [26.350])
+    _record(tmp_path, "iql", "env-random", 0, [26.347])
+    _record(tmp_path, "cql", "env-random", 0, [26.2])
+    lines, held, made = targets.per_dataset(targets.ReportData.load(tmp_path))
+    assert (held, made) == (1, 2)
+    assert "| env-random | 26.4 (26.4) | 26.2 (26.2) | 26.3 (26.3) | cql ✗, iql = |" in "\n".join(lines)
