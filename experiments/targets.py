@@ -278,21 +278,7 @@ def main() -> int:
     )
     parser.add_argument("results", type=Path, help="the classic table's results folder")
     parser.add_argument("--out", type=Path, help="write the section to this markdown file")
-    parser.add_argument(
-        "--same-settings",
-        type=Path,
-        metavar="DIR",
-        help="results of offrl at d3rlpy's settings (experiments/d3rlpy/offrl-at-d3rlpy-settings.toml)",
-    )
-    parser.add_argument(
-        "--more-d3rlpy",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="d3rlpy runs at another budget (experiments/d3rlpy/classic-cql-discrete-full.toml), as rows of "
-        "their own (repeatable)",
-    )
+    _compare_module().add_d3rlpy_options(parser)
     args = parser.parse_args()
     if not (args.results / "records").is_dir():
         print(f"{args.results}: no records folder (run `offrl bench experiments/classic.toml` first)")

@@ -164,12 +164,8 @@ def section(
     return [*lines, ""]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("results", type=Path, help="the results folder holding both sides' records")
-    parser.add_argument("--out", type=Path, help="write the section to this markdown file")
+def add_d3rlpy_options(parser: argparse.ArgumentParser) -> None:
+    """--same-settings and --more-d3rlpy, shared with experiments/targets.py."""
     parser.add_argument(
         "--same-settings",
         type=Path,
@@ -185,6 +181,15 @@ def main() -> int:
         help="another folder of d3rlpy records at another budget (classic-cql-discrete-full.toml): adds "
         "its rows, labelled with their step count (repeatable)",
     )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("results", type=Path, help="the results folder holding both sides' records")
+    parser.add_argument("--out", type=Path, help="write the section to this markdown file")
+    add_d3rlpy_options(parser)
     args = parser.parse_args()
     versions = {
         r.get("package_versions", {}).get("d3rlpy", "")
