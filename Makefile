@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 # TORCH_INDEX an index (https://download.pytorch.org/whl/cpu: the small CPU build where pip would pull CUDA).
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+TORCH_PIP_INDEX := $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 STAMP := $(VENV)/.offrl-installed
 LINT_PATHS := offrl tests $(wildcard benchmarks experiments datasets)
 
@@ -14,7 +15,7 @@ LINT_PATHS := offrl tests $(wildcard benchmarks experiments datasets)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)" || $(PY) -m pip install -q "torch>=2.2"
+	$(PY) -m pip install -q $(TORCH_PIP_INDEX) "$(TORCH_SPEC)" || $(PY) -m pip install -q $(TORCH_PIP_INDEX) "torch>=2.2"
 	$(PY) -m pip install -q -e ".[dev,classic]"
 	touch $(STAMP)
 

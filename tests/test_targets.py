@@ -89,10 +89,12 @@ def test_seed_agreement_labels() -> None:
 
 
 def test_means_equal_at_the_tables_precision_are_a_tie_that_holds(tmp_path: Path) -> None:
-    """Two policies that both do nothing differ by a few thousandths of a point: that is not a miss."""
+    """Two policies that both do nothing differ by a few thousandths of a point: a tie, which holds, though
+    their one-decimal means print 0.1 apart here."""
     _record(tmp_path, "bc", "env-random", 0, [26.350])
     _record(tmp_path, "iql", "env-random", 0, [26.347])
     _record(tmp_path, "cql", "env-random", 0, [26.2])
     lines, held, made = targets.per_dataset(targets.ReportData.load(tmp_path))
     assert (held, made) == (1, 2)
     assert "| env-random | 26.4 (26.4) | 26.2 (26.2) | 26.3 (26.3) | cql ✗, iql = |" in "\n".join(lines)
+    assert "Held: 1 of 2 (1 a tie)." in lines

@@ -170,7 +170,8 @@ def add_d3rlpy_options(parser: argparse.ArgumentParser) -> None:
         "--same-settings",
         type=Path,
         metavar="DIR",
-        help="results folder of offrl-at-d3rlpy-settings.toml: adds a column of offrl at d3rlpy's settings",
+        help="results folder of experiments/d3rlpy/offrl-at-d3rlpy-settings.toml: adds a column of offrl at "
+        "d3rlpy's settings",
     )
     parser.add_argument(
         "--more-d3rlpy",
@@ -178,8 +179,8 @@ def add_d3rlpy_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="another folder of d3rlpy records at another budget (classic-cql-discrete-full.toml): adds "
-        "its rows, labelled with their step count (repeatable)",
+        help="another folder of d3rlpy records at another budget (experiments/d3rlpy/"
+        "classic-cql-discrete-full.toml): adds its rows, labelled with their step count (repeatable)",
     )
 
 
