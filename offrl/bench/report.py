@@ -590,9 +590,11 @@ def _external(group: _Group) -> str:
     return next((str(r["external"]) for r in group.records if r.get("external")), "")
 
 
-def _legend_outside(ax: Any) -> None:
-    """The legend to the right of the axes, where it hides no curve."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+def _legend_outside(ax: Any, handles: dict[str, Any] | None = None) -> None:
+    """The legend to the right of the axes, where it hides no curve; ``handles``: label -> line, for a
+    legend that also lists other panels' lines."""
+    entries = () if handles is None else (list(handles.values()), list(handles))
+    ax.legend(*entries, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
 def plot_learning_curves(
@@ -671,14 +673,7 @@ def plot_diagnostics(
         axes.append(ax)
     if not handles:
         return None
-    axes[-1].legend(
-        list(handles.values()),
-        list(handles),
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-        fontsize="small",
-        frameon=False,
-    )
+    _legend_outside(axes[-1], handles)
     fig.suptitle(f"{task}: diagnostics at pass ends (mean ± std over seeds)")
     fig.tight_layout()
     path = out / f"diag-{slug(task)}.png"
