@@ -181,6 +181,28 @@ def test_grid_expansion(tmp_path: Path, dataset: Path) -> None:
         parse_grid({"seeds": [], "datasets": ["x.h5"], "algos": {"bc": {}}, "budget": {"epochs": 1}})
 
 
+def test_grid_only_runs_one_action_type() -> None:
+    algos = {
+        "cql-slow": {"algo": "cql", "only": "discrete", "lr": 6.25e-5, "sweep": {"cql_alpha": [1.0, 4.0]}},
+        "bcq": {"discrete": {"sweep": {"threshold": [0.1]}}},
+    }
+    grid = parse_grid({"seeds": 1, "datasets": ["x.h5"], "algos": algos, "budget": {"epochs": 1}})
+    by_label = {s.label: s for s in grid.algos}
+    # `only` names the label without a variant suffix; a variant's own sweep still splits the other label
+    assert sorted(by_label) == [
+        "bcq-continuous",
+        "bcq-threshold=0.1",
+        "cql-slow-cql_alpha=1.0",
+        "cql-slow-cql_alpha=4.0",
+    ]
+    slow = by_label["cql-slow-cql_alpha=4.0"]
+    assert slow.only == "discrete" and slow.algo == "cql" and slow.settings["lr"] == 6.25e-5
+    with pytest.raises(ConfigError, match="only must be one of"):
+        parse_grid(
+            {"seeds": 1, "datasets": ["x.h5"], "algos": {"bc": {"only": "box"}}, "budget": {"epochs": 1}}
+        )
+
+
 # -- end to end ----------------------------------------------------------------------------------------
 def _records(results: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in (results / "records").glob("*.json")}

@@ -18,6 +18,11 @@ by plain data, so it can be sent to a worker process or a Ray task. The format i
     [algos.cql.continuous]                # only for datasets with continuous actions
     actor_hidden = [64, 64]
 
+    [algos.cql-slow]                      # `only`: this label runs on one action type's datasets
+    algo = "cql"
+    only = "discrete"
+    lr = 6.25e-5
+
     [[online]]                            # optional online runs: algorithm, environment, steps
     algo = "sac"
     env = "Pendulum-v1"
@@ -233,6 +238,11 @@ def _algo_specs(value: Any, where: str, preset: str | None = None) -> tuple[Algo
             raise ConfigError(f"{where}: [algos.{label}] must be a table")
         table = dict(table)
         algo = str(table.pop("algo", label))
+        only_one = table.pop("only", None)
+        if only_one is not None and only_one not in _VARIANTS:
+            raise ConfigError(
+                f"{where}: [algos.{label}] only must be one of {list(_VARIANTS)}, got {only_one!r}"
+            )
         sweep = _sweep(table.pop("sweep", {}), f"{where} [algos.{label}] sweep")
         if preset is not None:
             table.setdefault("preset", preset)
@@ -247,7 +257,12 @@ def _algo_specs(value: Any, where: str, preset: str | None = None) -> tuple[Algo
         settings = _flatten_settings(table, f"{where} [algos.{label}]")
         # a variant's own sweep splits the algorithm into one spec per variant, each seeing only its datasets
         split = any(len(c) > 1 or c != [{}] for c in variant_sweeps.values())
-        for only in _VARIANTS if split else (None,):
+        if only_one is not None:
+            runs_on: tuple[str | None, ...] = (only_one,)
+            split = False  # one action type only: the label needs no variant suffix
+        else:
+            runs_on = _VARIANTS if split else (None,)
+        for only in runs_on:
             for combo in sweep:
                 for own in variant_sweeps[only] if only else [{}]:
                     swept = {**combo, **own}
