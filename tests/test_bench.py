@@ -589,6 +589,17 @@ def test_another_librarys_runs_share_their_algorithms_colour_dashed() -> None:
     }
 
 
+def test_a_sweeps_many_labels_get_distinct_lines() -> None:
+    """Past matplotlib's 10 colours, a sweep's curves still differ in colour or line style."""
+    from offrl.bench.report import _Group, line_styles
+
+    finished = _Group([{"status": "finished"}])
+    order = [f"cql-alpha={i}" for i in range(25)]
+    styles = line_styles({a: finished for a in order}, order)
+    looks = {(str(st["color"]), st["linestyle"]) for st in styles.values()}
+    assert len(looks) == 25 and all(st["linestyle"] != "--" for st in styles.values())
+
+
 def test_an_algorithm_keeps_its_colour_on_tasks_that_lack_another() -> None:
     from offrl.bench.report import _Group, line_styles
 

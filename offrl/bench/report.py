@@ -569,20 +569,32 @@ def line_styles(groups: dict[str, _Group], order: Sequence[str] = ()) -> dict[st
     """Matplotlib line settings per algorithm label: a colour each, and another library's runs of an
     algorithm (records with ``external``, labelled ``LIB-ALGO (…)``) in that algorithm's colour, dashed
     with square markers, so the two implementations read as a pair. ``order``: the grid's algorithm
-    labels, which take the first colours in that order, so an algorithm keeps its colour on every task."""
-    colour: dict[str, str] = {algo: f"C{i % 10}" for i, algo in enumerate(order)}
+    labels, which take the first colours in that order, so an algorithm keeps its colour on every task.
+    Up to 10 labels get matplotlib's default colours; a sweep with more gets 20 colours, then dotted and
+    dash-dotted lines, counting only the labels on this plot so that its own lines stay distinct."""
+    own = [a for a, g in groups.items() if not _external(g)]
+    bases = {a: a.removeprefix(f"{_external(g)}-").split(" (")[0] for a, g in groups.items() if _external(g)}
+    labels = list(dict.fromkeys([*order, *own, *bases.values()]))
+    if len(labels) > 10:  # many labels: index only those drawn here, in the grid's order
+        drawn = {*own, *bases.values()}
+        labels = [a for a in labels if a in drawn]
+    look = {a: _look(i, len(labels)) for i, a in enumerate(labels)}
     styles: dict[str, dict[str, Any]] = {}
-    for algo, g in groups.items():
-        if not _external(g):
-            colour.setdefault(algo, f"C{len(colour) % 10}")
-            styles[algo] = {"color": colour[algo], "linestyle": "-", "marker": "o"}
-    for algo, g in groups.items():
-        library = _external(g)
-        if library:
-            base = algo.removeprefix(f"{library}-").split(" (")[0]
-            colour.setdefault(base, f"C{len(colour) % 10}")
-            styles[algo] = {"color": colour[base], "linestyle": "--", "marker": "s"}
+    for algo in own:
+        colour, dash = look[algo]
+        styles[algo] = {"color": colour, "linestyle": dash, "marker": "o"}
+    for algo, base in bases.items():
+        styles[algo] = {"color": look[base][0], "linestyle": "--", "marker": "s"}
     return styles
+
+
+def _look(index: int, count: int) -> tuple[Any, str]:
+    """Colour and line style of the ``index``-th of ``count`` labels ('--' is kept for other libraries)."""
+    if count <= 10:
+        return f"C{index}", "-"
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](index % 20), ("-", ":", "-.")[(index // 20) % 3]
 
 
 def _external(group: _Group) -> str:
@@ -597,13 +609,18 @@ def _legend_outside(ax: Any, handles: dict[str, Any] | None = None) -> None:
     ax.legend(*entries, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
+def _height_for_legend(entries: int, base: float = 4.2) -> float:
+    """A figure tall enough for a legend of ``entries`` lines beside the axes (about 0.2 inch each)."""
+    return max(base, 0.8 + 0.2 * entries)
+
+
 def plot_learning_curves(
     task: str, groups: dict[str, _Group], out: Path, order: Sequence[str] = ()
 ) -> Path | None:
     normalised = any(g.values("final", "normalized_score") for g in groups.values())
     key = "normalized_score" if normalised else "return_mean"
     styles = line_styles(groups, order)
-    fig = _figure(9.0, 4.2)
+    fig = _figure(9.0, _height_for_legend(len(groups)))
     ax = fig.add_subplot(1, 1, 1)
     drawn = False
     for algo, g in groups.items():
@@ -641,7 +658,7 @@ def plot_diagnostics(
     """The ``diag/`` curves of each algorithm on ``task`` (docs/training.md), beside its learning curves;
     None where no run logged any. ``order``: as for :func:`line_styles`."""
     styles = line_styles(groups, order)
-    fig = _figure(12.0, 4.2)
+    fig = _figure(12.0, _height_for_legend(len(groups)))
     handles: dict[str, Any] = {}  # one legend for both panels: the colours are shared
     axes = []
     for i, (key, ylabel, title) in enumerate(DIAGNOSTICS):
