@@ -658,13 +658,15 @@ def plot_diagnostics(
     """The ``diag/`` curves of each algorithm on ``task`` (docs/training.md), beside its learning curves;
     None where no run logged any. ``order``: as for :func:`line_styles`."""
     styles = line_styles(groups, order)
-    fig = _figure(12.0, _height_for_legend(len(groups)))
+    curves = {(key, algo): _curve(g.ok, key) for key, _, _ in DIAGNOSTICS for algo, g in groups.items()}
+    logged = {algo for (_, algo), (steps, _, _) in curves.items() if steps.size}
+    fig = _figure(12.0, _height_for_legend(len(logged)))
     handles: dict[str, Any] = {}  # one legend for both panels: the colours are shared
     axes = []
     for i, (key, ylabel, title) in enumerate(DIAGNOSTICS):
         ax = fig.add_subplot(1, len(DIAGNOSTICS), i + 1)
         for algo, g in groups.items():
-            steps, means, stds = _curve(g.ok, key)
+            steps, means, stds = curves[key, algo]
             if steps.size == 0:
                 continue
             label = f"{algo} (n={len(g.ok)})"
