@@ -377,6 +377,11 @@ def test_report_numbers_from_records(tmp_path: Path) -> None:
     assert f"| a | 2/2 | 5 | {iqm_a.format()} | {mean_a.format()} |" in text
     assert "| b | 1/2 | 3 |" in text and "Not comparable across all tasks: b" in text
     assert "| c |" not in text and "`c__t1__s0`" in text  # listed as left out, not reported
+    # the summary: datasets down the page (as many as the algorithms), n only where fewer seeds finished
+    t1a, t1b, t2a = mean_std([10.0, 20.0, 60.0]), mean_std([0.0, 5.0, 7.0]), mean_std([50.0, 70.0])
+    assert "| dataset | a | b |" in text
+    assert f"| t1 | {t1a.mean:.1f} ± {t1a.std:.1f} | {t1b.mean:.1f} ± {t1b.std:.1f} |" in text
+    assert f"| t2 | {t2a.mean:.1f} ± {t2a.std:.1f} (n=2) | – |" in text
 
 
 def test_report_lists_unrun_cells_by_task(tmp_path: Path) -> None:

@@ -159,6 +159,50 @@ def _dataset_table(task: str, groups: dict[str, _Group], info: dict[str, Any]) -
     return lines
 
 
+def _summary_table(data: ReportData) -> list[str]:
+    """Every dataset against every algorithm of the grid in one table: the final normalised score (the
+    return where the datasets carry no reference), mean ± std over seeds. The longer of the two lists
+    runs down the page, so a sweep's many settings and a suite's many datasets both stay readable."""
+    tasks = list(data.offline)
+    own = [a for a in data.algos if any(a in g and not _external(g[a]) for g in data.offline.values())]
+    if not tasks or not own:
+        return []
+    normalised = any(
+        g.values("final", "normalized_score") for groups in data.offline.values() for g in groups.values()
+    )
+    key = "normalized_score" if normalised else "return_mean"
+    seeds = max(
+        (len(g.ok) for groups in data.offline.values() for a, g in groups.items() if a in own), default=0
+    )
+    if seeds == 0:
+        return []
+
+    def cell(task: str, algo: str) -> str:
+        group = data.offline[task].get(algo)
+        s = mean_std(group.values("final", key) if group else [])
+        if s.n == 0:
+            return "–"
+        text = f"{s.mean:.1f}" if s.n == 1 else f"{s.mean:.1f} ± {s.std:.1f}"
+        return text if s.n == seeds else f"{text} (n={s.n})"
+
+    what = "normalised score" if normalised else "return"
+    lines = [
+        "## Summary",
+        "",
+        f"Final {what}, mean ± std over {seeds} seed{'s' if seeds != 1 else ''} (n where fewer finished); "
+        "– where the pair is not in the grid or has no finished run. Other libraries' runs are in the "
+        "per-dataset tables below.",
+        "",
+    ]
+    if len(tasks) >= len(own):
+        lines += ["| dataset | " + " | ".join(own) + " |", "|---" * (len(own) + 1) + "|"]
+        lines += [f"| {t} | " + " | ".join(cell(t, a) for a in own) + " |" for t in tasks]
+    else:
+        lines += ["| algorithm | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(cell(t, a) for t in tasks) + " |" for a in own]
+    return [*lines, ""]
+
+
 @dataclass
 class Aggregate:
     algo: str
@@ -806,6 +850,7 @@ def write_report(
         "",
     ]
     if tasks:
+        lines += _summary_table(data)
         lines += ["## Per-dataset results", ""]
         for task in tasks:
             lines += _dataset_table(task, data.offline[task], data.task_info.get(task, {}))
