@@ -5,7 +5,7 @@ Pendulum up, from flailing to medium: imitating that mixture (BC) reproduces its
 value-based algorithm (CQL, IQL) learns from the rewards which of its actions were good. Each trains
 from the ``classic`` preset (`offrl presets classic`: the settings of the full classic table, chosen on
 other datasets) for 10 passes, seed 0, 1 thread, fp32, and is evaluated as the table evaluates. These
-are the first evaluation points of the table's seed-0 runs (experiments/classic.toml), so the demo
+are the first evaluation points of the table's seed-0 runs (experiments/results/classic), so the demo
 prints the numbers the table's records hold for them; another CPU may differ by run-to-run noise.
 
     python -m offrl.demo --out runs/demo
@@ -37,8 +37,8 @@ SETTINGS = {
     "train.threads": 1,
     "runtime.precision": "fp32",
 }
-# The full classic table's seed-0 runs at this point (normalised scores at pass 10 in their records,
-# experiments/classic.toml), computed on x86-64 with torch 2.13.0+cpu.
+# The full classic table's seed-0 runs at this point (normalised scores at pass 10 in their records;
+# experiments/results/classic, grid experiments/classic.toml), computed on x86-64 with torch 2.13.0+cpu.
 TABLE: dict[str, float] = {"bc": 23.1, "cql": 19.8, "iql": 100.6}
 
 
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = f"{r['table']:.1f}" if r["table"] is not None else "-"
         print(f"{r['algo']:<5} {r['steps']:>6} {r['seconds']:>8} {ret:>18} {norm:>10} {table:>10}")
     print(
-        "\ntable: the full classic table's seed-0 runs at this point (experiments/classic.toml); "
+        "\ntable: the full classic table's seed-0 runs at this point (experiments/results/classic); "
         "another CPU or torch build may differ by run-to-run noise."
     )
     out.mkdir(parents=True, exist_ok=True)
