@@ -594,6 +594,19 @@ def test_another_librarys_runs_share_their_algorithms_colour_dashed() -> None:
     }
 
 
+def test_report_plots_are_palette_pngs(tmp_path: Path) -> None:
+    """Report plots are 256-colour PNGs, a third the size of true colour, since reports live in git."""
+    from PIL import Image
+
+    from offrl.bench.report import _figure, _save
+
+    fig = _figure()
+    fig.add_subplot(1, 1, 1).plot([0, 1, 2], [0, 1, 4], label="x")
+    _save(fig, tmp_path / "plot.png")
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.format == "PNG" and image.mode == "P" and image.size == (704, 440)
+
+
 def test_a_sweeps_many_labels_get_distinct_lines() -> None:
     """Past matplotlib's 10 colours, a sweep's curves still differ in colour or line style."""
     from offrl.bench.report import _Group, line_styles

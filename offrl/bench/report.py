@@ -581,8 +581,19 @@ def _cost(data: ReportData) -> list[str]:
 
 # -- plots ---------------------------------------------------------------------------------------------
 def _save(fig: Any, path: Path) -> None:
+    """The figure as a 256-colour PNG: line plots on a white ground lose nothing visible, and the
+    file is about a third of a true-colour one, which matters for reports kept in git."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        palette.save(tmp, format="PNG", optimize=True)
 
 
 def _curve(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
