@@ -37,10 +37,13 @@ class EvalResult:
     ood_fraction: float | None = None
     ood_episode_means: list[float] | None = None
     ood_threshold: float | None = None
+    # Discrete actions: the share of all steps taken with the policy's most used action. Near 1, the
+    # policy repeats one action whatever it sees (a greedy policy on a Q nearly flat in the action).
+    action_top_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("ood_fraction", "ood_episode_means", "ood_threshold"):
+        for key in ("ood_fraction", "ood_episode_means", "ood_threshold", "action_top_share"):
             if out[key] is None:
                 del out[key]
         return out
@@ -152,6 +155,10 @@ def evaluate(
     monitor = getattr(policy, "ood_monitor", None)  # scores visited states; act never computes it
     ood_sum = np.zeros(episodes, dtype=np.float64)
     ood_above = np.zeros(episodes, dtype=np.int64)
+    space = envs.single_action_space
+    # counts of each discrete action taken (offset by the space's start), for action_top_share
+    action_counts = np.zeros(int(space.n) if isinstance(space, gym.spaces.Discrete) else 0, dtype=np.int64)
+    action_start = int(space.start) if isinstance(space, gym.spaces.Discrete) else 0
     try:
         obs, _ = envs.reset(seed=[episode_seed(seed, int(j)) for j in current])
         while True:
@@ -169,6 +176,7 @@ def evaluate(
                 )
             if discrete:
                 chosen = chosen.astype(np.int64).reshape(-1)
+                np.add.at(action_counts, chosen - action_start, 1)
             actions = np.empty((n, *chosen.shape[1:]), dtype=chosen.dtype)
             actions[:] = neutral
             actions[active] = chosen
@@ -203,4 +211,5 @@ def evaluate(
         ood_fraction=None if monitor is None else float(ood_above.sum() / lengths.sum()),
         ood_episode_means=None if monitor is None else [float(v) for v in ood_sum / lengths],
         ood_threshold=None if monitor is None else float(monitor.threshold),
+        action_top_share=float(action_counts.max() / action_counts.sum()) if action_counts.sum() else None,
     )

@@ -574,5 +574,7 @@ def evaluate_and_log(
     metrics = {"eval/return_mean": result.mean, "eval/return_std": result.std, **(extra_metrics or {})}
     if result.normalized_mean is not None:
         metrics["eval/normalized_score"] = result.normalized_mean
+    if result.action_top_share is not None:
+        metrics["eval/action_top_share"] = result.action_top_share
     logger.log(step, metrics)
     return result

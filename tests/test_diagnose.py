@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from offrl.bench.diagnose import DRIFT, DROP, GAP, diagnose, diagnose_table
+from offrl.bench.diagnose import DRIFT, DROP, GAP, ONE_ACTION, diagnose, diagnose_table
 from offrl.bench.runner import read_evaluations
 
 
@@ -104,6 +104,27 @@ def test_off_data_drift_is_a_drop_while_the_policy_leaves_the_data() -> None:
         == []
     )
     assert kinds(pendulum([95.4, 95.8, 44.4, 21.3, 7.2, 6.2], gap[::-1], mse)) == []
+
+
+def test_one_action_reads_the_final_evaluation() -> None:
+    """A discrete policy that took one action in nearly every step of its final evaluation; earlier
+    evaluations and continuous runs (no share) do not count."""
+    steady = [{"step": 1, "normalized_score": 0.0}, {"step": 2, "normalized_score": 0.0}]
+    assert kinds([{**steady[0], "action_top_share": 1.0}, {**steady[1], "action_top_share": 0.6}]) == []
+    assert kinds([steady[0], {**steady[1], "action_top_share": ONE_ACTION - 0.01}]) == []
+    assert kinds([steady[0], {**steady[1], "action_top_share": 1.0}]) == ["one action"]
+    assert kinds(steady) == []
+    table = diagnose_table({("d", "cql"): [[steady[0], {**steady[1], "action_top_share": 1.0}], steady]})
+    assert "| d | cql | one action | 1/2 | share +1.00 |" in table
+
+
+def test_read_evaluations_keeps_the_action_share(tmp_path: Path) -> None:
+    rows = [
+        {"step": 10, "eval/return_mean": -500.0, "eval/normalized_score": 0.0, "eval/action_top_share": 1.0}
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (ev,) = read_evaluations(tmp_path)
+    assert ev["action_top_share"] == 1.0
 
 
 def test_the_data_return_is_never_the_evaluation_return() -> None:

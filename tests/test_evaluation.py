@@ -136,3 +136,33 @@ def test_wrong_batch_size_and_bad_arguments_are_refused() -> None:
         evaluate(OneAction(), "CartPole-v1", episodes=4, num_envs=2)
     with pytest.raises(OfflineRLError, match="must be ≥ 1"):
         evaluate(LeanPolicy(), "CartPole-v1", episodes=0)
+
+
+class ConstantPolicy:
+    """Always the same action, whatever it sees."""
+
+    is_stochastic = False
+
+    def act(self, obs: np.ndarray, *, deterministic: bool = True) -> np.ndarray:
+        return np.ones(obs.shape[0], dtype=np.int64)
+
+
+def test_action_top_share_counts_the_policys_steps() -> None:
+    """The share of steps taken with the most used action: 1 for a constant policy, and for the lean
+    policy the count of its majority action over the steps it took, computed by hand."""
+    assert evaluate(ConstantPolicy(), "CartPole-v1", episodes=3, seed=0).action_top_share == 1.0
+    policy = LeanPolicy()
+    env, counts = gym.make("CartPole-v1"), np.zeros(2, dtype=np.int64)
+    for episode in range(4):
+        obs, _ = env.reset(seed=episode_seed(1, episode))
+        done = False
+        while not done:
+            action = int(policy.act(obs[None])[0])
+            counts[action] += 1
+            obs, _, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+    result = evaluate(LeanPolicy(), "CartPole-v1", episodes=4, seed=1, num_envs=2)
+    assert result.action_top_share == pytest.approx(counts.max() / counts.sum())
+    assert "action_top_share" in result.to_dict()
+    box = evaluate(RandomPolicy(gym.make("Pendulum-v1").action_space, seed=0), "Pendulum-v1", episodes=1)
+    assert box.action_top_share is None and "action_top_share" not in box.to_dict()

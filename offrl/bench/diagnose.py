@@ -1,5 +1,5 @@
 """The report's *Diagnose* section: runs whose ``diag/`` metrics (logged at pass ends, docs/training.md)
-explain a poor or unstable score. Each run's evaluations are read in order; four findings:
+explain a poor or unstable score. Each run's evaluations are read in order; five findings:
 
 - **over-estimation**: at the end, the Q-value of the data's actions lies above their discounted
   return-to-go by more than ``GAP`` of (|G| + 1), that gap grew by more than ``GROWTH`` from its
@@ -24,6 +24,10 @@ explain a poor or unstable score. Each run's evaluations are read in order; four
   actions ever higher than the data's (``q_policy_minus_data`` grew): the policy found actions the data
   does not hold and the critic over-values. It needs no return comparison, so it also reads tasks where
   no row qualifies for one (Pendulum).
+- **one action** (discrete actions): ``ONE_ACTION`` or more of the final evaluation's steps took the
+  same action, whatever the state: a greedy policy reading the argmax off a Q (or logits) nearly flat
+  in the action, where a near-tie resolves the same way everywhere. It reads the evaluation, not the
+  ``diag/`` metrics, which cannot see it: on the data's states such a policy still varies its action.
 
 The bias uses the means over the diagnostic rows: (mean Q − mean G) / (|mean G| + 1). The thresholds
 were read off the classic-small CQL runs (cartpole: under-trained runs end at bias −0.6 to −0.75 while
@@ -48,8 +52,9 @@ GROWTH = 0.10  # growth of the bias from its best (smallest |bias|) to the end, 
 RISE = 0.05  # rise of Q over the last third of the run, per (|G| + 1), that counts as still rising
 DROP = 20.0  # normalised points below the run's best evaluation that count as a collapse
 DRIFT = 0.25  # relative growth of the policy's distance from the data's actions after the best evaluation
+ONE_ACTION = 0.95  # share of the final evaluation's steps taken with one action (discrete actions)
 
-KINDS = ("over-estimation", "under-training", "collapse", "off-data drift")
+KINDS = ("over-estimation", "under-training", "collapse", "off-data drift", "one action")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,8 @@ def diagnose(evaluations: Sequence[dict[str, Any]]) -> list[Finding]:
         drift = _drift(best, final)
         if drop >= DROP and drift is not None:
             findings.append(Finding("off-data drift", {"drop": drop, **drift}))
+    if evaluations and (share := evaluations[-1].get("action_top_share")) is not None and share >= ONE_ACTION:
+        findings.append(Finding("one action", {"share": float(share)}))
     return findings
 
 
@@ -171,7 +178,8 @@ def diagnose_table(groups: dict[tuple[str, str], list[list[dict[str, Any]]]]) ->
         f"still moving towards G by > {RISE} over the last third; collapse: final ≥ {DROP:.0f} points below the "
         "best evaluation while Q rose after it; off-data drift: final ≥ "
         f"{DROP:.0f} points below the best while the policy's distance from the data's actions grew by "
-        f"> {DRIFT:.0%} and Q(s, π(s)) − Q(s, a_data) rose. Medians over the flagged seeds.",
+        f"> {DRIFT:.0%} and Q(s, π(s)) − Q(s, a_data) rose; one action: ≥ {ONE_ACTION:.0%} of the final "
+        "evaluation's steps took the same (discrete) action. Medians over the flagged seeds.",
         "",
         "| dataset | algorithm | finding | seeds | evidence |",
         "|---|---|---|---|---|",

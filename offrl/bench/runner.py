@@ -350,6 +350,8 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
             "return_std": _float(row.get("eval/return_std")),
             "normalized_score": _float(row.get("eval/normalized_score")),
         }
+        if row.get("eval/action_top_share") is not None:  # discrete actions (offrl.evaluation)
+            by_step[step]["action_top_share"] = _float(row["eval/action_top_share"])
     return [{**by_step[s], **diag.get(s, {})} for s in sorted(by_step)]
 
 
