@@ -105,7 +105,10 @@ class OnlineTrainConfig:
     eval_every: int = option(5000, "evaluate every k environment steps (0: only at the end)", low=0)
     eval_episodes: int = option(10, "episodes per evaluation (deterministic actions)", low=1)
     eval_envs: int = option(
-        5, "parallel environments used by evaluation (results do not depend on it)", low=1
+        5,
+        "parallel environments used by evaluation: the same episodes and seeds at any count, though a "
+        "greedy policy at a near-tie may act otherwise, since batch size moves float results in the last bits",
+        low=1,
     )
     eval_seed: int = option(10_000, "seed of evaluation episodes (separate from the training seed)", low=0)
     checkpoint_every: int = option(
