@@ -755,7 +755,11 @@ def plot_diagnostics(
     return path
 
 
-def plot_aggregates(aggs: list[Aggregate], out: Path) -> Path | None:
+def plot_aggregates(
+    aggs: list[Aggregate], out: Path, styles: dict[str, dict[str, Any]] | None = None
+) -> Path | None:
+    """IQM and mean intervals per algorithm; ``styles`` (:func:`line_styles`) gives each algorithm the
+    colour of its learning curves."""
     if not aggs:
         return None
     fig = _figure(8.0, 1.2 + 0.45 * len(aggs))
@@ -770,7 +774,8 @@ def plot_aggregates(aggs: list[Aggregate], out: Path) -> Path | None:
         ax = fig.add_subplot(1, 2, i + 1)
         for yy, a in zip(y, aggs):
             iv: Interval = getattr(a, pick)
-            ax.plot([iv.low, iv.high], [yy, yy], linewidth=6, alpha=0.5, solid_capstyle="butt")
+            colour = (styles or {}).get(a.algo, {}).get("color")
+            ax.plot([iv.low, iv.high], [yy, yy], linewidth=6, alpha=0.5, solid_capstyle="butt", color=colour)
             ax.plot([iv.point], [yy], marker="|", color="black", markersize=14)
         ax.set_yticks(y)
         ax.set_yticklabels(names if i == 0 else [])
@@ -882,7 +887,8 @@ def write_report(
                 for algo, g in data.offline[task].items()
             }
         )
-        p = plot_aggregates(aggs, out_dir)
+        every_group = {algo: g for groups in data.offline.values() for algo, g in groups.items()}
+        p = plot_aggregates(aggs, out_dir, line_styles(every_group, data.algos))
         if p is not None:
             plots.append(p)
             lines += [f"![aggregate intervals]({p.name})", ""]
