@@ -197,6 +197,9 @@ def test_grid_only_runs_one_action_type() -> None:
     ]
     slow = by_label["cql-slow-cql_alpha=4.0"]
     assert slow.only == "discrete" and slow.algo == "cql" and slow.settings["lr"] == 6.25e-5
+    unused = {"algo": "cql", "only": "discrete", "continuous": {"actor_hidden": [8]}}
+    with pytest.raises(ConfigError, match=r"\[algos.x.continuous\] table would never apply"):
+        parse_grid({"seeds": 1, "datasets": ["x.h5"], "algos": {"x": unused}, "budget": {"epochs": 1}})
     with pytest.raises(ConfigError, match="only must be one of"):
         parse_grid(
             {"seeds": 1, "datasets": ["x.h5"], "algos": {"bc": {"only": "box"}}, "budget": {"epochs": 1}}

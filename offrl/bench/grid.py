@@ -247,6 +247,12 @@ def _algo_specs(value: Any, where: str, preset: str | None = None) -> tuple[Algo
         if preset is not None:
             table.setdefault("preset", preset)
         variant_tables = {v: dict(table.pop(v, {})) for v in _VARIANTS}
+        other = next((v for v in _VARIANTS if v != only_one and variant_tables[v]), None)
+        if only_one is not None and other is not None:
+            raise ConfigError(
+                f"{where}: [algos.{label}] runs only on {only_one} datasets, so its [algos.{label}.{other}] "
+                "table would never apply; remove one of them"
+            )
         variant_sweeps = {
             v: _sweep(t.pop("sweep", {}), f"{where} [algos.{label}.{v}] sweep")
             for v, t in variant_tables.items()
